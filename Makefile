@@ -1,0 +1,25 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both install everything they need on a fresh machine: the project venv (.venv),
+# the Letta server's own venv (.letta-server), and Debian's redis-server if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install down
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+	$(BIN)/vtuber-letta stack install
+
+demo: install
+	$(BIN)/vtuber-letta demo
+
+test: install
+	$(BIN)/python -m pytest
+
+down: $(BIN)/.installed
+	$(BIN)/vtuber-letta stack down

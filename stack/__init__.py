@@ -1,0 +1,1 @@
+"""The local stack: helpers that start and stand in for the services vtuber-letta runs against."""

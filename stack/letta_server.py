@@ -1,0 +1,95 @@
+"""The Letta server 0.16.8: schema migrated from the sdist's alembic, started with a password.
+
+The server never creates its own tables and its wheel has no migrations, so we
+run the sdist's `alembic upgrade head` (a no-op when already at head) before
+every start. It runs with a minimal environment we build here: the default tool
+sandbox is a subprocess that inherits the server's whole environment, so
+anything we do not pass is something a tool can never read.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from stack.install import LettaInstall
+from stack.processes import ManagedProcess, StackError, run_checked, wait_until
+
+
+class LettaServer:
+    def __init__(self, install: LettaInstall, data_dir: Path, port: int, password: str,
+                 pg_uri: str, model_env: dict[str, str]):
+        self.install = install
+        self.letta_dir = data_dir.resolve() / "letta"
+        self.port = port
+        self.password = password
+        self.pg_uri = pg_uri
+        self.model_env = model_env
+        self.process = ManagedProcess(
+            name="letta",
+            pid_file=self.letta_dir / "run" / "letta.pid",
+            log_file=self.letta_dir / "logs" / "letta-server.log",
+            marker=f"server --host 127.0.0.1 --port {port}",
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def version(self) -> str | None:
+        """The version the server reports on /v1/health/, or None when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/health/", timeout=3) as resp:
+                body = json.loads(resp.read())
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+        return body.get("version") if body.get("status") == "ok" else None
+
+    def healthy(self) -> bool:
+        return self.process.pid() is not None and self.version() is not None
+
+    def migrate(self) -> None:
+        run_checked([str(self.install.alembic_bin), "upgrade", "head"], what="letta schema migration (alembic)",
+                    env={**self._env(), "LETTA_PG_URI": self.pg_uri}, cwd=self.install.sdist_dir, timeout=600)
+
+    def start(self, log=print) -> bool:
+        if self.process.pid() is not None:
+            return False
+        if self.version() is not None:
+            raise StackError(f"another Letta server already answers on {self.address}: stop it or change LETTA_API_URL")
+        log("letta server: migrating the schema")
+        self.migrate()
+        self.process.start(
+            [str(self.install.letta_bin), "server", "--host", "127.0.0.1", "--port", str(self.port)],
+            env={**self._env(), "LETTA_PG_URI": self.pg_uri}, cwd=self.letta_dir,
+        )
+        if not wait_until(self._up_or_dead, 180, interval=0.5):
+            raise StackError(f"letta server did not become healthy on {self.address}:\n{self.process.log_tail()}")
+        return True
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=30)
+
+    def _up_or_dead(self) -> bool:
+        if self.process.pid() is None:
+            raise StackError(f"letta server exited during start:\n{self.process.log_tail(30)}")
+        return self.version() is not None
+
+    def _env(self) -> dict[str, str]:
+        config = self.letta_dir / "config"
+        config.mkdir(parents=True, exist_ok=True)
+        return {
+            "PATH": f"{self.install.venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(config),
+            "LETTA_DIR": str(config),
+            "LANG": "C.UTF-8",
+            "LETTA_SERVER_SECURE": "true",
+            "LETTA_SERVER_PASSWORD": self.password,
+            **self.model_env,
+        }

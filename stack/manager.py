@@ -1,0 +1,186 @@
+"""`vtuber-letta stack up | status | down`: the whole local stack, on loopback.
+
+Parts, in start order: Redis, PostgreSQL+pgvector, the model endpoint (the
+scripted stand-in unless a real one is configured), the Letta server. `up` is
+idempotent (a healthy part is left alone) and returns only once every part is
+healthy; `down` stops, in reverse order, only processes that `up` started.
+A Letta or Redis address that is not loopback is someone else's server: the
+stack reports it and leaves it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from stack.install import LettaInstall, ensure_stack_user
+from stack.letta_server import LettaServer
+from stack.postgres import Postgres
+from stack.processes import ManagedProcess, StackError, listening_addresses, port_open, wait_until
+from stack.redis_server import RedisServer
+from vtuber_letta.settings import LOOPBACK_HOSTS, Settings
+
+SCRIPTED_MODEL_KEY = "scripted-model-needs-no-key"
+
+
+@dataclass
+class PartStatus:
+    name: str
+    address: str
+    state: str  # healthy | down | external | unhealthy
+    detail: str = ""
+    pid: int | None = None
+    listens: tuple[str, ...] = ()  # every TCP address the part's processes listen on
+
+
+class ScriptedModelProcess:
+    """The stand-in for the upstream model (see stack/scripted_model.py)."""
+
+    def __init__(self, data_dir: Path, port: int):
+        self.port = port
+        self.process = ManagedProcess(
+            name="scripted-model",
+            pid_file=data_dir.resolve() / "letta" / "run" / "scripted-model.pid",
+            log_file=data_dir.resolve() / "letta" / "logs" / "scripted-model.log",
+            marker=f"stack.scripted_model --host 127.0.0.1 --port {port}",
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        if self.process.pid() is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
+                return json.loads(resp.read()).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
+
+    def start(self, log=print) -> bool:
+        if self.process.pid() is not None:
+            return False
+        if port_open("127.0.0.1", self.port):
+            raise StackError(f"port {self.port} is taken by another program: set VTL_SCRIPTED_MODEL_PORT")
+        repo_root = Path(__file__).resolve().parent.parent
+        self.process.start([sys.executable, "-m", "stack.scripted_model", "--host", "127.0.0.1", "--port", str(self.port)],
+                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root)}, cwd=repo_root)
+        if not wait_until(self.healthy, 30):
+            raise StackError(f"scripted model did not start on {self.address}:\n{self.process.log_tail()}")
+        return True
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=10)
+
+
+class Stack:
+    def __init__(self, settings: Settings, log=print):
+        self.settings = settings
+        self.log = log
+        self.install = LettaInstall(settings.letta_server_home)
+        data = settings.data_dir
+        redis_host, redis_port = settings.redis_address
+        self.manages_redis = redis_host in LOOPBACK_HOSTS
+        self.manages_letta = settings.letta_host in LOOPBACK_HOSTS
+        self.redis = RedisServer(data, redis_host, redis_port,
+                                 settings.redis_password.get_secret_value() if settings.redis_password else None)
+        self.postgres = Postgres(self.install, data, settings.postgres_port, run_as=None)
+        self.model = None if settings.uses_real_model else ScriptedModelProcess(data, settings.scripted_model_port)
+        self._letta: LettaServer | None = None
+
+    @property
+    def letta(self) -> LettaServer:
+        if self._letta is None:
+            self._letta = LettaServer(self.install, self.settings.data_dir, self.settings.letta_port,
+                                      self.settings.letta_password, self.postgres.uri, self._model_env())
+        return self._letta
+
+    def _model_env(self) -> dict[str, str]:
+        s = self.settings
+        if not s.uses_real_model:
+            return {"OPENAI_API_KEY": SCRIPTED_MODEL_KEY, "OPENAI_BASE_URL": s.scripted_model_base_url}
+        env = {}
+        if s.openai_api_key:
+            env["OPENAI_API_KEY"] = s.openai_api_key.get_secret_value()
+        if s.openai_base_url:
+            env["OPENAI_BASE_URL"] = s.openai_base_url
+        if s.ollama_base_url:
+            env["OLLAMA_BASE_URL"] = s.ollama_base_url
+        return env
+
+    # ---------------- commands ----------------
+    def up(self) -> list[PartStatus]:
+        started: list[str] = []
+        if self.manages_redis and self.redis.start(self.log):
+            started.append("redis")
+        if self.manages_letta:
+            if self.install.ensure(self.log):
+                self.log("letta server: installed")
+            self.postgres.run_as = ensure_stack_user(self.settings.stack_user)
+            if self.postgres.start(self.log):
+                started.append("postgres")
+            if self.model is not None and self.model.start(self.log):
+                started.append("scripted-model")
+            if self.letta.start(self.log):
+                started.append("letta")
+        self.log("started: " + (", ".join(started) if started else "nothing (already up)"))
+        statuses = self.status()
+        bad = [s for s in statuses if s.state not in ("healthy", "external")]
+        if bad:
+            raise StackError("not healthy after start: " + ", ".join(f"{s.name} ({s.state})" for s in bad))
+        return statuses
+
+    def down(self) -> list[str]:
+        stopped = []
+        for name, part in (("letta", self.letta if self.manages_letta else None), ("scripted-model", self.model),
+                           ("postgres", self.postgres if self.manages_letta else None),
+                           ("redis", self.redis if self.manages_redis else None)):
+            if part is not None and part.stop():
+                stopped.append(name)
+        return stopped
+
+    def restart_letta(self) -> None:
+        """Stop and start only the Letta server (tests use it to prove memory survives a restart)."""
+        self.letta.stop()
+        self.letta.start(self.log)
+
+    def status(self) -> list[PartStatus]:
+        out = []
+        redis_addr = f"{self.redis.host}:{self.redis.port}"
+        if self.manages_redis:
+            out.append(self._status("redis", self.redis, redis_addr))
+        else:
+            out.append(PartStatus("redis", redis_addr, "external", "not managed by this stack"))
+        if not self.manages_letta:
+            out.append(PartStatus("letta", self.settings.letta_api_url, "external", "not managed by this stack"))
+            return out
+        out.append(self._status("postgres", self.postgres, self.postgres.address, "pgvector, data/letta/pgdata"))
+        if self.model is None:
+            endpoint = self.settings.openai_base_url or self.settings.ollama_base_url or "api.openai.com"
+            out.append(PartStatus("model", endpoint, "external", "your model endpoint"))
+        else:
+            out.append(self._status("model", self.model, self.model.address, "scripted stand-in for the upstream model"))
+        version = self.letta.version() if self.letta.process.pid() else None
+        out.append(self._status("letta", self.letta, self.letta.address,
+                                f"Letta {version}, password required" if version else ""))
+        return out
+
+    @staticmethod
+    def _status(name, part, address, detail="") -> PartStatus:
+        pid = part.process.pid()
+        if pid is None:
+            return PartStatus(name, address, "down")
+        return PartStatus(name, address, "healthy" if part.healthy() else "unhealthy", detail, pid,
+                          tuple(sorted(listening_addresses(pid))))
+
+
+def format_status(statuses: list[PartStatus]) -> str:
+    lines = [f"{'part':<9} {'address':<24} {'state':<10} {'pid':>7}  {'listening on':<24} detail"]
+    for s in statuses:
+        listens = ",".join(s.listens) or "-"
+        lines.append(f"{s.name:<9} {s.address:<24} {s.state:<10} {s.pid or '-':>7}  {listens:<24} {s.detail}")
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""Background processes the local stack starts, finds again and stops.
+
+Each part is started detached (its own session, so a Ctrl-C in the shell that ran
+`stack up` does not kill it), with its output in a log file and its pid in a pid
+file. A pid file alone is not proof: pids are reused, so a process counts as ours
+only while its command line still contains the marker we started it with. That is
+what lets `stack down` stop exactly what `stack up` started and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+
+class StackError(RuntimeError):
+    """A stack part could not be installed, started or stopped; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    name: str
+    pid_file: Path
+    log_file: Path
+    marker: str  # a string unique to our command line (e.g. the data dir or port)
+
+    def pid(self) -> int | None:
+        """The pid of our running process, or None (a stale pid file is removed)."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if _cmdline_contains(pid, self.marker):
+            return pid
+        self.pid_file.unlink(missing_ok=True)
+        return None
+
+    def start(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, user: str | None = None) -> int:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        command = list(argv)
+        if user:
+            command = as_user(user, command)
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        return proc.pid
+
+    def stop(self, *, timeout: float = 20.0) -> bool:
+        """SIGTERM, then SIGKILL after `timeout`. Returns True if a process of ours was stopped."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        _signal_group(pid, signal.SIGTERM)
+        if not wait_until(lambda: not _alive(pid), timeout):
+            _signal_group(pid, signal.SIGKILL)
+            wait_until(lambda: not _alive(pid), 5.0)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    # We started every part as a session leader, so its group holds any children it spawned.
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline_contains(pid: int, marker: str) -> bool:
+    if not _alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def as_user(user: str, argv: Sequence[str]) -> list[str]:
+    """argv run as `user` (we are root): runuser keeps our environment and execs, so pids stay the server's."""
+    runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin") or "/usr/sbin/runuser"
+    return [runuser, "-u", user, "--", *argv]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_checked(argv: Sequence[str], *, what: str, env: Mapping[str, str] | None = None,
+                cwd: Path | None = None, timeout: float = 1800) -> str:
+    """Run a setup command to completion; on failure raise StackError with its output's tail."""
+    try:
+        done = subprocess.run(list(argv), env=None if env is None else dict(env), cwd=cwd,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as exc:
+        raise StackError(f"{what}: {exc.filename} not found") from None
+    except subprocess.TimeoutExpired:
+        raise StackError(f"{what}: timed out after {timeout:.0f} s") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise StackError(f"{what} failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Letta's tool sandboxes, Postgres backends, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """Every TCP address ('host:port') on which `pid` or a descendant listens, read from /proc."""
+    inodes: set[str] = set()
+    for member in process_tree(pid):
+        try:
+            for fd in Path(f"/proc/{member}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                host_hex, port_hex = cols[1].split(":")
+                found.add(f"{_decode_ip(host_hex, v6)}:{int(port_hex, 16)}")
+    return found
+
+
+def _decode_ip(hex_addr: str, v6: bool) -> str:
+    raw = bytes.fromhex(hex_addr)
+    if not v6:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # /proc prints IPv6 as four little-endian 32-bit words.
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    return "[" + socket.inet_ntop(socket.AF_INET6, words) + "]"

@@ -1,0 +1,488 @@
+"""The scripted model server: the stand-in for the upstream LLM that Letta talks to in tests."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import math
+import re
+import struct
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from stack import scripted_model
+from stack.scripted_model import SCRIPTED_MODEL_ID, find_block, main, serve, validate_rules
+
+# A system prompt shaped exactly as Letta 0.16.8 builds it: base prompt, then
+# Memory._render_memory_blocks_standard (letta/schemas/memory.py), then the
+# <memory_metadata> block (letta/prompts/prompt_generator.py).
+LETTA_SYSTEM_PROMPT = """You are Aiko, a VTuber. Talk to your chat.
+
+<memory_blocks>
+The following memory blocks are currently engaged in your core memory unit:
+
+<persona>
+<description>
+Who you are.
+</description>
+<metadata>
+- read_only=true
+- chars_current=23
+- chars_limit=5000
+</metadata>
+<value>
+I am Aiko, a fox VTuber.
+</value>
+</persona>
+
+<human>
+<description>
+What you know about this viewer.
+</description>
+<metadata>
+- chars_current=56
+- chars_limit=2000
+</metadata>
+<value>
+Viewer: kenji_42
+Favourite game: Celeste
+Pet: a cat called Mochi
+</value>
+</human>
+
+</memory_blocks>
+
+<memory_metadata>
+- AGENT_ID: agent-0f6c
+- CONVERSATION_ID: default
+- System prompt last recompiled: 2025-01-15 09:00:00 AM UTC+0000
+- 4 previous messages between you and the user are stored in recall memory
+</memory_metadata>"""
+
+SAVE_FACT_TOOL = {"type": "function", "function": {"name": "save_fact", "description": "Save a fact.",
+                                                   "parameters": {"type": "object", "properties": {
+                                                       "fact": {"type": "string"}}, "required": ["fact"]}}}
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = serve("127.0.0.1", 0, rules=[{"name": "initial", "when": {"user_contains": "ping"}, "then": {"reply": "pong"}}])
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def base(server):
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    call(url, "POST", "/_script/reset", {})
+    return url
+
+
+def call(base, method, path, body=None, raw=None):
+    """(status, parsed JSON) for one request; HTTP errors are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def chat(base, messages, tools=None, **extra):
+    body = {"model": SCRIPTED_MODEL_ID, "messages": messages, **extra}
+    if tools:
+        body["tools"] = tools
+    status, payload = call(base, "POST", "/v1/chat/completions", body)
+    assert status == 200, payload
+    return payload
+
+
+def stream(base, messages, tools=None, **extra):
+    """The SSE events of one streaming chat request, parsed, with the final [DONE] as a string."""
+    body = {"model": SCRIPTED_MODEL_ID, "messages": messages, "stream": True, **extra}
+    if tools:
+        body["tools"] = tools
+    request = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        lines = [line.decode() for line in response.read().split(b"\n\n") if line.strip()]
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def put_rules(base, rules):
+    status, payload = call(base, "PUT", "/_script/rules", rules)
+    assert status == 200, payload
+
+
+def user(text, **extra):
+    return {"role": "user", "content": text, **extra}
+
+
+def system(text=LETTA_SYSTEM_PROMPT):
+    return {"role": "system", "content": text}
+
+
+def tool_turn(name="save_fact", arguments='{"fact": "x"}', result='{"status": "OK", "message": "None"}'):
+    return [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_9", "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_9", "content": result}]
+
+
+def reply_text(payload):
+    return payload["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------- basics
+
+def test_models_lists_scripted_and_embedding_model(base):
+    status, payload = call(base, "GET", "/v1/models")
+    assert status == 200 and payload["object"] == "list"
+    by_id = {m["id"]: m for m in payload["data"]}
+    assert by_id[SCRIPTED_MODEL_ID]["owned_by"] == "vtuber-letta-scripted"
+    assert "text-embedding-3-small" in by_id
+    assert call(base, "GET", "/health") == (200, {"status": "ok"})
+
+
+def test_default_reply_echoes_user_with_usage(base):
+    payload = chat(base, [system(), user("hello there")])
+    assert reply_text(payload) == "(scripted) I heard: hello there"
+    assert payload["object"] == "chat.completion" and payload["model"] == SCRIPTED_MODEL_ID
+    assert payload["choices"][0]["finish_reason"] == "stop"
+    usage = payload["usage"]
+    assert usage["prompt_tokens"] > 10 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_default_after_tool_result_is_ok(base):
+    payload = chat(base, [system(), user("remember x"), *tool_turn()], tools=[SAVE_FACT_TOOL])
+    assert reply_text(payload) == "(scripted) ok"
+
+
+def test_user_text_from_content_parts_and_packaged_json(base):
+    parts = [{"type": "text", "text": "from parts"}]
+    assert reply_text(chat(base, [system(), user(parts)])) == "(scripted) I heard: from parts"
+    packed = json.dumps({"type": "user_message", "message": "packed hi", "time": "now", "name": "kenji"})
+    heartbeat = json.dumps({"type": "heartbeat", "reason": "continue"})
+    put_rules(base, [{"name": "who", "when": {}, "then": {"reply": "{name}: {user}"}}])
+    assert reply_text(chat(base, [system(), user(packed), user(heartbeat)])) == "kenji: packed hi"
+
+
+def test_user_regex_named_groups_and_safe_template(base):
+    put_rules(base, [{"name": "intro", "when": {"user_regex": r"my name is (?P<who>\w+)"},
+                      "then": {"reply": "Hi {who} ({name})! {missing}{{literal}} {0} {user.__class__}"}}])
+    payload = chat(base, [system(), user("Hey, MY NAME IS Kenji!", name="kenji_42")])
+    assert reply_text(payload) == "Hi Kenji (kenji_42)! {literal}  {user.__class__}"
+    assert reply_text(chat(base, [system(), user("no name here")])) == "(scripted) I heard: no name here"
+
+
+def test_developer_role_counts_as_system_prompt(base):
+    # Letta sends "developer" instead of "system" for some OpenAI model families.
+    put_rules(base, [{"name": "block", "when": {"system_contains": "<memory_blocks>"},
+                      "then": {"reply_from_block": "persona"}}])
+    payload = chat(base, [{"role": "developer", "content": LETTA_SYSTEM_PROMPT}, user("who are you")])
+    assert reply_text(payload) == "I am Aiko, a fox VTuber."
+
+
+def test_one_quiet_log_line_per_request(base, capsys):
+    capsys.readouterr()
+    put_rules(base, [{"name": "greet", "when": {}, "then": {"reply": "hi"}}])
+    chat(base, [user("hello")])
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["scripted-model PUT /_script/rules model=- rule=- status=200",
+                     f"scripted-model POST /v1/chat/completions model={SCRIPTED_MODEL_ID} rule=greet status=200"]
+
+
+def test_system_contains_and_tools_offered_conditions(base):
+    put_rules(base, [{"name": "needs-tool", "when": {"tools_offered": "save_fact"}, "then": {"reply": "tool ready"}},
+                     {"name": "aiko", "when": {"system_contains": "You are Aiko"}, "then": {"reply": "aiko here"}}])
+    assert reply_text(chat(base, [system(), user("x")], tools=[SAVE_FACT_TOOL])) == "tool ready"
+    assert reply_text(chat(base, [system(), user("x")])) == "aiko here"
+    assert reply_text(chat(base, [system("You are Bob."), user("x")])) == "(scripted) I heard: x"
+
+
+# ---------------------------------------------------------------- tool calls
+
+CALL_RULE = {"name": "save", "when": {"user_regex": r"remember (?P<fact>.+)"},
+             "then": {"call_tool": "save_fact", "arguments": {"fact": "{fact}", "n": 3, "tags": ["{name}"]}}}
+
+
+def test_call_tool_non_streaming(base):
+    put_rules(base, [CALL_RULE])
+    payload = chat(base, [system(), user("remember I like cats", name="kenji")], tools=[SAVE_FACT_TOOL])
+    choice = payload["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (tool_call,) = choice["message"]["tool_calls"]
+    assert tool_call["type"] == "function" and tool_call["function"]["name"] == "save_fact"
+    assert re.fullmatch(r"call_[0-9a-f]{8}_\d+", tool_call["id"])
+    assert json.loads(tool_call["function"]["arguments"]) == {"fact": "I like cats", "n": 3, "tags": ["kenji"]}
+    second = chat(base, [system(), user("remember more")], tools=[SAVE_FACT_TOOL])
+    second_id = second["choices"][0]["message"]["tool_calls"][0]["id"]
+    assert second_id.rsplit("_", 1) == [tool_call["id"].rsplit("_", 1)[0], str(int(tool_call["id"].rsplit("_", 1)[1]) + 1)]
+
+
+def test_tool_call_ids_differ_between_server_runs(base):
+    # Letta drops tool results whose id already occurs in the agent's context: a restarted
+    # scripted model must not hand out the same ids again.
+    other = serve("127.0.0.1", 0, rules=[CALL_RULE])
+    try:
+        other_base = f"http://127.0.0.1:{other.server_address[1]}"
+        put_rules(base, [CALL_RULE])
+        ids = {chat(url, [user("remember x")], tools=[SAVE_FACT_TOOL])["choices"][0]["message"]["tool_calls"][0]["id"]
+               for url in (base, other_base)}
+        assert len(ids) == 2
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_call_tool_streaming_reassembles(base):
+    put_rules(base, [CALL_RULE])
+    events = stream(base, [system(), user("remember the moon is made of a very long list of cheeses")],
+                    tools=[SAVE_FACT_TOOL], stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    chunks, usage_chunk = events[:-2], events[-2]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] > 0
+    calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert len(calls) > 2  # arguments arrive in several fragments
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "save_fact"
+    assert all("id" not in tc for tc in calls[1:])  # only the first delta names the call
+    arguments = "".join(tc["function"].get("arguments", "") for tc in calls)
+    assert json.loads(arguments)["fact"] == "the moon is made of a very long list of cheeses"
+    assert all(tc["index"] == 0 for tc in calls)
+
+
+def test_after_tool_follow_up_and_no_loop(base):
+    put_rules(base, [CALL_RULE, {"name": "saved", "when": {"after_tool": "save_fact"},
+                                 "then": {"reply": "Saved! ({tool_result})"}},
+                     {"name": "other-tool", "when": {"after_tool": "web_search"}, "then": {"reply": "searched"}}])
+    messages = [system(), user("remember cats")] + tool_turn(result="OK")
+    payload = chat(base, messages, tools=[SAVE_FACT_TOOL])
+    assert reply_text(payload) == "Saved! (OK)"
+    # The call_tool rule matches the user text but must not fire again after the tool result.
+    put_rules(base, [CALL_RULE])
+    assert reply_text(chat(base, messages, tools=[SAVE_FACT_TOOL])) == "(scripted) ok"
+    put_rules(base, [{"name": "any", "when": {"after_tool": "*"}, "then": {"reply": "any tool"}}])
+    assert reply_text(chat(base, messages, tools=[SAVE_FACT_TOOL])) == "any tool"
+    assert reply_text(chat(base, [system(), user("hi")])) == "(scripted) I heard: hi"
+
+
+def test_tool_not_offered_becomes_reply(base):
+    put_rules(base, [CALL_RULE])
+    payload = chat(base, [system(), user("remember cats")])
+    assert reply_text(payload) == "(scripted model) tool save_fact not offered"
+    assert payload["choices"][0]["finish_reason"] == "stop"
+
+
+# ---------------------------------------------------------------- memory blocks
+
+def test_reply_from_block_reads_letta_rendering(base):
+    put_rules(base, [
+        {"name": "game", "when": {"user_contains": "game"},
+         "then": {"reply_from_block": "human", "line_regex": r"favourite game: (?P<game>.+)",
+                  "template": "You love {game}!"}},
+        {"name": "pet", "when": {"user_contains": "pet"}, "then": {"reply_from_block": "human", "line_regex": "^Pet:"}},
+        {"name": "whole", "when": {"user_contains": "who"}, "then": {"reply_from_block": "human"}},
+        {"name": "nope", "when": {"user_contains": "nope"}, "then": {"reply_from_block": "scratchpad"}},
+        {"name": "noline", "when": {"user_contains": "food"},
+         "then": {"reply_from_block": "human", "line_regex": "food"}},
+    ])
+    assert reply_text(chat(base, [system(), user("what game do I like?")])) == "You love Celeste!"
+    assert reply_text(chat(base, [system(), user("my pet?")])) == "Pet: a cat called Mochi"
+    assert reply_text(chat(base, [system(), user("who am I")])) == (
+        "Viewer: kenji_42\nFavourite game: Celeste\nPet: a cat called Mochi")
+    assert reply_text(chat(base, [system(), user("nope")])) == "(scripted model) no block scratchpad in my prompt"
+    assert "no line matching" in reply_text(chat(base, [system(), user("food")]))
+
+
+def test_find_block_variants():
+    assert find_block(LETTA_SYSTEM_PROMPT, "persona") == "I am Aiko, a fox VTuber."
+    assert find_block("intro <human>\nplain value\n</human>", "human") == "plain value"
+    line_numbered = ("<human>\n<description>\nd\n</description>\n<metadata>\n- chars_current=3\n</metadata>\n"
+                     "<warning>\n# NOTE: Line numbers\n</warning>\n<value>\n1→ a\n2→ b\n</value>\n</human>")
+    assert find_block(line_numbered, "human") == "a\nb"
+    empty = "<human>\n<description>\n\n</description>\n<metadata>\n</metadata>\n<value>\n\n</value>\n</human>"
+    assert find_block(empty, "human") == ""
+    assert find_block(LETTA_SYSTEM_PROMPT, "missing") is None
+
+
+# ---------------------------------------------------------------- rule bookkeeping
+
+def test_times_limits_rule_use(base):
+    put_rules(base, [{"name": "once", "times": 1, "when": {}, "then": {"reply": "first"}}])
+    assert reply_text(chat(base, [user("a")])) == "first"
+    assert reply_text(chat(base, [user("b")])) == "(scripted) I heard: b"
+    assert call(base, "GET", "/_script/rules")[1]["used"] == [1]
+
+
+def test_control_api_replace_append_reset(base):
+    assert reply_text(chat(base, [user("ping")])) == "pong"  # the rule loaded at start
+    put_rules(base, [{"name": "old", "when": {}, "then": {"reply": "old"}}])
+    assert reply_text(chat(base, [user("ping")])) == "old"
+    status, payload = call(base, "POST", "/_script/rules", {"name": "new", "when": {}, "then": {"reply": "new"}})
+    assert (status, payload) == (200, {"count": 2})
+    assert reply_text(chat(base, [user("ping")])) == "new"  # prepended: newest wins
+    status, _ = call(base, "POST", "/_script/rules", [{"name": "a", "when": {"user_contains": "zz"}, "then": {"reply": "a"}},
+                                                      {"name": "b", "when": {}, "then": {"reply": "b"}}])
+    assert [r["name"] for r in call(base, "GET", "/_script/rules")[1]["rules"]] == ["a", "b", "new", "old"]
+    assert call(base, "POST", "/_script/reset", {})[0] == 200
+    assert [r["name"] for r in call(base, "GET", "/_script/rules")[1]["rules"]] == ["initial"]
+    assert call(base, "GET", "/_script/requests")[1]["requests"] == []
+    assert reply_text(chat(base, [user("ping")])) == "pong"
+
+
+def test_request_log_records_prompts_tools_and_answers(base):
+    put_rules(base, [CALL_RULE])
+    chat(base, [system("Viewer A likes tea"), user("hello")])
+    chat(base, [system("Viewer B"), user("remember B likes coffee")], tools=[SAVE_FACT_TOOL])
+    stream(base, [system("Viewer B"), user("bye")])
+    requests = call(base, "GET", "/_script/requests")[1]["requests"]
+    assert len(requests) == 3
+    first, second, third = requests
+    assert first["messages"][0]["content"] == "Viewer A likes tea" and first["rule"] == "(default)"
+    assert first["response"] == {"reply": "(scripted) I heard: hello"} and first["stream"] is False
+    assert second["tools"] == ["save_fact"] and second["rule"] == "save"
+    assert second["response"]["tool_call"] == "save_fact"
+    assert second["response"]["arguments"]["fact"] == "B likes coffee"
+    assert third["stream"] is True and third["model"] == SCRIPTED_MODEL_ID
+    # What the integration tests do: viewer B's prompts never carried viewer A's fact.
+    assert not any("likes tea" in m["messages"][0]["content"] for m in requests if "Viewer B" in m["messages"][0]["content"])
+    last = call(base, "GET", "/_script/requests?limit=1")[1]["requests"]
+    assert last == [third]
+    assert call(base, "GET", "/_script/requests?limit=x")[0] == 400
+
+
+# ---------------------------------------------------------------- embeddings
+
+def test_embeddings_deterministic_unit_vectors(base):
+    status, payload = call(base, "POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "b", "a"]})
+    assert status == 200
+    vectors = [d["embedding"] for d in payload["data"]]
+    assert [d["index"] for d in payload["data"]] == [0, 1, 2]
+    assert len(vectors[0]) == 1536 and vectors[0] == vectors[2] and vectors[0] != vectors[1]
+    assert math.isclose(sum(v * v for v in vectors[1]), 1.0, rel_tol=1e-9)
+    _, single = call(base, "POST", "/v1/embeddings", {"model": "m", "input": "a", "dimensions": 8})
+    assert len(single["data"]) == 1 and len(single["data"][0]["embedding"]) == 8
+    assert math.isclose(sum(v * v for v in single["data"][0]["embedding"]), 1.0, rel_tol=1e-9)
+    _, packed = call(base, "POST", "/v1/embeddings", {"model": "m", "input": "a", "encoding_format": "base64"})
+    decoded = struct.unpack("<1536f", base64.b64decode(packed["data"][0]["embedding"]))
+    assert all(math.isclose(x, y, abs_tol=1e-6) for x, y in zip(decoded, vectors[0]))
+    assert call(base, "POST", "/v1/embeddings", {"model": "m", "input": "a", "dimensions": "8"})[0] == 400
+
+
+# ---------------------------------------------------------------- errors
+
+def test_bad_requests_get_openai_style_errors(base):
+    status, payload = call(base, "POST", "/v1/chat/completions", raw=b"{not json")
+    assert status == 400 and payload["error"]["type"] == "invalid_request_error"
+    assert "JSON" in payload["error"]["message"]
+    assert call(base, "POST", "/v1/chat/completions", {"model": "m"})[0] == 400
+    assert call(base, "POST", "/v1/chat/completions", raw=b"[1, 2]")[0] == 400
+    status, payload = call(base, "GET", "/v1/nothing-here")
+    assert status == 404 and "error" in payload
+
+
+@pytest.mark.parametrize("rule, fragment", [
+    ({"name": "x", "when": {}, "then": {}}, "rule[0].then"),
+    ({"name": "x", "when": {"user_regex": "("}, "then": {"reply": "r"}}, "rule[0].when.user_regex"),
+    ({"name": "x", "when": {"user_says": "hi"}, "then": {"reply": "r"}}, "rule[0].when.user_says"),
+    ({"name": "", "when": {}, "then": {"reply": "r"}}, "rule[0].name"),
+    ({"name": "x", "then": {"reply": "r", "call_tool": "t"}}, "exactly one"),
+    ({"name": "x", "then": {"reply": "r", "tokens_per_second": 0}}, "tokens_per_second"),
+    ({"name": "x", "then": {"reply": "r"}, "times": -1}, "rule[0].times"),
+    ({"name": "x", "then": {"reply": "r", "template": "t"}}, "rule[0].then.template: not used with reply"),
+    ({"name": "x", "then": {"call_tool": "t", "arguments": "{}"}}, "rule[0].then.arguments: must be an object"),
+    ({"name": "x", "priority": 1, "then": {"reply": "r"}}, "rule[0].priority: unknown key"),
+    ({"when": {}, "then": {"reply": "r"}}, "rule[0].name"),
+    ({"name": "x", "when": {}}, "rule[0].then: must be an object"),
+    ("just a string", "rule[0]: must be an object"),
+])
+def test_bad_rules_rejected_with_reason(base, rule, fragment):
+    status, payload = call(base, "PUT", "/_script/rules", [rule])
+    assert status == 400 and fragment in payload["error"]["message"]
+    assert [r["name"] for r in call(base, "GET", "/_script/rules")[1]["rules"]] == ["initial"]  # unchanged
+
+
+def test_rules_file_validated_at_start(tmp_path, capsys):
+    bad = tmp_path / "rules.json"
+    bad.write_text(json.dumps([{"name": "ok", "then": {"reply": "r"}}, {"name": "bad", "then": {"call_tool": ""}}]))
+    assert main(["--port", "0", "--rules", str(bad)]) == 2
+    assert "rule[1].then.call_tool" in capsys.readouterr().err
+    assert validate_rules({"rules": [{"name": "ok", "then": {"reply": "r"}}]})[0]["name"] == "ok"
+
+
+def test_port_in_use_is_a_clear_error(server, capsys):
+    assert main(["--port", str(server.server_address[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- streaming text and pacing
+
+def test_streamed_reply_one_token_per_chunk_with_pacing(base):
+    text = "one two three four five six seven eight nine ten"
+    put_rules(base, [{"name": "paced", "when": {}, "then": {"reply": text, "tokens_per_second": 200}}])
+    started = time.monotonic()
+    events = stream(base, [user("go")])
+    elapsed = time.monotonic() - started
+    chunks = events[:-1]
+    assert events[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+    assert len(contents) == 10 and "".join(contents) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert elapsed >= 0.9 * 10 / 200  # loose lower bound only
+
+
+def test_keep_alive_survives_streaming_and_plain_requests(server, base):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    body = {"model": SCRIPTED_MODEL_ID, "messages": [user("hi")]}
+    for stream_flag in (True, False, True, False):
+        connection.request("POST", "/v1/chat/completions", json.dumps(dict(body, stream=stream_flag)),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        assert response.status == 200
+        if stream_flag:
+            assert response.getheader("Transfer-Encoding") == "chunked" and data.endswith(b"data: [DONE]\n\n")
+        else:
+            assert reply_text(json.loads(data)) == "(scripted) I heard: hi"
+    connection.request("GET", "/health")
+    assert json.loads(connection.getresponse().read()) == {"status": "ok"}
+    connection.close()
+
+
+def test_parallel_burst_of_connections_is_served(base):
+    # Letta runs many agent turns at once; a small listen backlog made some connections fail.
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        replies = list(pool.map(lambda i: reply_text(chat(base, [user(f"n{i}")])), range(40)))
+    assert replies == [f"(scripted) I heard: n{i}" for i in range(40)]
+
+
+# ---------------------------------------------------------------- the real client Letta uses
+
+def test_openai_sdk_round_trip(base):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="not-a-secret", max_retries=0)
+    assert SCRIPTED_MODEL_ID in [m.id for m in client.models.list()]
+    put_rules(base, [CALL_RULE])
+    completion = client.chat.completions.create(model=SCRIPTED_MODEL_ID, messages=[user("remember tea")],
+                                                tools=[SAVE_FACT_TOOL], tool_choice="auto", temperature=0.7)
+    assert json.loads(completion.choices[0].message.tool_calls[0].function.arguments)["fact"] == "tea"
+    events = list(client.chat.completions.create(model=SCRIPTED_MODEL_ID, messages=[user("hello sdk")], stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(e.choices[0].delta.content or "" for e in events if e.choices) == "(scripted) I heard: hello sdk"
+    assert events[-1].usage.total_tokens > 0
+    vector = client.embeddings.create(model="text-embedding-3-small", input="a").data[0].embedding  # base64 on the wire
+    assert len(vector) == 1536 and math.isclose(sum(v * v for v in vector), 1.0, rel_tol=1e-5)
+
+
+def test_module_constant_name_is_stable():
+    assert scripted_model.SCRIPTED_MODEL_ID == "scripted-vtuber"

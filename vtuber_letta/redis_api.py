@@ -1,0 +1,16 @@
+"""The one place that builds Redis clients (sync for the CLI and provisioning, asyncio for the bridge)."""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio as aioredis
+
+from vtuber_letta.settings import Settings
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_connection_url, decode_responses=True, socket_timeout=30)
+
+
+def async_redis_client(settings: Settings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(settings.redis_connection_url, decode_responses=True)
