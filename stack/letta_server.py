@@ -67,7 +67,8 @@ class LettaServer:
         self.migrate()
         self.process.start(
             [str(self.install.letta_bin), "server", "--host", "127.0.0.1", "--port", str(self.port)],
-            env={**self._env(), "LETTA_PG_URI": self.pg_uri}, cwd=self.letta_dir,
+            # asyncpg would demand TLS once pooling is on; this Postgres is loopback-only without TLS.
+            env={**self._env(), "LETTA_PG_URI": f"{self.pg_uri}?ssl=disable"}, cwd=self.letta_dir,
         )
         if not wait_until(self._up_or_dead, 180, interval=0.5):
             raise StackError(f"letta server did not become healthy on {self.address}:\n{self.process.log_tail()}")
@@ -91,5 +92,13 @@ class LettaServer:
             "LANG": "C.UTF-8",
             "LETTA_SERVER_SECURE": "true",
             "LETTA_SERVER_PASSWORD": self.password,
+            # Measured here: with provider traces on, every model call waited up to 60 s on the
+            # trace insert into Postgres before timing out. The trace is only a debugging aid.
+            "LETTA_TRACK_PROVIDER_TRACE": "false",
+            # Letta's default is a new Postgres connection per query (NullPool). Measured here: a
+            # connect now and then stalled for asyncpg's 60 s connect timeout, stalling the agent's
+            # turn with it. A pool makes turns steady (and saves a SCRAM handshake per query).
+            "LETTA_DISABLE_SQLALCHEMY_POOLING": "false",
+            "LETTA_PG_POOL_SIZE": "10",
             **self.model_env,
         }

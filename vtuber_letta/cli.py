@@ -1,6 +1,9 @@
 """`vtuber-letta`: the one command for everything.
 
     vtuber-letta stack install|up|status|down   the local loopback stack
+    vtuber-letta provision [--dry-run] [--reset-persona]
+    vtuber-letta agent ensure|list|show|export|forget ...
+    vtuber-letta stream set --title ... --topic ...
     vtuber-letta demo                           the main job: stack up + a short scripted conversation
 
 Expected failures (bad configuration, a stack part that will not start, a Letta
@@ -50,6 +53,53 @@ def _demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings)
 
 
+def _provision_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from provisioning.provision import provision
+
+    summary = provision(settings, dry_run=args.dry_run, reset_persona=args.reset_persona)
+    print(summary.render())
+    return 0 if summary.ok else 1
+
+
+def _agent_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    from pathlib import Path
+
+    from provisioning.viewers import ViewerAgents
+
+    viewers = ViewerAgents(settings)
+    if args.action == "ensure":
+        agent = viewers.ensure(args.user_id, args.display_name, args.platform)
+        print(json.dumps({"viewer_id": agent.viewer_id, "agent_id": agent.agent_id, "name": agent.name,
+                          "created": agent.created}, ensure_ascii=False))
+        return 0
+    if args.action == "list":
+        for row in viewers.list():
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    if args.action == "show":
+        shown = viewers.show(args.user_id)
+        if shown is None:
+            raise CliError(f"viewer {args.user_id!r} has no agent")
+        print(json.dumps(shown, ensure_ascii=False, indent=2, default=str))
+        return 0
+    if args.action == "export":
+        path = viewers.export(args.user_id, Path(args.output))
+        print(f"exported {args.user_id!r} to {path}")
+        return 0
+    forgotten = viewers.forget(args.user_id)
+    print(f"forgot {args.user_id!r}" if forgotten else f"viewer {args.user_id!r} had no agent")
+    return 0
+
+
+def _stream_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from provisioning.stream import set_stream
+
+    print(set_stream(settings, {"title": args.title, "topic": args.topic, "game": args.game,
+                                "language": args.language, "schedule": args.schedule}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtuber-letta", description="Permanent per-viewer memory for AI VTubers on Letta.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
     stack = sub.add_parser("stack", help="the local stack: Redis, Postgres+pgvector, model endpoint, Letta 0.16.8")
     stack.add_argument("action", choices=["install", "up", "status", "down"])
     stack.set_defaults(handler=_stack_cmd)
+
+    prov = sub.add_parser("provision", help="register the tools and the shared persona/stream blocks in Letta")
+    prov.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    prov.add_argument("--reset-persona", action="store_true",
+                      help="re-render the shared persona from the template (prints the difference first)")
+    prov.set_defaults(handler=_provision_cmd)
+
+    agent = sub.add_parser("agent", help="one agent per viewer")
+    agent_sub = agent.add_subparsers(dest="action", required=True)
+    ensure = agent_sub.add_parser("ensure", help="the viewer's agent, created from the template if needed")
+    ensure.add_argument("user_id")
+    ensure.add_argument("--display-name")
+    ensure.add_argument("--platform")
+    agent_sub.add_parser("list", help="every viewer agent")
+    for name, text in (("show", "a viewer's agent and memory"), ("forget", "delete a viewer's agent and memory")):
+        agent_sub.add_parser(name, help=text).add_argument("user_id")
+    export = agent_sub.add_parser("export", help="the viewer's agent as an Agent File (.af)")
+    export.add_argument("user_id")
+    export.add_argument("-o", "--output", required=True)
+    agent.set_defaults(handler=_agent_cmd)
+
+    stream_cmd = sub.add_parser("stream", help="the shared stream block")
+    stream_sub = stream_cmd.add_subparsers(dest="action", required=True)
+    stream_set = stream_sub.add_parser("set", help="update the stream for every viewer's agent")
+    for field in ("title", "topic", "game", "language", "schedule"):
+        stream_set.add_argument(f"--{field}")
+    stream_cmd.set_defaults(handler=_stream_cmd)
 
     demo = sub.add_parser("demo", help="bring the stack up and run a short scripted conversation")
     demo.set_defaults(handler=_demo_cmd)
@@ -68,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call drowns the summary
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler
         return handler(args, settings)
     except SettingsError as exc:
@@ -79,12 +157,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # expected failures of our parts carry their own message
-        from stack.processes import StackError
-
-        if isinstance(exc, StackError):
+        if isinstance(exc, _expected_errors()):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from letta_client import APIConnectionError, APIStatusError
+
+    from provisioning.naming import InvalidViewerId
+    from provisioning.provision import ProvisioningError
+    from stack.processes import StackError
+
+    return (StackError, ProvisioningError, InvalidViewerId, APIConnectionError, APIStatusError)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""An in-memory LettaGateway for tests and dry runs (no Letta server).
+
+It behaves like the real thing where the bridge depends on it: turns are stored in a per-agent
+history before the reply comes back (so `find_answered` sees a turn whose client died), and it
+counts overlapping turns per agent, which must never happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from bridge.gateway import LettaUnavailable, TurnMessage, TurnResult, VerifiedEvent
+
+
+@dataclass
+class SentTurn:
+    agent_id: str
+    viewer_id: str
+    task_ids: tuple[str, ...]
+    text: str
+    sender_name: str | None
+
+
+def echo_reply(viewer_id: str, message: TurnMessage) -> TurnResult:
+    return TurnResult(reply_text=f"echo: {message.text}")
+
+
+@dataclass
+class FakeGateway:
+    reply: Callable[[str, TurnMessage], TurnResult] = echo_reply
+    delay: tuple[float, float] = (0.0, 0.0)  # random extra latency per send, seconds
+    seed: int = 0
+    down: bool = False  # every call raises LettaUnavailable while True
+    failures: list[Exception] = field(default_factory=list)  # raised by the next sends, in order
+    hold: asyncio.Event | None = None  # when set: sends store the turn, then wait for this event
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.agents: dict[str, str] = {}
+        self.sent: list[SentTurn] = []
+        self.history: dict[str, dict[str, TurnResult]] = {}
+        self.events: list[tuple[str, VerifiedEvent]] = []
+        self.find_calls: list[tuple[str, str]] = []
+        self.overlaps = 0
+        self._busy: set[str] = set()
+        self.send_started = asyncio.Event()
+
+    def _check_up(self) -> None:
+        if self.down:
+            raise LettaUnavailable("fake Letta is down")
+
+    def viewer_of(self, agent_id: str) -> str:
+        return next(viewer for viewer, agent in self.agents.items() if agent == agent_id)
+
+    async def ensure_agent(self, viewer_id: str, display_name: str | None, platform: str | None) -> str:
+        self._check_up()
+        return self.agents.setdefault(viewer_id, f"agent-{len(self.agents) + 1}")
+
+    async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None) -> TurnResult:
+        self._check_up()
+        if self.failures:
+            raise self.failures.pop(0)
+        if agent_id in self._busy:
+            self.overlaps += 1
+        self._busy.add(agent_id)
+        try:
+            viewer = self.viewer_of(agent_id)
+            self.sent.append(SentTurn(agent_id, viewer, tuple(m.task_id for m in messages), messages[-1].text, sender_name))
+            result = self.reply(viewer, messages[-1])
+            for message in messages:
+                self.history.setdefault(agent_id, {})[message.task_id] = result
+            self.send_started.set()
+            if self.hold is not None:
+                await self.hold.wait()
+            low, high = self.delay
+            if high > 0:
+                await asyncio.sleep(self.rng.uniform(low, high))
+            return result
+        finally:
+            self._busy.discard(agent_id)
+
+    async def find_answered(self, agent_id: str, task_id: str) -> TurnResult | None:
+        self._check_up()
+        self.find_calls.append((agent_id, task_id))
+        return self.history.get(agent_id, {}).get(task_id)
+
+    async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
+        self._check_up()
+        self.events.append((agent_id, event))
+
+    def sends_of(self, task_id: str) -> int:
+        return sum(task_id in turn.task_ids for turn in self.sent)

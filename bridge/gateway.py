@@ -1,0 +1,164 @@
+"""What the bridge needs from Letta, as an interface.
+
+The bridge's service never calls the Letta SDK: it talks to a `LettaGateway`. The real
+one is composed by the CLI from provisioning (`ensure_agent`, `record_verified_event`) and
+`bridge.letta_turns.LettaTurns` (`send_turn`, `find_answered`); tests use
+`bridge.fakes.FakeGateway`.
+
+Error contract (see `bridge.errors.classify_error`): a gateway raises
+- `LettaUnavailable`  Letta cannot be reached or is overloaded (connection refused,
+                      timeouts, 502/503/504, the model endpoint down): retried, then
+                      the fallback (or waiting, when the fallback is off);
+- `LettaRetryable`    a transient refusal from a live server (429, 409, 500, a turn that
+                      stopped with an error): retried a few times, then given up;
+- `LettaPermanentError` the request itself is wrong (400, 404, 422, ...): dead-lettered
+                      at once.
+Anything else is classified by `classify_error` too (raw SDK errors included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+
+class LettaError(Exception):
+    """Base of the gateway's errors."""
+
+
+class LettaUnavailable(LettaError):
+    """Letta (or the model behind it) is unreachable or overloaded: transient."""
+
+
+class LettaRetryable(LettaError):
+    """A live server refused this once (rate limit, conflict, internal error): try again later."""
+
+
+class LettaPermanentError(LettaError):
+    """Letta rejected the request itself; sending it again cannot help."""
+
+
+@dataclass(frozen=True)
+class AvatarCall:
+    """One avatar tool call the agent made, e.g. AvatarCall("set_expression", {"expression": "happy"})."""
+
+    tool: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What one agent turn produced.
+
+    reply_text      the words to speak ("" when silent)
+    avatar_calls    successful set_expression / play_motion calls, in order
+    silent          True when the agent called stay_silent or said nothing
+    memory_updated  True when a memory tool succeeded during the turn
+    message_ids     Letta message ids of the reply (for tracing)
+    """
+
+    reply_text: str
+    avatar_calls: tuple[AvatarCall, ...] = ()
+    silent: bool = False
+    memory_updated: bool = False
+    message_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TurnMessage:
+    """One viewer task inside a turn. A turn carries one today; burst coalescing will send several,
+    each as its own user message with its own otid, so any of their task ids finds the turn."""
+
+    task_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ViewerTotals:
+    """Platform-verified counters of one viewer, kept by the bridge in Redis (absolute values).
+
+    `support` maps a currency code (or "" when unknown) to the total amount received.
+    """
+
+    first_seen: float
+    last_seen: float
+    visits: int = 0
+    messages: int = 0
+    support: dict[str, float] = field(default_factory=dict)
+    gifts: int = 0
+    super_chats: int = 0
+    memberships: int = 0
+
+    def as_block_fields(self) -> dict[str, str]:
+        """The `## Verified by the platform` fields of tools/human_block.py (VERIFIED_FIELDS)."""
+        return {
+            "first_seen": _iso(self.first_seen),
+            "last_seen": _iso(self.last_seen),
+            "visits": str(self.visits),
+            "total_support": format_support(self.support),
+        }
+
+
+@dataclass(frozen=True)
+class VerifiedEvent:
+    """A live event the platform vouches for (not typed by the viewer).
+
+    kind is one of super_chat, gift, membership, enter. `totals` are the viewer's counters
+    *after* this event was counted: writing them is idempotent, so a gateway may be asked to
+    record the same event twice (at-least-once) without double counting.
+    """
+
+    task_id: str
+    viewer_id: str
+    kind: str
+    at: float
+    totals: ViewerTotals
+    platform: str | None = None
+    display_name: str | None = None
+    amount: float | None = None
+    currency: str | None = None
+    gift_name: str | None = None
+    count: int | None = None
+    tier: str | None = None
+
+
+@runtime_checkable
+class LettaGateway(Protocol):
+    async def ensure_agent(self, viewer_id: str, display_name: str | None, platform: str | None) -> str:
+        """Return the viewer's agent id, creating the agent on first contact. Called for every task:
+        implementations should cache (the mapping never changes once made)."""
+        ...
+
+    async def send_turn(
+        self,
+        agent_id: str,
+        messages: Sequence[TurnMessage],
+        *,
+        sender_name: str | None,
+    ) -> TurnResult:
+        """Send one turn (no automatic retries: the bridge owns the retry policy). Each message must be
+        findable afterwards by its task id (`find_answered`)."""
+        ...
+
+    async def find_answered(self, agent_id: str, task_id: str) -> TurnResult | None:
+        """The turn that already answered task_id, if the agent's history has it; else None."""
+        ...
+
+    async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
+        """Write the viewer's verified totals into their memory (idempotent: absolute values)."""
+        ...
+
+
+def format_support(support: dict[str, float]) -> str:
+    """'0', '30 CNY' or '30 CNY + 5 USD' (currencies sorted, amounts without trailing zeros)."""
+    parts = [f"{_amount(value)} {code}".strip() for code, value in sorted(support.items()) if value > 0]
+    return " + ".join(parts) if parts else "0"
+
+
+def _amount(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,321 @@
+"""The bridge's Redis side: an order-preserving, at-least-once queue per viewer.
+
+Every task is inside some Redis list at every moment, so a replica dying anywhere loses nothing:
+
+    request list --BLMOVE RIGHT->LEFT--> vtl:staging      (any replica; one shared list)
+    vtl:staging  --ROUTE (oldest first)--> vtl:vq:{viewer} (+ vtl:pending, vtl:ready)
+                                       or  vtl:triage      (no sane user_id: dead-lettered later)
+    vtl:vq:{viewer} head --FINISH--> outputs + LPOP + vtl:done:{task}   (one atomic script)
+
+Ordering: the host LPUSHes, so the RIGHT end of every list is the oldest. Two replicas may BLMOVE
+A1 and A2 of one viewer at the same time, but ROUTE always pops the oldest item of the one shared
+staging list, so the viewer queue receives A1 before A2 whoever moved them.
+
+One turn per viewer across replicas: a worker owns a viewer while it holds `vtl:active:{viewer}`
+(SET NX PX with a random token, renewed while working) and only ever works on the HEAD of that
+viewer's queue; FINISH pops the head only if the token is still its own. RELEASE drops the lock
+only when the queue is empty, in the same script that checks it, so a task routed meanwhile
+can never be stranded. SWEEP re-readies viewers whose worker died (lock expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+from redis.asyncio import Redis
+
+from bridge.wire import MAX_ID_BYTES
+from vtuber_letta import redis_keys as keys
+
+# KEYS: staging, triage, pending, ready
+# ARGV: viewer queue prefix, active lock prefix, max payload bytes, max user_id bytes
+# The id check is coarse (ASCII id characters or any UTF-8 byte, no spaces or controls): the exact
+# rule (bridge/wire.py ID_PATTERN) is applied by the worker, which dead-letters what fails it.
+_ROUTE = r"""
+local raw = redis.call('RPOP', KEYS[1])
+if not raw then return 0 end
+local uid = nil
+if string.len(raw) <= tonumber(ARGV[3]) then
+  local ok, obj = pcall(cjson.decode, raw)
+  if ok and type(obj) == 'table' then
+    local u = obj['user_id']
+    if type(u) == 'string' and string.len(u) >= 1 and string.len(u) <= tonumber(ARGV[4])
+       and string.find(u, '^[%w_%.:@%+=%-\128-\255]+$') then
+      uid = u
+    end
+  end
+end
+if not uid then
+  redis.call('RPUSH', KEYS[2], raw)
+  return 2
+end
+redis.call('RPUSH', ARGV[1] .. uid, raw)
+redis.call('SADD', KEYS[3], uid)
+if redis.call('EXISTS', ARGV[2] .. uid) == 0 and not redis.call('LPOS', KEYS[4], uid) then
+  redis.call('RPUSH', KEYS[4], uid)
+end
+return 1
+"""
+
+# KEYS: active lock; ARGV: token, ttl ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: active lock, viewer queue, attempts hash, counted hash, done key, then one key per output
+# ARGV: token, expected head, task id ('' = unknown), done value ('' = no done marker),
+#       done ttl s, dead-letter max length, then (op, value) per output
+# Returns 1 finished, 0 lock not ours, -1 head changed.
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then return -1 end
+redis.call('LPOP', KEYS[2])
+if ARGV[3] ~= '' then
+  redis.call('HDEL', KEYS[3], ARGV[3])
+  redis.call('HDEL', KEYS[4], ARGV[3])
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[4], 'EX', ARGV[5])
+end
+local n = #KEYS - 5
+for i = 1, n do
+  local key = KEYS[5 + i]
+  local op = ARGV[5 + 2 * i]
+  local value = ARGV[6 + 2 * i]
+  if op == 'publish' then
+    redis.call('PUBLISH', key, value)
+  elseif op == 'lpush' then
+    redis.call('LPUSH', key, value)
+  elseif op == 'dead_letter' then
+    redis.call('LPUSH', key, value)
+    redis.call('LTRIM', key, 0, tonumber(ARGV[6]) - 1)
+  else
+    return redis.error_reply('unknown output op ' .. tostring(op))
+  end
+end
+return 1
+"""
+
+# KEYS: active lock, viewer queue, pending, ready; ARGV: token, viewer, 'yield' | 'release'
+# Returns 1 released (queue empty), 2 yielded (queue re-readied), 0 keep working, -1 lock not ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('LLEN', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[3], ARGV[2])
+  return 1
+end
+if ARGV[3] == 'yield' then
+  redis.call('DEL', KEYS[1])
+  if not redis.call('LPOS', KEYS[4], ARGV[2]) then redis.call('RPUSH', KEYS[4], ARGV[2]) end
+  return 2
+end
+return 0
+"""
+
+# KEYS: active lock, viewer queue, pending, ready; ARGV: viewer
+# Returns 1 re-readied, 2 forgotten (empty), 0 nothing to do.
+_SWEEP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('LLEN', KEYS[2]) == 0 then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return 2
+end
+if not redis.call('LPOS', KEYS[4], ARGV[1]) then
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: triage, dead letters; ARGV: expected oldest raw, entry, max length
+_DEAD_LETTER_TRIAGE = """
+if redis.call('LINDEX', KEYS[1], -1) ~= ARGV[1] then return 0 end
+redis.call('RPOP', KEYS[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+return 1
+"""
+
+# KEYS: counted hash, viewer stats; ARGV: task id, then (op, field, value) triples
+# op: setnx | set | incr | incrf. Counted once per task id; returns the stats hash.
+_COUNT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], '1') == 1 then
+  for i = 2, #ARGV, 3 do
+    local op, field, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    if op == 'setnx' then redis.call('HSETNX', KEYS[2], field, value)
+    elseif op == 'set' then redis.call('HSET', KEYS[2], field, value)
+    elseif op == 'incr' then redis.call('HINCRBY', KEYS[2], field, value)
+    elseif op == 'incrf' then redis.call('HINCRBYFLOAT', KEYS[2], field, value)
+    end
+  end
+end
+return redis.call('HGETALL', KEYS[2])
+"""
+
+
+def cancel_point() -> None:
+    """Raise CancelledError if this task was cancelled.
+
+    redis-py's asyncio client can swallow a cancellation that lands mid-command (seen with
+    redis 8.1: the command returns and the task runs on in "cancelling" state; see
+    redis/redis-py#2028). Every loop of the bridge calls this, so a stop/kill always ends it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
+@dataclass(frozen=True)
+class Output:
+    """One write done atomically with acknowledging a task."""
+
+    op: Literal["publish", "lpush", "dead_letter"]
+    key: str
+    value: str | bytes  # bytes: a payload forwarded byte for byte
+
+
+class ViewerQueues:
+    def __init__(self, redis: Redis, *, request_queue: str, max_payload_bytes: int, dead_letter_max: int):
+        self.redis = redis
+        self.request_queue = request_queue
+        self.max_payload_bytes = max_payload_bytes
+        self.dead_letter_max = dead_letter_max
+        self._route = redis.register_script(_ROUTE)
+        self._renew = redis.register_script(_RENEW)
+        self._finish = redis.register_script(_FINISH)
+        self._release = redis.register_script(_RELEASE)
+        self._sweep = redis.register_script(_SWEEP)
+        self._dead_letter_triage = redis.register_script(_DEAD_LETTER_TRIAGE)
+        self._count = redis.register_script(_COUNT)
+
+    # ---- intake ----
+    async def take(self, timeout: float) -> bool:
+        """Block up to timeout for one request; move it (oldest first) into the shared staging list."""
+        moved = await self.redis.blmove(self.request_queue, keys.BRIDGE_STAGING, timeout, src="RIGHT", dest="LEFT")
+        return moved is not None
+
+    async def route_all(self) -> tuple[int, int]:
+        """Route staging until it is empty; returns (routed, triaged)."""
+        routed = triaged = 0
+        while True:
+            cancel_point()
+            result = await self._route(
+                keys=[keys.BRIDGE_STAGING, keys.BRIDGE_TRIAGE, keys.BRIDGE_PENDING, keys.BRIDGE_READY],
+                args=[keys.VIEWER_QUEUE_PREFIX, keys.VIEWER_ACTIVE_PREFIX, self.max_payload_bytes, MAX_ID_BYTES],
+            )
+            if result == 0:
+                return routed, triaged
+            if result == 1:
+                routed += 1
+            else:
+                triaged += 1
+
+    # ---- viewer ownership ----
+    async def next_ready(self, timeout: float) -> str | None:
+        item = await self.redis.blpop([keys.BRIDGE_READY], timeout=timeout)
+        return item[1].decode() if item else None
+
+    async def claim(self, viewer: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self.redis.set(keys.viewer_active(viewer), token, nx=True, px=ttl_ms))
+
+    async def renew(self, viewer: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self._renew(keys=[keys.viewer_active(viewer)], args=[token, ttl_ms]))
+
+    async def head(self, viewer: str) -> bytes | None:
+        return await self.redis.lindex(keys.viewer_queue(viewer), 0)
+
+    async def finish(
+        self,
+        viewer: str,
+        token: str,
+        head: bytes,
+        *,
+        task_id: str | None,
+        done_value: str | None,
+        done_ttl: int,
+        outputs: list[Output],
+    ) -> int:
+        """Atomically: write outputs, pop the head, mark the task done. 1 ok, 0 lock lost, -1 head moved."""
+        script_keys = [
+            keys.viewer_active(viewer),
+            keys.viewer_queue(viewer),
+            keys.BRIDGE_ATTEMPTS,
+            keys.BRIDGE_COUNTED,
+            keys.task_done(task_id or ""),
+        ] + [out.key for out in outputs]
+        args: list[str | bytes | int] = [token, head, task_id or "", done_value or "", done_ttl, self.dead_letter_max]
+        for out in outputs:
+            args += [out.op, out.value]
+        return int(await self._finish(keys=script_keys, args=args))
+
+    async def release(self, viewer: str, token: str, *, yield_turn: bool) -> int:
+        """1 released (empty), 2 yielded to others, 0 more work (keep going), -1 lock was lost."""
+        return int(
+            await self._release(
+                keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING, keys.BRIDGE_READY],
+                args=[token, viewer, "yield" if yield_turn else "release"],
+            )
+        )
+
+    async def sweep(self) -> int:
+        """Re-ready every pending viewer whose worker is gone; returns how many."""
+        readied = 0
+        async for member in self.redis.sscan_iter(keys.BRIDGE_PENDING, count=500):
+            viewer = member.decode()
+            result = await self._sweep(
+                keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING, keys.BRIDGE_READY],
+                args=[viewer],
+            )
+            readied += result == 1
+        return readied
+
+    async def is_done(self, task_id: str) -> bool:
+        return bool(await self.redis.exists(keys.task_done(task_id)))
+
+    async def next_attempt(self, task_id: str) -> int:
+        return int(await self.redis.hincrby(keys.BRIDGE_ATTEMPTS, task_id, 1))
+
+    # ---- triage ----
+    async def oldest_triage(self) -> bytes | None:
+        return await self.redis.lindex(keys.BRIDGE_TRIAGE, -1)
+
+    async def dead_letter_triage(self, raw: bytes, entry: str) -> bool:
+        return bool(
+            await self._dead_letter_triage(
+                keys=[keys.BRIDGE_TRIAGE, keys.BRIDGE_DEAD_LETTERS], args=[raw, entry, self.dead_letter_max]
+            )
+        )
+
+    # ---- verified viewer stats ----
+    async def count_once(self, task_id: str, viewer: str, ops: list[tuple[str, str, str]]) -> dict[str, str]:
+        """Apply ops to the viewer's stats once per task id (at-least-once safe); return all stats."""
+        args: list[str] = [task_id]
+        for op in ops:
+            args += list(op)
+        flat = await self._count(keys=[keys.BRIDGE_COUNTED, keys.viewer_stats(viewer)], args=args)
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+    # ---- observation ----
+    async def depths(self) -> dict[str, int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.request_queue)
+            pipe.llen(keys.BRIDGE_STAGING)
+            pipe.llen(keys.BRIDGE_TRIAGE)
+            pipe.llen(keys.BRIDGE_DEAD_LETTERS)
+            pipe.scard(keys.BRIDGE_PENDING)
+            pipe.hlen(keys.VIEWER_AGENTS)
+            requests, staging, triage, dead, pending, viewers = await pipe.execute()
+        return {
+            "requests": requests,
+            "staging": staging,
+            "triage": triage,
+            "dead_letters": dead,
+            "pending_viewers": pending,
+            "known_viewers": viewers,
+        }

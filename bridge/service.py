@@ -1,0 +1,593 @@
+"""The bridge: Redis in, Letta, Redis out.
+
+`run_bridge(settings, gateway)` runs one replica until SIGTERM/SIGINT (or `stop_event`);
+`check_bridge(settings)` is true while any replica heartbeats. Several replicas may run
+against one Redis: see bridge/queue.py for why that keeps each viewer's tasks in order with
+one turn in flight per viewer.
+
+Per task (the HEAD of one viewer's queue, while holding that viewer's lock):
+  validate (bridge/wire.py) -> already done? -> route: memory-python (forward the raw payload)
+  or Letta: ensure the viewer's agent, count verified stats, record live events in memory,
+  replay the answer if a previous attempt already reached the agent, else send the turn ->
+  publish the outputs, pop the task and mark it done in one atomic script.
+Failures are classified once (bridge/errors.py): retried with backoff and jitter, sent to the
+fallback (memory-python), waited out, or dead-lettered with the reason and the raw payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import time
+import unicodedata
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bridge.errors import Disposition, classify_error, describe_error
+from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
+from bridge.metrics import BridgeMetrics
+from bridge.queue import Output, ViewerQueues, cancel_point
+from bridge.turn_text import compose_turn_text, stats_ops, totals_from_stats
+from bridge.wire import (
+    AvatarEvent,
+    DeadLetter,
+    LettaRequest,
+    LettaResponse,
+    TaskResponse,
+    TtsRequest,
+    WireError,
+    dump,
+    parse_request,
+    read_input_file,
+)
+from vtuber_letta import redis_keys as keys
+from vtuber_letta.settings import Settings
+
+log = logging.getLogger("vtuber_letta.bridge")
+T = TypeVar("T")
+
+MEMORY_PYTHON = "memory-python"
+DEFAULT_ROUTING = {"permanent": "letta", "temporary": MEMORY_PYTHON}
+
+
+class _Abandoned(Exception):
+    """Stop was requested while a task waited to be retried: it stays at the head for later."""
+
+
+class _LockLost(Exception):
+    """Another worker owns the viewer now: nothing was acknowledged."""
+
+
+@dataclass
+class _TaskLog:
+    viewer: str
+    started: float
+    task_id: str | None = None
+    kind: str = "-"
+    route: str = "-"
+    attempt: int = 0
+    reason: str = ""
+
+
+def loggable(text: str, limit: int = 300) -> str:
+    """Text safe for one log line: invisible, control and line-breaking characters escaped."""
+    out = "".join(
+        c if c == " " or unicodedata.category(c)[0] not in "CZ" else c.encode("unicode_escape").decode("ascii")
+        for c in text[:limit]
+    )
+    return out + ("…" if len(text) > limit else "")
+
+
+def default_replica_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def redis_client(settings: Settings) -> Redis:
+    """The bridge's Redis client (bytes in, bytes out: payloads are kept byte for byte)."""
+    return Redis.from_url(settings.redis_connection_url, health_check_interval=30)
+
+
+class BridgeService:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        gateway: LettaGateway,
+        *,
+        replica_id: str | None = None,
+        metrics: BridgeMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.redis = redis
+        self.gateway = gateway
+        self.replica_id = replica_id or settings.bridge_replica_id or default_replica_id()
+        self.metrics = metrics or BridgeMetrics()
+        self.clock = clock
+        self.queues = ViewerQueues(
+            redis,
+            request_queue=settings.bridge_request_queue,
+            max_payload_bytes=settings.bridge_max_payload_bytes,
+            dead_letter_max=settings.bridge_dead_letter_max,
+        )
+        self._routing = {**DEFAULT_ROUTING, **settings.letta_memory_type_routing}
+        self._lock_ttl_ms = int(settings.bridge_lock_ttl * 1000)
+        self._stopping = asyncio.Event()
+        self._letta_down_until = 0.0
+        self._in_flight = 0
+        self._started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop_event: asyncio.Event) -> None:
+        """Serve until stop_event is set, then stop taking work and let in-flight turns finish
+        (up to the grace period). Cancelling this coroutine instead is a hard stop: nothing is
+        acknowledged, locks and the heartbeat simply expire, as if the process had died."""
+        s = self.settings
+        await self.redis.ping()
+        self.metrics.serve(s.bridge_metrics_port)
+        await self._beat()
+        background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._sweep_loop())]
+        intake = asyncio.create_task(self._intake_loop())
+        workers = [asyncio.create_task(self._worker_loop()) for _ in range(s.bridge_concurrency)]
+        log.info(
+            "bridge %s up: %s -> Letta (enabled=%s, fallback=%s, tts_handoff=%s), %d viewer workers",
+            self.replica_id, s.bridge_request_queue, s.letta_enabled, s.letta_fallback_to_memory,
+            s.bridge_tts_handoff, s.bridge_concurrency,
+        )
+        graceful = False
+        try:
+            await stop_event.wait()
+            graceful = True
+            log.info("bridge %s stopping: taking no new work, %d task(s) in flight", self.replica_id, self._in_flight)
+            self._stopping.set()
+            await asyncio.wait([intake, *workers], timeout=s.bridge_grace_period)
+        finally:
+            self._stopping.set()
+            everything = [intake, *workers, *background]
+            unfinished = sum(not task.done() for task in workers)
+            for task in everything:
+                task.cancel()
+            # Bounded: a task that ignored its cancellation must not keep the process alive.
+            _, stuck = await asyncio.wait(everything, timeout=5)
+            if stuck:
+                log.error("bridge %s: %d task(s) did not stop when cancelled", self.replica_id, len(stuck))
+            if graceful:
+                with suppress(RedisError, OSError):
+                    await self.redis.delete(keys.bridge_heartbeat(self.replica_id))
+                if unfinished:
+                    log.warning("bridge %s: grace period over, %d worker(s) cancelled", self.replica_id, unfinished)
+                log.info("bridge %s stopped", self.replica_id)
+            self.metrics.close()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, waking early on stop; True if stop was requested."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _beat(self) -> None:
+        value = json.dumps({
+            "replica_id": self.replica_id, "pid": os.getpid(), "host": socket.gethostname(),
+            "started": self._started, "in_flight": self._in_flight, "at": self.clock(),
+        })
+        await self.redis.set(
+            keys.bridge_heartbeat(self.replica_id), value, px=int(self.settings.bridge_heartbeat_ttl * 1000)
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.bridge_heartbeat_interval)
+            cancel_point()
+            try:
+                await self._beat()
+            except (RedisError, OSError) as exc:
+                log.warning("bridge %s: heartbeat failed: %s", self.replica_id, describe_error(exc))
+
+    # ------------------------------------------------------------------ intake / sweeper
+    async def _intake_loop(self) -> None:
+        while not self._stopping.is_set():
+            cancel_point()
+            try:
+                await self.queues.take(self.settings.bridge_poll_timeout)
+                await self._route_staging()
+            except (RedisError, OSError) as exc:
+                log.warning("bridge %s: intake: %s", self.replica_id, describe_error(exc))
+                await self._pause(1.0)
+        with suppress(RedisError, OSError):
+            await self._route_staging()  # what this replica moved is routed before it leaves
+
+    async def _route_staging(self) -> None:
+        _, triaged = await self.queues.route_all()
+        if triaged:
+            await self._drain_triage()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            cancel_point()
+            try:
+                await self.queues.route_all()  # staging left behind by a replica that died
+                await self._drain_triage()
+                readied = await self.queues.sweep()
+                if readied:
+                    log.info("bridge %s: re-queued %d viewer(s) whose worker stopped", self.replica_id, readied)
+                self._observe(await self.queues.depths())
+            except (RedisError, OSError) as exc:
+                log.warning("bridge %s: sweep: %s", self.replica_id, describe_error(exc))
+            await asyncio.sleep(self.settings.bridge_sweep_interval)
+
+    def _observe(self, depths: dict[str, int]) -> None:
+        m = self.metrics
+        for queue in ("requests", "staging", "triage"):
+            m.queue_depth.labels(queue).set(depths[queue])
+        m.pending_viewers.set(depths["pending_viewers"])
+        m.dead_letters.set(depths["dead_letters"])
+        m.known_viewers.set(depths["known_viewers"])
+
+    async def _drain_triage(self) -> None:
+        """Dead-letter what the route script could not place (no sane user_id), oldest first."""
+        while (raw := await self.queues.oldest_triage()) is not None:
+            cancel_point()
+            try:
+                parse_request(raw, max_bytes=self.settings.bridge_max_payload_bytes)
+                reason, task_id, user_id = "user_id cannot be routed", None, None
+            except WireError as exc:
+                reason, task_id, user_id = exc.reason, exc.task_id, exc.user_id
+            entry = self._dead_letter_entry(raw, reason, stage="intake", task_id=task_id, user_id=user_id)
+            if await self.queues.dead_letter_triage(raw, entry):
+                self.metrics.outcomes.labels("dead_letter").inc()
+                log.warning(
+                    "task=%s viewer=- type=- route=- attempt=0 outcome=dead_letter duration_ms=0 reason=%s",
+                    task_id or "-", loggable(reason),
+                )
+
+    # ------------------------------------------------------------------ viewer workers
+    async def _worker_loop(self) -> None:
+        while not self._stopping.is_set():
+            cancel_point()
+            try:
+                viewer = await self.queues.next_ready(self.settings.bridge_poll_timeout)
+                if viewer is None:
+                    continue
+                token = secrets.token_hex(16)
+                if await self.queues.claim(viewer, token, self._lock_ttl_ms):
+                    await self._serve_viewer(viewer, token)
+            except (RedisError, OSError) as exc:
+                log.warning("bridge %s: worker: %s", self.replica_id, describe_error(exc))
+                await self._pause(1.0)
+            except Exception:  # never let one bad moment end a worker for good
+                log.exception("bridge %s: worker error", self.replica_id)
+                await self._pause(1.0)
+
+    async def _keep_lock(self, viewer: str, token: str, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self.settings.bridge_lock_ttl / 3)
+            cancel_point()
+            try:
+                if not await self.queues.renew(viewer, token, self._lock_ttl_ms):
+                    log.warning("bridge %s: lost the lock of viewer %s", self.replica_id, loggable(viewer))
+                    lost.set()
+                    return
+            except (RedisError, OSError) as exc:
+                log.warning("bridge %s: lock renewal: %s", self.replica_id, describe_error(exc))
+
+    async def _serve_viewer(self, viewer: str, token: str) -> None:
+        """Work through one viewer's queue, head first, until it is empty (or it is others' turn)."""
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lock(viewer, token, lost))
+        handled = 0
+        try:
+            while not lost.is_set():
+                cancel_point()
+                if self._stopping.is_set() or handled >= self.settings.bridge_turns_per_claim:
+                    await self.queues.release(viewer, token, yield_turn=True)
+                    return
+                # Burst coalescing hook: take up to K heads here (LRANGE 0 K-1) and answer them in
+                # one turn; finish() would then pop K. Today: exactly one task per turn.
+                head = await self.queues.head(viewer)
+                if head is None:
+                    if await self.queues.release(viewer, token, yield_turn=False) != 0:
+                        return
+                    continue
+                try:
+                    await self._handle(viewer, token, head)
+                except _Abandoned:
+                    await self.queues.release(viewer, token, yield_turn=True)
+                    return
+                except _LockLost:
+                    return
+                except RedisError:
+                    with suppress(RedisError, OSError):  # hand the viewer on now, not after the lock TTL
+                        await self.queues.release(viewer, token, yield_turn=True)
+                    raise
+                handled += 1
+        finally:
+            keeper.cancel()
+
+    async def _handle(self, viewer: str, token: str, raw: bytes) -> None:
+        """One task, start to finish, with exactly one log line."""
+        ctx = _TaskLog(viewer=viewer, started=time.monotonic())
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+        outcome = "error"
+        try:
+            outcome = await self._process(ctx, token, raw)
+        except _Abandoned:
+            outcome = "abandoned"
+            raise
+        except _LockLost:
+            outcome = "lock_lost"
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except RedisError as exc:  # not the task's fault: it stays at the head for the next try
+            ctx.reason = describe_error(exc)
+            raise
+        except Exception as exc:  # a bug of ours: dead-letter the task rather than loop on it forever
+            log.exception("bridge %s: internal error on task %s", self.replica_id, ctx.task_id or "-")
+            outcome = await self._dead_letter(
+                ctx, token, raw, f"internal error: {describe_error(exc)}", "internal", ctx.task_id, None
+            )
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.dec()
+            self.metrics.outcomes.labels(outcome).inc()
+            level = logging.WARNING if outcome in ("dead_letter", "error", "lock_lost") else logging.INFO
+            log.log(
+                level,
+                "task=%s viewer=%s type=%s route=%s attempt=%d outcome=%s duration_ms=%d%s",
+                ctx.task_id or "-", loggable(viewer), ctx.kind, ctx.route, ctx.attempt, outcome,
+                (time.monotonic() - ctx.started) * 1000, f" reason={loggable(ctx.reason)}" if ctx.reason else "",
+            )
+
+    async def _process(self, ctx: _TaskLog, token: str, raw: bytes) -> str:
+        try:
+            request = parse_request(raw, max_bytes=self.settings.bridge_max_payload_bytes)
+        except WireError as exc:
+            ctx.task_id = exc.task_id
+            return await self._dead_letter(ctx, token, raw, exc.reason, "validate", exc.task_id, exc.user_id)
+        ctx.task_id, ctx.kind = request.task_id, request.type
+        if request.user_id != ctx.viewer:  # the route script keys queues by user_id: cannot happen
+            return await self._dead_letter(ctx, token, raw, "user_id does not match its queue", "validate", request.task_id, None)
+        if await self.queues.is_done(request.task_id):
+            await self._finish(ctx, token, raw, task_id=request.task_id, done_value=None, outputs=[])
+            return "duplicate"
+        ctx.route = self._route_of(request)
+        if ctx.route == MEMORY_PYTHON:
+            out = Output("lpush", self.settings.bridge_memory_queue, raw)
+            await self._finish(ctx, token, raw, task_id=request.task_id, done_value='{"forwarded":"memory-python"}', outputs=[out])
+            return "forwarded"
+        return await self._answer_with_letta(ctx, token, raw, request)
+
+    def _route_of(self, request: LettaRequest) -> str:
+        if not self.settings.letta_enabled:
+            return MEMORY_PYTHON
+        return self._routing[request.meta.memory_type or self.settings.bridge_default_memory_type]
+
+    # ------------------------------------------------------------------ the Letta path
+    async def _answer_with_letta(self, ctx: _TaskLog, token: str, raw: bytes, request: LettaRequest) -> str:
+        s = self.settings
+        try:
+            viewer_text = await self._viewer_text(request)
+        except WireError as exc:
+            return await self._dead_letter(ctx, token, raw, exc.reason, "validate", request.task_id, request.user_id)
+        text = compose_turn_text(request, viewer_text)
+        while True:
+            cancel_point()
+            attempt = ctx.attempt = await self.queues.next_attempt(request.task_id)
+            if s.letta_fallback_to_memory and time.monotonic() < self._letta_down_until:
+                return await self._fall_back(ctx, token, raw, request)
+            try:
+                result, outcome = await self._letta_turn(request, text, attempt)
+            except RedisError:
+                raise  # our own store failed, not Letta: handled (and logged) by the worker
+            except Exception as exc:  # every Letta failure is classified; none is swallowed silently
+                disposition = classify_error(exc)
+                reason = describe_error(exc)
+                exhausted = attempt > s.letta_retry_attempts
+                if disposition is Disposition.GIVE_UP:
+                    return await self._dead_letter(ctx, token, raw, reason, "letta", request.task_id, request.user_id, attempt)
+                if exhausted and disposition is Disposition.RETRY:
+                    if s.letta_fallback_to_memory:
+                        return await self._fall_back(ctx, token, raw, request)
+                    return await self._dead_letter(
+                        ctx, token, raw, f"gave up after {attempt} attempts: {reason}", "letta",
+                        request.task_id, request.user_id, attempt,
+                    )
+                if exhausted and s.letta_fallback_to_memory:  # UNAVAILABLE
+                    self._letta_down_until = time.monotonic() + s.bridge_letta_down_hold
+                    log.warning(
+                        "bridge %s: Letta unavailable (%s); falling back for %.0fs",
+                        self.replica_id, loggable(reason), s.bridge_letta_down_hold,
+                    )
+                    return await self._fall_back(ctx, token, raw, request)
+                delay = self._backoff(attempt)
+                self.metrics.retries.labels(disposition.value).inc()
+                log.warning(
+                    "retrying task %s of viewer %s in %.2fs: attempt %d failed (%s): %s",
+                    request.task_id, request.user_id, delay, attempt, disposition.value, loggable(reason),
+                )
+                if await self._pause(delay):
+                    raise _Abandoned() from exc
+                continue
+            self._letta_down_until = 0.0
+            outputs = self._reply_outputs(request, result)
+            await self._finish(ctx, token, raw, task_id=request.task_id, done_value=outputs[0].value, outputs=outputs)
+            return outcome
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff (base * 2^(attempt-1), capped) with jitter: a random delay in [cap/2, cap]."""
+        s = self.settings
+        cap = min(s.bridge_retry_max_delay, s.bridge_retry_base_delay * (2 ** max(0, attempt - 1)))
+        return cap * (0.5 + random.random() / 2)
+
+    async def _viewer_text(self, request: LettaRequest) -> str | None:
+        if request.content and request.content.strip():
+            return request.content
+        if request.input_file:
+            s = self.settings
+            return await asyncio.to_thread(read_input_file, request.input_file, s.bridge_uploads_path, s.bridge_max_input_file_bytes)
+        return None
+
+    async def _timed(self, op: str, call: Awaitable[T]) -> T:
+        with self.metrics.letta_latency.labels(op).time():
+            return await call
+
+    async def _letta_turn(self, request: LettaRequest, text: str, attempt: int) -> tuple[TurnResult, str]:
+        """Everything Letta does for one task; safe to repeat (at-least-once)."""
+        viewer, task_id = request.user_id, request.task_id
+        agent_id = await self._timed(
+            "ensure_agent", self.gateway.ensure_agent(viewer, request.meta.display_name, request.platform)
+        )
+        now = self.clock()
+        stats = await self.queues.count_once(task_id, viewer, stats_ops(request, now))
+        recorded = False
+        if request.is_event:
+            meta = request.meta
+            event = VerifiedEvent(
+                task_id=task_id, viewer_id=viewer, kind=request.type, at=now,
+                totals=totals_from_stats(stats, now), platform=request.platform, display_name=meta.display_name,
+                amount=meta.amount, currency=meta.currency, gift_name=meta.gift_name, count=meta.count, tier=meta.tier,
+            )
+            await self._timed("record_event", self.gateway.record_verified_event(agent_id, event))
+            recorded = True
+            if request.type not in self.settings.bridge_event_turns:
+                return TurnResult(reply_text="", silent=True, memory_updated=True), "recorded"
+        if attempt > 1:
+            # An earlier attempt may have reached the agent before failing or dying: never a 2nd turn.
+            found = await self._timed("find_answered", self.gateway.find_answered(agent_id, task_id))
+            if found is not None:
+                return replace(found, memory_updated=found.memory_updated or recorded), "replayed"
+        result = await self._timed(
+            "send_turn",
+            self.gateway.send_turn(agent_id, [TurnMessage(task_id, text)], sender_name=self._sender_name(request)),
+        )
+        return replace(result, memory_updated=result.memory_updated or recorded), ("silent" if result.silent else "answered")
+
+    @staticmethod
+    def _sender_name(request: LettaRequest) -> str:
+        """'小明@bilibili': the display name (else the id after the platform) and the platform."""
+        name = request.meta.display_name or request.user_id.partition(":")[2] or request.user_id
+        platform = request.platform
+        return f"{name}@{platform}" if platform else name
+
+    def _reply_outputs(self, request: LettaRequest, result: TurnResult) -> list[Output]:
+        """LettaResponse first (it is also the done marker), avatar events, then the words."""
+        s = self.settings
+        now = self.clock()
+        task_id, viewer = request.task_id, request.user_id
+        response = LettaResponse(
+            task_id=task_id, user_id=viewer, response_text=result.reply_text,
+            memory_updated=result.memory_updated, timestamp=now, silent=result.silent,
+        )
+        outputs = [Output("publish", s.bridge_response_channel, dump(response))]
+        for call in result.avatar_calls:
+            event = AvatarEvent(tool=call.tool, args=call.args, task_id=task_id, user_id=viewer, timestamp=now)
+            outputs.append(Output("publish", s.bridge_avatar_channel, dump(event)))
+        channel = keys.task_response_channel(task_id)
+        if result.silent:
+            outputs.append(Output("publish", channel, dump(TaskResponse(text="", silent=True))))
+        elif s.bridge_tts_handoff:
+            speech = TtsRequest(message_id=f"letta-{task_id}", task_id=task_id, text=result.reply_text, response_channel=channel)
+            outputs.append(Output("lpush", s.bridge_tts_queue, dump(speech)))
+        else:
+            outputs.append(Output("publish", channel, dump(TaskResponse(text=result.reply_text))))
+        return outputs
+
+    async def _fall_back(self, ctx: _TaskLog, token: str, raw: bytes, request: LettaRequest) -> str:
+        """Letta is down: hand the task to memory-python, marked meta.letta_fallback = true."""
+        payload: dict[str, Any] = json.loads(raw)
+        meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+        payload["meta"] = {**meta, "letta_fallback": True}
+        out = Output("lpush", self.settings.bridge_memory_queue, json.dumps(payload, ensure_ascii=False))
+        await self._finish(ctx, token, raw, task_id=request.task_id, done_value='{"fallback":"memory-python"}', outputs=[out])
+        ctx.route = MEMORY_PYTHON
+        return "fallback"
+
+    # ------------------------------------------------------------------ acknowledging
+    async def _finish(
+        self, ctx: _TaskLog, token: str, raw: bytes, *, task_id: str | None, done_value: str | None, outputs: list[Output]
+    ) -> None:
+        result = await self.queues.finish(
+            ctx.viewer, token, raw, task_id=task_id, done_value=done_value,
+            done_ttl=self.settings.bridge_done_ttl, outputs=outputs,
+        )
+        if result != 1:
+            raise _LockLost()
+
+    def _dead_letter_entry(
+        self, raw: bytes, reason: str, *, stage: str, task_id: str | None, user_id: str | None, attempts: int | None = None
+    ) -> str:
+        limit = self.settings.bridge_max_payload_bytes
+        text = raw[:limit].decode("utf-8", "replace") + ("…[truncated]" if len(raw) > limit else "")
+        return dump(DeadLetter(
+            reason=reason, raw=text, task_id=task_id, user_id=user_id, stage=stage,
+            attempts=attempts, replica_id=self.replica_id, at=self.clock(),
+        ))
+
+    async def _dead_letter(
+        self, ctx: _TaskLog, token: str, raw: bytes, reason: str, stage: str,
+        task_id: str | None, user_id: str | None, attempts: int | None = None,
+    ) -> str:
+        entry = self._dead_letter_entry(raw, reason, stage=stage, task_id=task_id, user_id=user_id, attempts=attempts)
+        await self._finish(ctx, token, raw, task_id=task_id, done_value=None, outputs=[Output("dead_letter", keys.BRIDGE_DEAD_LETTERS, entry)])
+        ctx.reason = f"{stage}: {reason}"
+        return "dead_letter"
+
+
+async def run_bridge(
+    settings: Settings,
+    gateway: LettaGateway,
+    *,
+    stop_event: asyncio.Event | None = None,
+    redis: Redis | None = None,
+    replica_id: str | None = None,
+) -> None:
+    """Run one bridge replica until stop_event is set (or, without one, SIGTERM/SIGINT)."""
+    loop = asyncio.get_running_loop()
+    installed: list[int] = []
+    if stop_event is None:
+        stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop_event.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+                pass
+    client = redis if redis is not None else redis_client(settings)
+    try:
+        await BridgeService(settings, client, gateway, replica_id=replica_id).run(stop_event)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if redis is None:
+            await client.aclose()
+
+
+async def check_bridge(settings: Settings, replica_id: str | None = None) -> bool:
+    """True while a bridge replica (or the given one) heartbeats; False otherwise, Redis down included."""
+    client = Redis.from_url(settings.redis_connection_url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        if replica_id:
+            return bool(await client.exists(keys.bridge_heartbeat(replica_id)))
+        async for _ in client.scan_iter(match=keys.BRIDGE_HEARTBEAT_PREFIX + "*", count=1000):
+            return True
+        return False
+    except (RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()

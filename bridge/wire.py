@@ -1,0 +1,323 @@
+"""The bridge's wire contract: every JSON document it reads from or writes to Redis.
+
+In (list `letta_requests`, LPUSHed by the host, consumed oldest first)::
+
+    {"task_id": "3f0c9a", "type": "text", "user_id": "bilibili:12345",
+     "content": "你好", "source": "user", "timestamp": 12345.678,
+     "meta": {"memory_type": "permanent", "lang": "zh", "trace_id": null,
+              "display_name": "小明", "platform": "bilibili"}}
+
+    {"task_id": "sc-77", "type": "super_chat", "user_id": "bilibili:12345",
+     "content": "主播加油", "meta": {"amount": 30, "currency": "CNY", "display_name": "小明"}}
+
+Out:
+
+- `letta_responses` (pub/sub): `LettaResponse`
+- `task_response:{task_id}` (pub/sub, text-only form when TTS hand-off is off or the turn is silent):
+  `TaskResponse`
+- `tts_requests` (list, LPUSH as the host's chat-ai does): `TtsRequest`
+- avatar channel (pub/sub, default `live2d_events`): `AvatarEvent`
+- `vtl:dead_letters` (list, newest at the LEFT): `DeadLetter`
+- `user_input_queue` (memory-python): the request exactly as received (temporary tasks, Letta
+  disabled), or with `meta.letta_fallback: true` added (Letta down, fallback on).
+
+Rules a producer can rely on (anything else is dead-lettered with a reason, never dropped):
+- `task_id` and `user_id`: 1-128 characters, each a letter or digit (any script) or one of
+  `_ . : @ + = -` (platform ids such as `bilibili:12345`, `twitch:alice`, `youtube:UCxyz`).
+- `type`: text, audio (chat; `content` or `input_file` required), super_chat (`meta.amount`
+  required), gift (`meta.gift_name` required), membership, enter.
+- `content`: at most 4000 characters. When missing, the text is read from `input_file`, which must
+  resolve (symlinks followed) to a regular UTF-8 file inside the configured uploads folder.
+- `meta.memory_type`: permanent (Letta) or temporary (memory-python); missing = permanent
+  (configurable). `null` is accepted for every optional field and for `meta` itself; unknown
+  `meta` and top-level fields are kept and ignored.
+- `timestamp` is the producer's clock and is never trusted; every time the bridge writes is epoch
+  seconds from its own clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import unicodedata
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+# Letters and digits of any script, plus _ . : @ + = -  (no whitespace, controls, quotes, brackets,
+# slashes or glob characters). Platform ids look like bilibili:12345, twitch:alice, youtube:UCxyz.
+ID_PATTERN = r"^[\w.:@+=\-]{1,128}$"
+MAX_ID_CHARS = 128
+MAX_ID_BYTES = 4 * MAX_ID_CHARS  # UTF-8; the route script's coarse pre-check
+MAX_CONTENT_CHARS = 4000
+CHAT_TYPES = frozenset({"text", "audio"})
+EVENT_TYPES = frozenset({"super_chat", "gift", "membership", "enter"})
+
+TaskType = Literal["text", "audio", "super_chat", "gift", "membership", "enter"]
+SafeId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+class WireError(ValueError):
+    """A payload that breaks the contract; `reason` goes into the dead letter."""
+
+    def __init__(self, reason: str, *, task_id: str | None = None, user_id: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.task_id = task_id
+        self.user_id = user_id
+
+
+def _clean_line(value: Any) -> Any:
+    """Drop control/format characters and collapse whitespace (names end up on one line)."""
+    if not isinstance(value, str):
+        return value
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in value)
+    return " ".join(text.split()) or None
+
+
+class TaskMeta(BaseModel):
+    """`meta` of a request. Host fields such as `from_channel`, `provider` are kept as extras.
+
+    Example: {"memory_type": "permanent", "lang": "zh", "trace_id": null,
+              "display_name": "小明", "platform": "bilibili",
+              "amount": 30, "currency": "CNY"}
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    memory_type: Literal["permanent", "temporary"] | None = None
+    lang: str | None = Field(None, max_length=32)
+    trace_id: str | int | None = Field(None)
+    display_name: str | None = Field(None, max_length=128)
+    platform: str | None = Field(None, max_length=32, pattern=r"^[a-z0-9_.\-]+$")
+    amount: float | None = Field(None, ge=0, le=10_000_000, allow_inf_nan=False)
+    currency: str | None = Field(None, max_length=8, pattern=r"^[A-Za-z]+$")
+    gift_name: str | None = Field(None, max_length=64)
+    count: int | None = Field(None, ge=1, le=1_000_000)
+    tier: str | None = Field(None, max_length=64)
+    letta_fallback: bool | None = None
+
+    @field_validator("display_name", "gift_name", "tier", mode="before")
+    @classmethod
+    def _one_line(cls, value: Any) -> Any:
+        return _clean_line(value)
+
+    @field_validator("platform", mode="before")
+    @classmethod
+    def _lower_platform(cls, value: Any) -> Any:
+        return value.strip().lower() or None if isinstance(value, str) else value
+
+    @field_validator("currency", mode="before")
+    @classmethod
+    def _upper_currency(cls, value: Any) -> Any:
+        return value.strip().upper() or None if isinstance(value, str) else value
+
+
+class LettaRequest(BaseModel):
+    """One task on `letta_requests` (the host's user-turn format plus `meta.memory_type`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task_id: SafeId
+    type: TaskType
+    user_id: SafeId
+    content: str | None = Field(None, max_length=MAX_CONTENT_CHARS)
+    input_file: str | None = Field(None, max_length=4096)
+    source: str | None = Field(None, max_length=64)
+    timestamp: float | str | None = None  # the producer's clock: kept, never used
+    meta: TaskMeta = Field(default_factory=TaskMeta)
+
+    @field_validator("meta", mode="before")
+    @classmethod
+    def _null_meta(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _required_by_type(self) -> "LettaRequest":
+        has_text = bool(self.content and self.content.strip())
+        if self.type in CHAT_TYPES and not has_text and not self.input_file:
+            raise ValueError(f"a {self.type} task needs non-empty content or an input_file")
+        if self.type == "super_chat" and self.meta.amount is None:
+            raise ValueError("a super_chat task needs meta.amount")
+        if self.type == "gift" and not self.meta.gift_name:
+            raise ValueError("a gift task needs meta.gift_name")
+        return self
+
+    @property
+    def is_event(self) -> bool:
+        return self.type in EVENT_TYPES
+
+    @property
+    def platform(self) -> str | None:
+        """meta.platform, else the prefix of a `platform:id` viewer id."""
+        if self.meta.platform:
+            return self.meta.platform
+        head, sep, _ = self.user_id.partition(":")
+        return head.lower() if sep and head else None
+
+
+class LettaResponse(BaseModel):
+    """Published on `letta_responses` once per answered task.
+
+    Example: {"task_id": "3f0c9a", "user_id": "bilibili:12345", "response_text": "你好呀小明！",
+              "memory_updated": true, "source": "letta", "timestamp": 1756450000.12, "silent": false}
+    """
+
+    task_id: str
+    user_id: str
+    response_text: str
+    memory_updated: bool
+    source: Literal["letta"] = "letta"
+    timestamp: float
+    silent: bool = False
+
+
+class TaskResponse(BaseModel):
+    """The host output-handler's text-only form on `task_response:{task_id}`.
+
+    Example: {"text": "你好呀小明！"}; a silent turn: {"text": "", "silent": true}
+    (published so the output handler, which waits for one message, is not left hanging).
+    """
+
+    text: str
+    silent: bool | None = None
+
+
+class TtsRequest(BaseModel):
+    """LPUSHed on `tts_requests`; the TTS service speaks it and publishes on response_channel.
+
+    Example: {"message_id": "letta-3f0c9a", "task_id": "3f0c9a", "text": "你好呀小明！",
+              "response_channel": "task_response:3f0c9a"}
+    """
+
+    message_id: str
+    task_id: str
+    text: str
+    response_channel: str
+
+
+class AvatarEvent(BaseModel):
+    """One avatar tool call, published on the avatar channel (default `live2d_events`).
+
+    Example: {"type": "avatar", "tool": "set_expression", "args": {"expression": "happy",
+              "intensity": 0.7}, "task_id": "3f0c9a", "user_id": "bilibili:12345",
+              "source": "letta", "timestamp": 1756450000.12}
+    """
+
+    type: Literal["avatar"] = "avatar"
+    tool: str
+    args: dict[str, Any]
+    task_id: str
+    user_id: str
+    source: Literal["letta"] = "letta"
+    timestamp: float
+
+
+class DeadLetter(BaseModel):
+    """A task the bridge could not process, LPUSHed on `vtl:dead_letters`.
+
+    Example: {"reason": "invalid user_id: String should match pattern ...", "raw": "{\\"task_id\\": ...}",
+              "task_id": "3f0c9a", "user_id": null, "stage": "validate", "attempts": null,
+              "replica_id": "host-1234-ab12", "at": 1756450000.12}
+    `raw` is the payload as received (decoded as UTF-8 with replacement characters, cut at the
+    payload limit); `stage` is intake (not routable), validate (breaks the contract), letta (Letta
+    refused it, or kept failing) or internal (a bridge bug; the log has the traceback).
+    """
+
+    reason: str
+    raw: str
+    task_id: str | None = None
+    user_id: str | None = None
+    stage: Literal["intake", "validate", "letta", "internal"]
+    attempts: int | None = None
+    replica_id: str
+    at: float
+
+
+def dump(model: BaseModel) -> str:
+    """Compact JSON of an outgoing document (UTF-8 text, optional fields left out when None)."""
+    return model.model_dump_json(exclude_none=True)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _safe_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and re.fullmatch(ID_PATTERN, value) else None
+
+
+def _reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "task"
+        parts.append(f"invalid {loc}: {err.get('msg')}")
+    more = exc.error_count() - 3
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def parse_request(raw: bytes | str, *, max_bytes: int) -> LettaRequest:
+    """Validate one raw payload; raise WireError with a dead-letter reason."""
+    data_bytes = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    if len(data_bytes) > max_bytes:
+        raise WireError(f"payload is {len(data_bytes)} bytes; the limit is {max_bytes}")
+    try:
+        data = json.loads(data_bytes, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"not valid JSON: {str(exc)[:120]}") from None
+    if not isinstance(data, dict):
+        raise WireError(f"not a JSON object (got {type(data).__name__})")
+    try:
+        return LettaRequest.model_validate(data)
+    except ValidationError as exc:
+        raise WireError(_reason(exc), task_id=_safe_id(data.get("task_id")), user_id=_safe_id(data.get("user_id"))) from None
+
+
+def read_input_file(input_file: str, uploads_dir: Path, max_bytes: int) -> str:
+    """The text of input_file, only if it resolves to a regular file inside uploads_dir.
+
+    Symlinks are resolved before the check (a link inside uploads pointing at /etc/passwd is
+    refused); the final open does not follow a symlink swapped in afterwards; at most max_bytes
+    are read; the content must be UTF-8.
+    """
+    if "\x00" in input_file:
+        raise WireError("input_file contains a NUL byte")
+    root = uploads_dir.resolve()
+    candidate = Path(input_file)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    try:
+        real = candidate.resolve()  # symlinks of the existing part resolved; containment first,
+    except (OSError, RuntimeError):  # so a path outside never reveals whether it exists
+        raise WireError("input_file cannot be resolved") from None
+    if real != root and root not in real.parents:
+        raise WireError("input_file is outside the uploads folder")
+    if not real.exists():
+        raise WireError("input_file does not exist")
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise WireError(f"input_file cannot be opened ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise WireError("input_file is not a regular file")
+        if info.st_size > max_bytes:
+            raise WireError(f"input_file is {info.st_size} bytes; the limit is {max_bytes}")
+        data = os.read(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise WireError(f"input_file is larger than {max_bytes} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("input_file is not UTF-8 text") from None
+    if not text.strip():
+        raise WireError("input_file is empty")
+    if len(text) > MAX_CONTENT_CHARS:
+        raise WireError(f"input_file holds {len(text)} characters; the limit is {MAX_CONTENT_CHARS}")
+    return text

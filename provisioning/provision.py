@@ -1,0 +1,176 @@
+"""`vtuber-letta provision`: put our tools and the shared blocks into Letta, idempotently.
+
+What it does, in order: checks the server answers (with our password) and that
+the template's model and embedding handles exist; upserts every custom tool
+whose source, tags or return limit differ from ours (a PATCH keeps the old
+schema, so changes always go through upsert); creates the shared persona and
+stream blocks if they are missing.
+
+People's edits win: a shared block whose text differs from a fresh render was
+edited in the ADE or through the API, and is kept. Only `--reset-persona`
+re-renders the persona, after printing the difference. A second run changes
+nothing on the server and reports everything unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from letta_client import APIConnectionError, APIStatusError, Letta
+
+from agent_templates.loader import (
+    AgentTemplate,
+    PersonaConfig,
+    TemplateError,
+    load_persona_config,
+    load_template,
+    render_shared_blocks,
+)
+from provisioning.naming import PRODUCT_TAG, SHARED_BLOCK_TAG
+from provisioning.summary import Summary
+from tools import upsert_kwargs
+from vtuber_letta.letta_api import letta_client
+from vtuber_letta.settings import Settings
+
+
+class ProvisioningError(Exception):
+    """A precondition failed (server unreachable, model handle missing, template invalid)."""
+
+
+@dataclass
+class Blueprint:
+    """Everything provisioning renders locally, before anything is sent to Letta."""
+
+    template: AgentTemplate
+    config: PersonaConfig
+    shared_values: dict[str, str]  # label -> rendered text
+    model: str
+    embedding: str
+
+
+def load_blueprint(settings: Settings) -> Blueprint:
+    try:
+        template = load_template(settings.template_name)
+        config = load_persona_config(settings.persona_config, fallback_to_sample=True)
+        shared = render_shared_blocks(template, config)
+    except TemplateError as exc:
+        raise ProvisioningError(str(exc)) from None
+    return Blueprint(
+        template=template,
+        config=config,
+        shared_values=shared,
+        model=template.model or settings.resolved_model_handle(),
+        embedding=template.embedding or settings.resolved_embedding_handle(),
+    )
+
+
+def shared_block_tags(template_name: str, label: str) -> list[str]:
+    return [PRODUCT_TAG, SHARED_BLOCK_TAG, f"vtl:template:{template_name}", f"vtl:block:{label}"]
+
+
+def find_shared_block(client: Letta, template_name: str, label: str):
+    """The shared block of this label, oldest first if (by some race) there are several."""
+    found = list(client.blocks.list(label=label, tags=shared_block_tags(template_name, label), match_all_tags=True))
+    found.sort(key=lambda b: (str(getattr(b, "created_at", "") or ""), b.id))
+    return found[0] if found else None
+
+
+def check_handles(client: Letta, model: str, embedding: str) -> None:
+    models = sorted(m.handle for m in client.models.list() if getattr(m, "handle", None))
+    if model not in models:
+        raise ProvisioningError(f"model handle {model!r} is not on the server; available: {', '.join(models) or 'none'}"
+                                " (set LETTA_MODEL)")
+    embeddings = sorted(e.handle for e in client.models.embeddings.list() if getattr(e, "handle", None))
+    if embedding not in embeddings:
+        raise ProvisioningError(f"embedding handle {embedding!r} is not on the server; available: "
+                                f"{', '.join(embeddings) or 'none'} (set LETTA_EMBEDDING)")
+
+
+def provision(settings: Settings, *, dry_run: bool = False, reset_persona: bool = False,
+              client: Letta | None = None, out: Callable[[str], None] = print) -> Summary:
+    blueprint = load_blueprint(settings)
+    client = client or letta_client(settings)
+    summary = Summary(dry_run=dry_run)
+    try:
+        check_handles(client, blueprint.model, blueprint.embedding)
+    except APIConnectionError:
+        raise ProvisioningError(f"cannot reach the Letta server at {settings.letta_api_url} (is the stack up?)") from None
+    except APIStatusError as exc:
+        raise ProvisioningError(f"the Letta server at {settings.letta_api_url} answered {exc.status_code}"
+                                + (" (wrong LETTA_API_KEY?)" if exc.status_code == 401 else "")) from None
+
+    for name in blueprint.template.custom_tools:
+        _sync_tool(client, name, summary, dry_run)
+    for spec in blueprint.template.memory_blocks:
+        if spec.shared:
+            _sync_shared_block(client, blueprint, spec, summary, dry_run=dry_run,
+                               reset=reset_persona and spec.label == "persona", out=out)
+    return summary
+
+
+def _sync_tool(client: Letta, name: str, summary: Summary, dry_run: bool) -> None:
+    wanted = upsert_kwargs(name)
+    try:
+        existing = next(iter(client.tools.list(name=name, limit=1)), None)
+        if existing is not None and _tool_matches(existing, wanted):
+            summary.add("tool", name, "unchanged")
+            return
+        if not dry_run:
+            client.tools.upsert(**wanted)
+        summary.add("tool", name, "updated" if existing else "created")
+    except APIStatusError as exc:
+        summary.add("tool", name, "failed", f"HTTP {exc.status_code}: {_short(exc)}")
+
+
+def _tool_matches(existing, wanted: dict) -> bool:
+    return (
+        (existing.source_code or "") == wanted["source_code"]
+        and sorted(existing.tags or []) == sorted(wanted["tags"])
+        and existing.return_char_limit == wanted["return_char_limit"]
+    )
+
+
+def _sync_shared_block(client: Letta, blueprint: Blueprint, spec, summary: Summary, *,
+                       dry_run: bool, reset: bool, out) -> None:
+    label = spec.label
+    rendered = blueprint.shared_values[label]
+    try:
+        block = find_shared_block(client, blueprint.template.name, label)
+        if block is None:
+            if not dry_run:
+                client.blocks.create(
+                    label=label, value=rendered, limit=spec.limit, description=spec.description,
+                    read_only=spec.read_only, tags=shared_block_tags(blueprint.template.name, label),
+                    metadata=_shared_metadata(blueprint, label),
+                )
+            summary.add("block", label, "created", "shared, read-only for agents" if spec.read_only else "shared")
+            return
+        changes: dict = {}
+        if (block.limit, block.description, bool(block.read_only)) != (spec.limit, spec.description, spec.read_only):
+            changes.update(limit=spec.limit, description=spec.description, read_only=spec.read_only)
+        detail = ""
+        if block.value != rendered:
+            if reset:
+                out(f"--- {label} on the server\n+++ {label} re-rendered from the template")
+                out("".join(difflib.unified_diff(block.value.splitlines(True), rendered.splitlines(True))))
+                changes["value"] = rendered
+            else:
+                detail = "kept (edited by people; --reset-persona re-renders)" if label == "persona" else "kept (edited)"
+        if changes and not dry_run:
+            client.blocks.update(block.id, **changes)
+        summary.add("block", label, "updated" if changes else "unchanged", detail or block.id)
+    except APIStatusError as exc:
+        summary.add("block", label, "failed", f"HTTP {exc.status_code}: {_short(exc)}")
+
+
+def _shared_metadata(blueprint: Blueprint, label: str) -> dict:
+    metadata = {"vtuber_letta": "shared", "template": blueprint.template.name}
+    if label == "stream":
+        metadata["stream"] = blueprint.config.stream.model_dump()  # `stream set` updates from these
+    return metadata
+
+
+def _short(exc: APIStatusError) -> str:
+    return str(getattr(exc, "message", exc))[:200]

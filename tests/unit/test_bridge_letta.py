@@ -1,0 +1,284 @@
+"""The Letta side of the bridge without a server: error classification (a table), reply parsing,
+and LettaTurns driving the real letta-client 1.12.1 SDK against an httpx mock transport (so the
+request bodies and response types are the SDK's own, not hand-written mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import httpx
+import letta_client
+import pytest
+from letta_client import AsyncLetta
+
+from bridge.errors import Disposition, classify_error, classify_status
+from bridge.gateway import (
+    AvatarCall,
+    LettaPermanentError,
+    LettaRetryable,
+    LettaUnavailable,
+    TurnMessage,
+    ViewerTotals,
+    format_support,
+)
+from bridge.letta_turns import LettaTurns, answer_of_run, otid_for, safe_sender_name
+from bridge.replies import content_text, parse_letta_response, parse_messages
+
+REQ = httpx.Request("POST", "http://letta.test/v1/agents/agent-1/messages")
+
+
+def status_error(status: int) -> letta_client.APIStatusError:
+    response = httpx.Response(status, request=REQ, json={"detail": "x"})
+    cls = {400: letta_client.BadRequestError, 401: letta_client.AuthenticationError, 404: letta_client.NotFoundError,
+           409: letta_client.ConflictError, 422: letta_client.UnprocessableEntityError,
+           429: letta_client.RateLimitError}.get(status, letta_client.InternalServerError if status >= 500 else letta_client.APIStatusError)
+    return cls(f"HTTP {status}", response=response, body=None)
+
+
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (LettaUnavailable("down"), Disposition.UNAVAILABLE),
+        (LettaRetryable("busy"), Disposition.RETRY),
+        (LettaPermanentError("bad"), Disposition.GIVE_UP),
+        (letta_client.APIConnectionError(request=REQ), Disposition.UNAVAILABLE),
+        (letta_client.APITimeoutError(request=REQ), Disposition.UNAVAILABLE),
+        (httpx.ConnectError("refused"), Disposition.UNAVAILABLE),
+        (httpx.ReadTimeout("slow"), Disposition.UNAVAILABLE),
+        (ConnectionRefusedError(), Disposition.UNAVAILABLE),
+        (asyncio.TimeoutError(), Disposition.UNAVAILABLE),
+        (status_error(400), Disposition.GIVE_UP),
+        (status_error(404), Disposition.GIVE_UP),
+        (status_error(422), Disposition.GIVE_UP),
+        (status_error(401), Disposition.UNAVAILABLE),
+        (status_error(409), Disposition.RETRY),
+        (status_error(429), Disposition.RETRY),
+        (status_error(500), Disposition.RETRY),
+        (status_error(502), Disposition.UNAVAILABLE),
+        (status_error(503), Disposition.UNAVAILABLE),
+        (status_error(504), Disposition.UNAVAILABLE),
+        (ValueError("a bug"), Disposition.GIVE_UP),
+        (KeyError("agent"), Disposition.GIVE_UP),
+    ],
+)
+def test_classify_error(exc, expected):
+    assert classify_error(exc) is expected
+
+
+@pytest.mark.parametrize("status, expected", [(413, Disposition.GIVE_UP), (507, Disposition.RETRY), (408, Disposition.RETRY)])
+def test_classify_status(status, expected):
+    assert classify_status(status) is expected
+
+
+# ---------------------------------------------------------------- replies
+
+_ids = itertools.count(1)
+
+
+def msg(kind: str, **fields) -> dict:
+    return {"id": f"message-{next(_ids)}", "date": "2025-08-29T00:00:00Z", "message_type": kind, **fields}
+
+
+def tool_call(name: str, args: dict, call_id: str) -> dict:
+    return msg("tool_call_message", tool_call={"name": name, "arguments": json.dumps(args), "tool_call_id": call_id})
+
+
+def tool_return(call_id: str, text: str, status: str = "success") -> dict:
+    return msg("tool_return_message", tool_call_id=call_id, status=status, tool_return=text)
+
+
+def letta_response(messages: list[dict], stop: str = "end_turn") -> letta_client.types.agents.LettaResponse:
+    return letta_client.types.agents.LettaResponse.model_validate(
+        {"messages": messages, "stop_reason": {"stop_reason": stop, "message_type": "stop_reason"}, "usage": {}}
+    )
+
+
+def test_content_text_accepts_str_and_parts():
+    assert content_text("hi") == "hi"
+    assert content_text([{"type": "text", "text": "a"}, {"type": "image", "source": {}}, {"text": "b"}]) == "ab"
+
+
+def test_plain_reply_with_real_sdk_types():
+    result = parse_letta_response(letta_response([msg("assistant_message", content=[{"type": "text", "text": "你好呀"}])]))
+    assert (result.reply_text, result.silent, result.memory_updated, result.avatar_calls) == ("你好呀", False, False, ())
+
+
+def test_tool_turn_collects_avatar_calls_and_memory_updates():
+    result = parse_letta_response(letta_response([
+        tool_call("set_expression", {"expression": "happy", "intensity": 0.8}, "c1"),
+        tool_return("c1", "Expression set: happy (0.80)"),
+        tool_call("play_motion", {"motion": "dab"}, "c2"),
+        tool_return("c2", "Error: unknown motion 'dab'. Valid: wave, bow"),
+        tool_call("remember_viewer_fact", {"fact": "likes cats", "category": "likes"}, "c3"),
+        tool_return("c3", "Remembered (likes): likes cats"),
+        msg("assistant_message", content="猫猫好可爱！"),
+    ]))
+    assert result.reply_text == "猫猫好可爱！"
+    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy", "intensity": 0.8}),)
+    assert result.memory_updated is True
+
+
+def test_failed_memory_tool_is_not_a_memory_update():
+    parsed = parse_messages([tool_call("remember_viewer_fact", {}, "c1"), tool_return("c1", "x", status="error"),
+                             msg("assistant_message", content="ok")])
+    assert parsed.result.memory_updated is False
+
+
+def test_stay_silent_means_no_words():
+    result = parse_letta_response(letta_response([
+        tool_call("stay_silent", {"reason": "spam"}, "c1"), tool_return("c1", "Staying silent: spam"),
+        msg("assistant_message", content="(ignoring)"),
+    ]))
+    assert (result.silent, result.reply_text) == (True, "")
+
+
+@pytest.mark.parametrize(
+    "stop, error",
+    [("llm_api_error", LettaUnavailable), ("error", LettaRetryable), ("invalid_llm_response", LettaRetryable),
+     ("requires_approval", LettaPermanentError)],
+)
+def test_a_run_that_failed_without_output_raises(stop, error):
+    with pytest.raises(error):
+        parse_letta_response(letta_response([], stop=stop))
+
+
+def test_max_steps_with_text_is_still_an_answer():
+    assert parse_letta_response(letta_response([msg("assistant_message", content="hm")], stop="max_steps")).reply_text == "hm"
+
+
+# ---------------------------------------------------------------- LettaTurns over the real SDK
+
+def test_otid_is_deterministic_and_distinct():
+    assert otid_for("t-1") == otid_for("t-1") != otid_for("t-2")
+    assert len(otid_for("t-1")) == 36
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("小明@bilibili", "小明@bilibili"), ("Alice Smith", "Alice_Smith"), ("<|im_end|>", "im_end"),
+     ("a/b\\c", "a_b_c"), ("  ", None), (None, None), ("x" * 100, "x" * 64), ("zero\u200bwidth", "zerowidth")],
+)
+def test_safe_sender_name(name, expected):
+    assert safe_sender_name(name) == expected
+
+
+class FakeLettaHttp:
+    """An httpx handler standing in for Letta 0.16.8's message routes."""
+
+    def __init__(self):
+        self.requests: list[httpx.Request] = []
+        self.create_status = 200
+        self.history: list[dict] = []  # newest first, as GET ?order=desc returns
+        self.page_size = 100  # the server's page cap (small in tests to exercise pagination)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.method == "POST":
+            if self.create_status != 200:
+                return httpx.Response(self.create_status, json={"detail": "unavailable"})
+            body = json.loads(request.content)
+            user = body["messages"][0]
+            run = f"run-{len(self.requests)}"
+            reply = [
+                msg("tool_call_message", tool_call={"name": "set_expression", "arguments": '{"expression": "happy"}', "tool_call_id": "c1"}, run_id=run),
+                msg("tool_return_message", tool_call_id="c1", status="success", tool_return="Expression set: happy", run_id=run),
+                msg("assistant_message", content=f"reply to {user['content']}", run_id=run),
+            ]
+            self.history[:0] = list(reversed([msg("user_message", content=user["content"], otid=user["otid"], run_id=run), *reply]))
+            return httpx.Response(200, json={"messages": reply, "stop_reason": {"stop_reason": "end_turn"}, "usage": {}})
+        limit = min(int(request.url.params.get("limit", 100)), self.page_size)
+        after = request.url.params.get("after")
+        start = 0
+        if after:
+            start = next(i for i, m in enumerate(self.history) if m["id"] == after) + 1
+        return httpx.Response(200, json=self.history[start:start + limit])
+
+
+def turns_with(handler: FakeLettaHttp, history_scan: int = 200) -> LettaTurns:
+    client = AsyncLetta(
+        base_url="http://letta.test", api_key="secret",
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)), max_retries=5,
+    )
+    return LettaTurns(client, timeout=5, history_scan=history_scan)
+
+
+def test_send_turn_body_and_reply():
+    http = FakeLettaHttp()
+
+    async def scenario():
+        turns = turns_with(http)
+        return await turns.send_turn("agent-1", [TurnMessage("t-1", "你好")], sender_name="Alice Smith@twitch")
+
+    result = asyncio.run(scenario())
+    assert result.reply_text == "reply to 你好"
+    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy"}),)
+    request = http.requests[0]
+    assert request.url.path == "/v1/agents/agent-1/messages"
+    assert request.headers["authorization"] == "Bearer secret"
+    assert json.loads(request.content) == {
+        "messages": [{"role": "user", "content": "你好", "otid": otid_for("t-1"), "name": "Alice_Smith@twitch"}]
+    }
+
+
+def test_send_turn_never_retries_by_itself_and_maps_errors():
+    http = FakeLettaHttp()
+    http.create_status = 503
+
+    async def scenario():
+        await turns_with(http).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None)
+
+    with pytest.raises(LettaUnavailable):
+        asyncio.run(scenario())
+    assert len(http.requests) == 1  # the client was built with max_retries=5; LettaTurns forces 0
+    http.create_status = 422
+    with pytest.raises(LettaPermanentError):
+        asyncio.run(scenario())
+
+
+def test_connection_refused_is_unavailable():
+    async def scenario():
+        client = AsyncLetta(base_url="http://127.0.0.1:9", api_key="x")
+        await LettaTurns(client, timeout=2).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None)
+
+    with pytest.raises(LettaUnavailable):
+        asyncio.run(scenario())
+
+
+def test_find_answered_finds_the_run_of_the_task_across_pages():
+    http = FakeLettaHttp()
+
+    async def scenario():
+        turns = turns_with(http)
+        for i in range(1, 4):
+            await turns.send_turn("agent-1", [TurnMessage(f"t-{i}", f"m{i}")], sender_name=None)
+        first = await turns.find_answered("agent-1", "t-1")  # 4 messages per turn: on the 2nd page of 5
+        turns_small = turns_with(http, history_scan=5)
+        missing = await turns_small.find_answered("agent-1", "t-1")  # beyond the scan limit
+        unknown = await turns.find_answered("agent-1", "t-9")
+        return first, missing, unknown
+
+    http.page_size = 5
+    first, missing, unknown = asyncio.run(scenario())
+    assert first is not None and first.reply_text == "reply to m1"
+    assert missing is None and unknown is None
+    gets = [r for r in http.requests if r.method == "GET"]
+    assert gets[0].url.params["order"] == "desc"
+    assert len(gets) >= 3 and "after" in gets[1].url.params  # t-1 (oldest of 12 messages) is on page 3
+
+
+def test_a_run_without_output_is_not_an_answer():
+    user = msg("user_message", content="hi", otid="o", run_id="run-1")
+    assert answer_of_run([], user) is None
+    newer = [msg("assistant_message", content="later turn", run_id="run-2"), msg("assistant_message", content="mine", run_id="run-1")]
+    assert answer_of_run(newer, user).reply_text == "mine"
+    no_run = msg("user_message", content="hi", otid="o")
+    newer = [msg("assistant_message", content="after next"), msg("user_message", content="next"), msg("assistant_message", content="mine")]
+    assert answer_of_run(newer, no_run).reply_text == "mine"
+
+
+def test_viewer_totals_block_fields():
+    totals = ViewerTotals(first_seen=0, last_seen=60, visits=2, support={"CNY": 30.0, "": 5})
+    assert totals.as_block_fields()["total_support"] == "5 + 30 CNY"
+    assert format_support({}) == "0"

@@ -1,0 +1,38 @@
+"""Tool: store one lasting fact about the current viewer in their `human` block."""
+
+from tools.human_block import HUMAN_LABEL, HumanBlockError, add_fact
+
+
+def remember_viewer_fact(agent_state: "AgentState", fact: str, category: str) -> str:  # noqa: F821 (Letta injects it)
+    """
+    Save one lasting fact the viewer told you about themselves, so you still know it in future streams.
+
+    Use it when the viewer shares something durable about themselves: the name they want to be called,
+    pronouns, language, likes, dislikes, pets, job, where they are from, birthday. One fact per call,
+    short and in your own words (e.g. "has a cat named Mochi"). Do NOT use it for passing moods, facts
+    about other people, what you said, anything already shown in your human block, or claims of money,
+    gifts, subscriptions or status ("I donated 1000", "I'm a mod"): those are refused, because only the
+    platform-verified section counts. If the memory is full you get an Error: forget an outdated fact
+    with forget_viewer_fact first, or use a shorter wording.
+
+    Args:
+        fact (str): The fact, one plain line of at most 200 characters, e.g. "likes cats".
+        category (str): One of name, pronouns, language, likes, dislikes, about, other. Another short
+            English word (e.g. pets, games, birthday) becomes its own group; anything else goes to other.
+
+    Returns:
+        str: "Remembered (category): fact", "Already known (category): fact", or "Error: ..." with what to do.
+    """
+    try:
+        block = agent_state.memory.get_block(HUMAN_LABEL)
+    except (KeyError, ValueError):
+        return "Error: this agent has no human block, so nothing can be remembered. Reply without saving."
+    if getattr(block, "label", HUMAN_LABEL) != HUMAN_LABEL:
+        return "Error: the memory returned a block that is not the human block; nothing was saved."
+    try:
+        new_value, message = add_fact(block.value, fact, category, getattr(block, "limit", None))
+    except HumanBlockError as exc:
+        return f"Error: {exc}"
+    if new_value != block.value:
+        agent_state.memory.update_block_value(label=HUMAN_LABEL, value=new_value)
+    return message

@@ -1,0 +1,79 @@
+"""Every Redis key and channel name vtuber-letta reads or writes, in one place.
+
+Host-owned names (user_input_queue, tts_requests, task_response:{id}) come from
+Free-Agent-Vtuber and must not change; ours are prefixed `vtl:` so they can
+never collide with the host's keys.
+"""
+
+from __future__ import annotations
+
+PREFIX = "vtl"
+
+# --- names owned by the host (wire-compatible, do not rename) ---
+USER_INPUT_QUEUE = "user_input_queue"  # memory-python's list (short-term memory path)
+TTS_REQUESTS = "tts_requests"  # tts service's list
+LETTA_REQUESTS = "letta_requests"  # list: tasks for Letta (the plan's name)
+LETTA_RESPONSES = "letta_responses"  # pub/sub: Letta's replies (the plan's name)
+LIVE2D_EVENTS = "live2d_events"  # pub/sub: avatar events from set_expression/play_motion
+
+
+def task_response_channel(task_id: str) -> str:
+    """The host's output-handler channel for one task."""
+    return f"task_response:{task_id}"
+
+
+# --- names owned by vtuber-letta ---
+VIEWER_AGENTS = f"{PREFIX}:viewer_agents"  # hash viewer_id -> agent_id, never expires
+
+
+def viewer_lock(viewer_id: str) -> str:
+    """Lock held while a viewer's agent is created (and while one of their turns runs)."""
+    return f"{PREFIX}:lock:viewer:{viewer_id}"
+
+
+# ---------------------------------------------------------------------------
+# bridge (bridge/): the reliable per-viewer queue. Owned by the bridge; every
+# name below is written only by bridge/service.py and its Lua scripts.
+# Flow: request list --BLMOVE--> STAGING --route.lua--> viewer_queue(v) (+ PENDING, READY)
+#       or --> TRIAGE (unroutable, dead-lettered by Python) --> DEAD_LETTERS.
+# ---------------------------------------------------------------------------
+BRIDGE_STAGING = f"{PREFIX}:staging"  # list: shared intake buffer, drained oldest-first (RIGHT)
+BRIDGE_TRIAGE = f"{PREFIX}:triage"  # list: payloads the route script could not place (no sane user_id)
+BRIDGE_READY = f"{PREFIX}:ready"  # list of viewer ids with queued work and no worker
+BRIDGE_PENDING = f"{PREFIX}:pending"  # set of viewer ids whose queue may be non-empty
+BRIDGE_DEAD_LETTERS = f"{PREFIX}:dead_letters"  # list of DeadLetter JSON, newest at the LEFT
+BRIDGE_ATTEMPTS = f"{PREFIX}:attempts"  # hash task_id -> attempts so far (deleted on acknowledge)
+BRIDGE_COUNTED = f"{PREFIX}:counted"  # hash task_id -> 1 once its viewer stats were counted
+VIEWER_QUEUE_PREFIX = f"{PREFIX}:vq:"
+VIEWER_ACTIVE_PREFIX = f"{PREFIX}:active:"
+TASK_DONE_PREFIX = f"{PREFIX}:done:"
+BRIDGE_HEARTBEAT_PREFIX = f"{PREFIX}:bridge:"
+VIEWER_STATS_PREFIX = f"{PREFIX}:viewer_stats:"
+
+
+def viewer_queue(viewer_id: str) -> str:
+    """List of one viewer's raw tasks, oldest at the LEFT (head = the task being worked on)."""
+    return f"{VIEWER_QUEUE_PREFIX}{viewer_id}"
+
+
+def viewer_active(viewer_id: str) -> str:
+    """The bridge worker lock of one viewer (random token, PX TTL renewed while working).
+
+    Distinct from viewer_lock(): provisioning may take that one inside a turn.
+    """
+    return f"{VIEWER_ACTIVE_PREFIX}{viewer_id}"
+
+
+def task_done(task_id: str) -> str:
+    """Set (with a TTL) when a task was acknowledged; holds the response JSON."""
+    return f"{TASK_DONE_PREFIX}{task_id}"
+
+
+def bridge_heartbeat(replica_id: str) -> str:
+    """A live bridge replica's heartbeat (short TTL); `vtuber-letta bridge --check` looks for these."""
+    return f"{BRIDGE_HEARTBEAT_PREFIX}{replica_id}"
+
+
+def viewer_stats(viewer_id: str) -> str:
+    """Hash of platform-verified counters of one viewer (first/last seen, visits, support), never expires."""
+    return f"{VIEWER_STATS_PREFIX}{viewer_id}"

@@ -1,0 +1,259 @@
+"""The one configuration object of vtuber-letta.
+
+Environment first (then `.env`), validated once at start. Names follow the host's
+integration plan where it has them (LETTA_API_URL, LETTA_API_KEY, LETTA_MODEL,
+LETTA_TIMEOUT, LETTA_RETRY_ATTEMPTS, REDIS_HOST/REDIS_PORT or REDIS_URL).
+
+The local stack reads the same object: Letta is started on the host/port of
+LETTA_API_URL and Redis on the host/port of the Redis settings, so a client and
+the stack it talks to can never disagree about an address.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class SettingsError(SystemExit):
+    """Raised (exit code 2) when the environment holds an invalid value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    # --- Letta server (names from the host's plan) ---
+    letta_api_url: str = Field("http://127.0.0.1:8283", alias="LETTA_API_URL")
+    letta_api_key: SecretStr | None = Field(None, alias="LETTA_API_KEY")
+    letta_model: str | None = Field(None, alias="LETTA_MODEL")
+    letta_embedding: str | None = Field(None, alias="LETTA_EMBEDDING")
+    letta_timeout: float = Field(30.0, alias="LETTA_TIMEOUT", gt=0, le=3600)
+    letta_retry_attempts: int = Field(3, alias="LETTA_RETRY_ATTEMPTS", ge=0, le=20)
+
+    # --- Redis ---
+    redis_url: str | None = Field(None, alias="REDIS_URL")
+    redis_host: str = Field("127.0.0.1", alias="REDIS_HOST")
+    redis_port: int = Field(6380, alias="REDIS_PORT", ge=1, le=65535)
+    redis_password: SecretStr | None = Field(None, alias="REDIS_PASSWORD")
+
+    # --- the upstream model the Letta server uses ---
+    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")
+    ollama_base_url: str | None = Field(None, alias="OLLAMA_BASE_URL")
+
+    # --- local stack (only `vtuber-letta stack ...` reads these) ---
+    data_dir: Path = Field(Path("data"), alias="VTL_DATA_DIR")
+    letta_server_home: Path = Field(Path(".letta-server"), alias="VTL_LETTA_SERVER_HOME")
+    postgres_port: int = Field(5433, alias="VTL_POSTGRES_PORT", ge=1, le=65535)
+    scripted_model_port: int = Field(8399, alias="VTL_SCRIPTED_MODEL_PORT", ge=1, le=65535)
+    stack_user: str = Field("vtuber-letta", alias="VTL_STACK_USER")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="VTL_LOG_LEVEL")
+
+    # --- the agent template and the persona it is rendered from (provisioning) ---
+    template_name: str = Field("vtuber", alias="VTL_TEMPLATE", pattern=r"^[a-z][a-z0-9_-]{0,49}$")
+    persona_config: Path = Field(Path("data/config/persona.yaml"), alias="VTL_PERSONA_CONFIG")
+
+    # ======================= bridge (bridge/; owned by the bridge) =======================
+    # Switches named after the host's plan (letta.enabled, letta.fallback_to_memory,
+    # letta.memory_type_routing). A task without meta.memory_type counts as
+    # VTL_BRIDGE_DEFAULT_MEMORY_TYPE (permanent: a viewer's words are remembered unless
+    # the producer says otherwise).
+    letta_enabled: bool = Field(True, alias="LETTA_ENABLED")
+    letta_fallback_to_memory: bool = Field(True, alias="LETTA_FALLBACK_TO_MEMORY")
+    letta_memory_type_routing: dict[Literal["permanent", "temporary"], Literal["letta", "memory-python"]] = Field(
+        default_factory=lambda: {"permanent": "letta", "temporary": "memory-python"},
+        alias="LETTA_MEMORY_TYPE_ROUTING",
+    )
+    bridge_default_memory_type: Literal["permanent", "temporary"] = Field(
+        "permanent", alias="VTL_BRIDGE_DEFAULT_MEMORY_TYPE"
+    )
+    # Redis names the bridge reads/writes that a deployment may rename (defaults: the host's names).
+    bridge_request_queue: str = Field("letta_requests", alias="VTL_BRIDGE_REQUEST_QUEUE", min_length=1)
+    bridge_response_channel: str = Field("letta_responses", alias="VTL_BRIDGE_RESPONSE_CHANNEL", min_length=1)
+    bridge_memory_queue: str = Field("user_input_queue", alias="VTL_BRIDGE_MEMORY_QUEUE", min_length=1)
+    bridge_tts_queue: str = Field("tts_requests", alias="VTL_BRIDGE_TTS_QUEUE", min_length=1)
+    bridge_avatar_channel: str = Field("live2d_events", alias="VTL_BRIDGE_AVATAR_CHANNEL", min_length=1)
+    # true: replies go to the TTS queue and are spoken; false: text-only {"text": ...} on task_response.
+    bridge_tts_handoff: bool = Field(True, alias="VTL_BRIDGE_TTS_HANDOFF")
+    # input_file is read only from inside this folder (default: <VTL_DATA_DIR>/uploads). The stock
+    # host writes /tmp/aivtuber_tasks/<task>/input.txt: point this there to accept its files.
+    bridge_uploads_dir: Path | None = Field(None, alias="VTL_BRIDGE_UPLOADS_DIR")
+    bridge_max_input_file_bytes: int = Field(65536, alias="VTL_BRIDGE_MAX_INPUT_FILE_BYTES", ge=1, le=16 * 1024 * 1024)
+    bridge_max_payload_bytes: int = Field(65536, alias="VTL_BRIDGE_MAX_PAYLOAD_BYTES", ge=1024, le=16 * 1024 * 1024)
+    bridge_concurrency: int = Field(8, alias="VTL_BRIDGE_CONCURRENCY", ge=1, le=256)
+    bridge_turns_per_claim: int = Field(8, alias="VTL_BRIDGE_TURNS_PER_CLAIM", ge=1, le=10000)
+    bridge_replica_id: str | None = Field(
+        None, alias="VTL_BRIDGE_REPLICA_ID", pattern=r"^[A-Za-z0-9_.:@+=-]{1,64}$"
+    )
+    bridge_heartbeat_interval: float = Field(1.0, alias="VTL_BRIDGE_HEARTBEAT_INTERVAL", gt=0, le=60)
+    bridge_heartbeat_ttl: float = Field(5.0, alias="VTL_BRIDGE_HEARTBEAT_TTL", gt=0, le=600)
+    # A dead worker's viewer is taken over after this long: keep it above LETTA_TIMEOUT so a turn
+    # the dead worker started has reached the agent's history before anyone looks for it.
+    bridge_lock_ttl: float = Field(45.0, alias="VTL_BRIDGE_LOCK_TTL", ge=0.5, le=3600)
+    bridge_sweep_interval: float = Field(3.0, alias="VTL_BRIDGE_SWEEP_INTERVAL", gt=0, le=600)
+    bridge_poll_timeout: float = Field(1.0, alias="VTL_BRIDGE_POLL_TIMEOUT", ge=0.05, le=60)
+    bridge_done_ttl: int = Field(86400, alias="VTL_BRIDGE_DONE_TTL", ge=60)
+    bridge_retry_base_delay: float = Field(0.5, alias="VTL_BRIDGE_RETRY_BASE_DELAY", ge=0, le=60)
+    bridge_retry_max_delay: float = Field(30.0, alias="VTL_BRIDGE_RETRY_MAX_DELAY", ge=0, le=3600)
+    # After Letta was found down, new tasks go straight to the fallback for this long.
+    bridge_letta_down_hold: float = Field(5.0, alias="VTL_BRIDGE_LETTA_DOWN_HOLD", ge=0, le=3600)
+    bridge_grace_period: float = Field(20.0, alias="VTL_BRIDGE_GRACE_PERIOD", ge=0, le=3600)
+    bridge_metrics_port: int = Field(9478, alias="VTL_BRIDGE_METRICS_PORT", ge=0, le=65535)  # 0 = off
+    bridge_dead_letter_max: int = Field(10000, alias="VTL_BRIDGE_DEAD_LETTER_MAX", ge=1)
+    # Live events that also get an agent turn (all are always recorded in the viewer's stats).
+    bridge_event_turns: set[Literal["super_chat", "gift", "membership", "enter"]] = Field(
+        default_factory=lambda: {"super_chat", "gift", "membership", "enter"}, alias="VTL_BRIDGE_EVENT_TURNS"
+    )
+    # ===================== end of bridge section =====================
+
+    @field_validator("letta_api_url", "openai_base_url", "ollama_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL with a host, got {value!r}")
+        if parts.port is None and ":" in parts.netloc.rsplit("]", 1)[-1]:
+            raise ValueError(f"has an invalid port: {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            raise ValueError(f"must look like redis://host:port/db, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> "Settings":
+        if self.openai_base_url and not self.openai_api_key:
+            raise ValueError("OPENAI_BASE_URL is set but OPENAI_API_KEY is not (use any non-empty key for a local endpoint)")
+        return self
+
+    # --- bridge section (validator) ---
+    @model_validator(mode="after")
+    def _bridge_timings(self) -> "Settings":
+        if self.bridge_heartbeat_interval >= self.bridge_heartbeat_ttl:
+            raise ValueError("VTL_BRIDGE_HEARTBEAT_INTERVAL must be shorter than VTL_BRIDGE_HEARTBEAT_TTL")
+        if self.bridge_retry_base_delay > self.bridge_retry_max_delay:
+            raise ValueError("VTL_BRIDGE_RETRY_BASE_DELAY must not exceed VTL_BRIDGE_RETRY_MAX_DELAY")
+        return self
+
+    @property
+    def bridge_uploads_path(self) -> Path:
+        """The only folder the bridge reads `input_file` from."""
+        return self.bridge_uploads_dir if self.bridge_uploads_dir is not None else self.data_dir / "uploads"
+    # --- end of bridge section ---
+
+    # ---------- derived values ----------
+    @property
+    def letta_host(self) -> str:
+        return urlsplit(self.letta_api_url).hostname or "127.0.0.1"
+
+    @property
+    def letta_port(self) -> int:
+        parts = urlsplit(self.letta_api_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def redis_address(self) -> tuple[str, int]:
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            return parts.hostname or "127.0.0.1", parts.port or 6379
+        return self.redis_host, self.redis_port
+
+    @property
+    def redis_connection_url(self) -> str:
+        """A redis:// URL for clients (password included when configured)."""
+        if self.redis_url:
+            return self.redis_url
+        auth = f":{self.redis_password.get_secret_value()}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+
+    @property
+    def uses_real_model(self) -> bool:
+        """True when the user configured their own model endpoint (never the scripted stand-in)."""
+        return bool(self.openai_base_url or self.ollama_base_url or self.openai_api_key)
+
+    @property
+    def scripted_model_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.scripted_model_port}/v1"
+
+    @property
+    def letta_dir(self) -> Path:
+        return self.data_dir / "letta"
+
+    @property
+    def password_file(self) -> Path:
+        return self.letta_dir / "config" / "server-password"
+
+    @cached_property
+    def letta_password(self) -> str:
+        """The Letta server password: LETTA_API_KEY, else one generated once for the local stack.
+
+        The generated one is kept (mode 0600) under data/letta/config so the stack
+        and every client on this machine agree without a secret in any committed file.
+        """
+        if self.letta_api_key:
+            return self.letta_api_key.get_secret_value()
+        path = self.password_file
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(24)
+        path.touch(mode=0o600)
+        path.write_text(value + "\n")
+        return value
+
+    def resolved_model_handle(self) -> str:
+        if self.letta_model:
+            return self.letta_model
+        if self.uses_real_model:
+            raise SettingsError(
+                "LETTA_MODEL must name a model handle (e.g. openai-proxy/gpt-4o-mini) when a real model endpoint is configured"
+            )
+        from stack.scripted_model import SCRIPTED_MODEL_ID
+
+        return f"openai-proxy/{SCRIPTED_MODEL_ID}"
+
+    def resolved_embedding_handle(self) -> str:
+        return self.letta_embedding or "openai/text-embedding-3-small"
+
+
+def load_settings(**overrides) -> Settings:
+    """Build Settings, turning a validation error into an exit that names the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            field = str(loc[0]) if loc else ""
+            env_name = _env_name(field)
+            where = f"{env_name}: " if env_name else ""
+            lines.append(f"  {where}{err.get('msg')} (got {err.get('input')!r})" if field else f"  {err.get('msg')}")
+        raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def _env_name(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    if info is not None and info.alias:
+        return info.alias
+    for info in Settings.model_fields.values():
+        if info.alias == field:
+            return field
+    return field.upper()
