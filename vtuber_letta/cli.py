@@ -4,6 +4,8 @@
     vtuber-letta provision [--dry-run] [--reset-persona]
     vtuber-letta agent ensure|list|show|export|forget ...
     vtuber-letta stream set --title ... --topic ...
+    vtuber-letta bridge [--check]               Redis in, Letta, Redis out
+    vtuber-letta say USER_ID "text"             one viewer message through the bridge
     vtuber-letta demo                           the main job: stack up + a short scripted conversation
 
 Expected failures (bad configuration, a stack part that will not start, a Letta
@@ -100,6 +102,32 @@ def _stream_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bridge_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from bridge.service import check_bridge, run_bridge
+
+    if args.check:
+        alive = asyncio.run(check_bridge(settings, args.replica_id))
+        print("bridge: alive" if alive else "bridge: no live bridge heartbeat", file=sys.stdout if alive else sys.stderr)
+        return 0 if alive else 1
+    from bridge.letta_gateway import RealLettaGateway
+
+    asyncio.run(run_bridge(settings, RealLettaGateway(settings), replica_id=args.replica_id))
+    return 0
+
+
+def _say_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from bridge.say import say
+
+    result = asyncio.run(say(settings, args.user_id, args.text, timeout=args.timeout,
+                             display_name=args.display_name, platform=args.platform))
+    print(result.render())
+    return 0 if result.response is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtuber-letta", description="Permanent per-viewer memory for AI VTubers on Letta.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         stream_set.add_argument(f"--{field}")
     stream_cmd.set_defaults(handler=_stream_cmd)
 
+    bridge = sub.add_parser("bridge", help="run the Redis bridge (letta_requests -> Letta -> replies)")
+    bridge.add_argument("--check", action="store_true", help="exit 0 only while a live bridge heartbeats")
+    bridge.add_argument("--replica-id", help="this replica's id (default: host-pid-random)")
+    bridge.set_defaults(handler=_bridge_cmd)
+
+    say_cmd = sub.add_parser("say", help="push one viewer message through the bridge and print the reply")
+    say_cmd.add_argument("user_id")
+    say_cmd.add_argument("text")
+    say_cmd.add_argument("--display-name")
+    say_cmd.add_argument("--platform")
+    say_cmd.add_argument("--timeout", type=float, default=120.0)
+    say_cmd.set_defaults(handler=_say_cmd)
+
     demo = sub.add_parser("demo", help="bring the stack up and run a short scripted conversation")
     demo.set_defaults(handler=_demo_cmd)
     return parser
@@ -165,12 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from letta_client import APIConnectionError, APIStatusError
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     from provisioning.naming import InvalidViewerId
     from provisioning.provision import ProvisioningError
     from stack.processes import StackError
 
-    return (StackError, ProvisioningError, InvalidViewerId, APIConnectionError, APIStatusError)
+    return (StackError, ProvisioningError, InvalidViewerId, APIConnectionError, APIStatusError, RedisConnectionError)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,116 @@
-"""`vtuber-letta demo`: the main job, end to end, in a way a person can watch.
+"""`vtuber-letta demo`: the whole product end to end, the way a person would watch it.
 
-Brings the local stack up (installing what is missing), then has one scripted
-agent turn and prints it. With the scripted stand-in model the words are
-canned, but everything else — Postgres, Letta's agent loop, memory, history —
-is the real program.
+1. the local stack comes up (installing what is missing) and is provisioned;
+2. a bridge runs and a viewer tells the VTuber a fact about themselves;
+3. the bridge and the Letta server are restarted;
+4. the viewer asks again, and the VTuber answers from her memory of them, while
+   a second viewer's agent knows nothing about the first.
+
+With the scripted stand-in model the words are scripted (rules below), but the
+memory write is a real tool call in Letta's sandbox, stored in Postgres, and the
+recall is read back from the viewer's memory block in the real system prompt.
+With a real model configured, the same conversation runs unscripted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
+from bridge.say import say
+from provisioning.provision import provision
 from stack.manager import Stack, format_status
-from vtuber_letta.letta_api import letta_client
+from stack.processes import wait_until
 from vtuber_letta.settings import Settings
 
-DEMO_AGENT = "vtuber-letta-demo"
+ALICE = "demo:alice"
+BOB = "demo:bob"
+
+# How the stand-in model behaves in this demo (see stack/scripted_model.py for the format).
+DEMO_RULES = [
+    {"name": "demo-remember-name", "when": {"user_regex": r"my name is (?P<name>\w+)"},
+     "then": {"call_tool": "remember_viewer_fact", "arguments": {"fact": "their name is {name}", "category": "name"}}},
+    {"name": "demo-after-remember", "when": {"after_tool": "remember_viewer_fact", "user_regex": r"my name is (?P<name>\w+)"},
+     "then": {"reply": "Nice to meet you, {name}! I'll remember that. 星星在看着你哦～"}},
+    # Recall only from what is in THIS viewer's memory block, as rendered into the prompt.
+    {"name": "demo-recall-name", "when": {"user_contains": "remember my name", "system_contains": "their name is"},
+     "then": {"reply_from_block": "human", "line_regex": r"their name is \w+",
+              "template": "Of course I remember! In my notes about you: {line}"}},
+    {"name": "demo-unknown-name", "when": {"user_contains": "remember my name"},
+     "then": {"reply": "Hmm, I don't think you've told me your name yet. What should I call you?"}},
+]
 
 
 def run_demo(settings: Settings) -> int:
     stack = Stack(settings, log=lambda msg: print(f"  {msg}", flush=True))
-    print("== stack up")
+    print("== 1. stack up", flush=True)
     print(format_status(stack.up()))
+    print("\n== provisioning (tools, shared persona and stream)")
+    print(provision(settings).render())
+    if not settings.uses_real_model:
+        _script_model(settings)
 
-    client = letta_client(settings)
-    existing = client.agents.list(name=DEMO_AGENT, limit=1)
-    agent = existing[0] if existing else client.agents.create(
-        name=DEMO_AGENT,
-        model=settings.resolved_model_handle(),
-        embedding=settings.resolved_embedding_handle(),
-        memory_blocks=[{"label": "persona", "value": "I am a cheerful VTuber."},
-                       {"label": "human", "value": "A viewer trying the demo."}],
-        tags=["vtuber-letta", "demo"],
-    )
-    text = "Hi! Is anyone there?"
-    print(f"\n== one agent turn (agent {agent.id})\nviewer> {text}")
-    started = time.perf_counter()
-    response = letta_client(settings, for_messages=True).agents.messages.create(
-        agent_id=agent.id, messages=[{"role": "user", "content": text}]
-    )
-    elapsed = time.perf_counter() - started
-    for message in response.messages:
-        if message.message_type == "assistant_message":
-            content = message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
-            print(f"vtuber> {content}")
-    print(f"({elapsed * 1000:.0f} ms; stop the stack with `vtuber-letta stack down`)")
+    bridge = _start_bridge(settings)
+    try:
+        print("\n== 2. a viewer tells the VTuber who they are")
+        _say(settings, ALICE, "Hi Luna! My name is Alice and I love cats.", "Alice")
+        print("\n== 3. restarting the bridge and the Letta server")
+        _stop_bridge(bridge)
+        stack.restart_letta()
+        bridge = _start_bridge(settings)
+        print("\n== 4. after the restart")
+        _say(settings, ALICE, "Do you remember my name?", "Alice")
+        _say(settings, BOB, "Do you remember my name?", "Bob")
+    finally:
+        _stop_bridge(bridge)
+    print("\nThe stack is still running: try `vtuber-letta bridge` and `vtuber-letta say USER \"text\"`;"
+          " stop it with `vtuber-letta stack down`.")
     return 0
+
+
+def _say(settings: Settings, user: str, text: str, name: str) -> None:
+    print(f"{name} ({user})> {text}", flush=True)
+    result = asyncio.run(say(settings, user, text, display_name=name, timeout=180))
+    print(result.render(), flush=True)
+    if result.response is None:
+        raise RuntimeError(f"the bridge did not answer {user}")
+
+
+def _script_model(settings: Settings) -> None:
+    body = json.dumps(DEMO_RULES).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.scripted_model_port}/_script/rules",
+                                     data=body, method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def _start_bridge(settings: Settings) -> subprocess.Popen:
+    log = settings.data_dir / "bridge-demo.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "vtuber_letta.cli", "bridge"], env={**os.environ},
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    checker = [sys.executable, "-m", "vtuber_letta.cli", "bridge", "--check"]
+    if not wait_until(lambda: subprocess.run(checker, capture_output=True).returncode == 0, 30, interval=0.5):
+        proc.kill()
+        raise RuntimeError(f"the bridge did not start; see {log}")
+    print(f"  bridge running (pid {proc.pid}, log {Path(log)})", flush=True)
+    return proc
+
+
+def _stop_bridge(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # graceful: in-flight turns finish first
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.1)
