@@ -29,16 +29,16 @@ class BridgeMetrics:
         self.known_viewers = Gauge("vtl_bridge_known_viewers", "Viewers with a Letta agent", registry=r)
         self._server: Any = None
 
-    def serve(self, port: int) -> None:
-        """Expose /metrics on 127.0.0.1:port (loopback only; port 0 = no endpoint)."""
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Expose /metrics on host:port (loopback by default; port 0 = no endpoint)."""
         if not port:
             return
         try:
-            self._server = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            self._server = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:  # e.g. a second replica on this host with the same port
-            log.error("bridge metrics endpoint not started: 127.0.0.1:%d: %s (set VTL_BRIDGE_METRICS_PORT)", port, exc)
+            log.error("bridge metrics endpoint not started: %s:%d: %s (set VTL_BRIDGE_METRICS_PORT)", host, port, exc)
             return
-        log.info("bridge metrics on http://127.0.0.1:%d/metrics", port)
+        log.info("bridge metrics on http://%s:%d/metrics", host, port)
 
     def close(self) -> None:
         server = self._server[0] if isinstance(self._server, tuple) else self._server

@@ -136,7 +136,7 @@ class BridgeService:
         acknowledged, locks and the heartbeat simply expire, as if the process had died."""
         s = self.settings
         await self.redis.ping()
-        self.metrics.serve(s.bridge_metrics_port)
+        self.metrics.serve(s.bridge_metrics_port, s.bridge_metrics_host)
         await self._beat()
         background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._sweep_loop())]
         intake = asyncio.create_task(self._intake_loop())

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     bridge_letta_down_hold: float = Field(5.0, alias="VTL_BRIDGE_LETTA_DOWN_HOLD", ge=0, le=3600)
     bridge_grace_period: float = Field(20.0, alias="VTL_BRIDGE_GRACE_PERIOD", ge=0, le=3600)
     bridge_metrics_port: int = Field(9478, alias="VTL_BRIDGE_METRICS_PORT", ge=0, le=65535)  # 0 = off
+    # Loopback by default; 0.0.0.0 inside a container so Prometheus can scrape it.
+    bridge_metrics_host: str = Field("127.0.0.1", alias="VTL_BRIDGE_METRICS_HOST")
     bridge_dead_letter_max: int = Field(10000, alias="VTL_BRIDGE_DEAD_LETTER_MAX", ge=1)
     # Live events that also get an agent turn (all are always recorded in the viewer's stats).
     bridge_event_turns: set[Literal["super_chat", "gift", "membership", "enter"]] = Field(
