@@ -8,6 +8,7 @@ mode 0600 under data/letta/config. Run as an unprivileged user when we are root.
 from __future__ import annotations
 
 import os
+import signal
 import secrets
 import shutil
 import subprocess
@@ -81,11 +82,13 @@ class Postgres:
         if pid is None:
             return False
         try:
-            os.kill(pid, 2)
+            os.kill(pid, signal.SIGINT)
         except ProcessLookupError:
             pass
-        wait_until(lambda: self.process.pid() is None, 30)
-        return self.process.stop()  # escalates only if it is still there
+        if not wait_until(lambda: self.process.pid() is None, 30):
+            self.process.stop()  # escalate: SIGTERM, then SIGKILL
+        self.process.pid_file.unlink(missing_ok=True)
+        return True
 
     def _initdb(self, log) -> None:
         log(f"postgres: initialising {self.pgdata}")

@@ -10,6 +10,7 @@ what lets `stack down` stop exactly what `stack up` started and nothing else.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -110,9 +111,11 @@ def _cmdline_contains(pid: int, marker: str) -> bool:
 
 
 def as_user(user: str, argv: Sequence[str]) -> list[str]:
-    """argv run as `user` (we are root): runuser keeps our environment and execs, so pids stay the server's."""
-    runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin") or "/usr/sbin/runuser"
-    return [runuser, "-u", user, "--", *argv]
+    """argv run as `user` (we are root). setpriv execs in place (runuser would fork and not pass
+    signals on), so the pid we record is the server's own and SIGINT/SIGTERM reach it directly."""
+    account = pwd.getpwnam(user)
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin") or "/usr/bin/setpriv"
+    return [setpriv, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", "--", *argv]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

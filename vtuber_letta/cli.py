@@ -6,6 +6,7 @@
     vtuber-letta stream set --title ... --topic ...
     vtuber-letta bridge [--check]               Redis in, Letta, Redis out
     vtuber-letta say USER_ID "text"             one viewer message through the bridge
+    vtuber-letta backup DIR | restore DIR [--force]   everything the VTuber remembers
     vtuber-letta demo                           the main job: stack up + a short scripted conversation
 
 Expected failures (bad configuration, a stack part that will not start, a Letta
@@ -128,6 +129,24 @@ def _say_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.response is not None else 1
 
 
+def _backup_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from provisioning.backup import BackupError, backup, restore
+
+    def log(msg: str) -> None:  # progress on stderr, the report on stdout
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        if args.command == "backup":
+            print(backup(settings, Path(args.dir), log=log).render())
+        else:
+            print(restore(settings, Path(args.dir), force=args.force, log=log).render())
+    except BackupError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtuber-letta", description="Permanent per-viewer memory for AI VTubers on Letta.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     say_cmd.add_argument("--platform")
     say_cmd.add_argument("--timeout", type=float, default=120.0)
     say_cmd.set_defaults(handler=_say_cmd)
+
+    backup_cmd = sub.add_parser("backup", help="dump the Letta database, one Agent File per viewer, the viewer map "
+                                               "and the persona config into DIR")
+    backup_cmd.add_argument("dir", help="a new (or empty) folder")
+    backup_cmd.set_defaults(handler=_backup_cmd)
+    restore_cmd = sub.add_parser("restore", help="restore a backup DIR into the (empty) local stack")
+    restore_cmd.add_argument("dir")
+    restore_cmd.add_argument("--force", action="store_true", help="replace a stack that is not empty")
+    restore_cmd.set_defaults(handler=_backup_cmd)
 
     demo = sub.add_parser("demo", help="bring the stack up and run a short scripted conversation")
     demo.set_defaults(handler=_demo_cmd)

@@ -320,3 +320,16 @@ def user_otid_counts(client, agent_id: str) -> Counter:
 
 def otid_count(counts: Counter, task_id: str) -> int:
     return counts.get(otid_for(task_id), 0)
+
+
+def history_digest(client, agent_id: str, limit: int = 60) -> str:
+    """The newest messages of an agent, one line each (type, otid, run, text): for failure messages."""
+    lines = []
+    for message in client.agents.messages.list(agent_id, order="desc", limit=limit).items:
+        content = getattr(message, "content", None)
+        if isinstance(content, list):
+            content = "".join(getattr(part, "text", "") for part in content)
+        text = content if isinstance(content, str) else getattr(message, "tool_call", None) or ""
+        lines.append(f"{getattr(message, 'date', '')} {message.message_type:<22} otid={getattr(message, 'otid', None)} "
+                     f"run={getattr(message, 'run_id', None)} {str(text)[:80]!r}")
+    return "\n".join(reversed(lines))

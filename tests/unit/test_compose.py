@@ -1,0 +1,272 @@
+"""Issue: the compose files. They validate against the Compose specification (with Debian's
+`docker-compose`, whose `config` parses, interpolates, merges and schema-checks without a Docker
+engine), and everything in them is what the code uses: the Letta image tag is the version the
+stack installs, every ${VARIABLE} and every .env.example key is one vtuber-letta (or, for the letta
+container, the Letta server) reads, every service and volume is used, the healthchecks are there
+and the bridge gets longer to stop than it takes to finish its turns."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stack.install import LETTA_VERSION
+from vtuber_letta.cli import build_parser
+from vtuber_letta.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "docker-compose.yml"
+DEV = REPO / "docker-compose.dev.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+VALIDATOR = "docker-compose"
+INSTALL_HINT = ("the compose validator `docker-compose` is not installed: `make install` installs it "
+                "(as root: apt-get install --no-install-recommends docker-compose)")
+
+SETTINGS_VARIABLES = {field.alias for field in Settings.model_fields.values() if field.alias}
+# Variables of the letta container that the Letta server 0.16.8 reads, and where (in its sdist).
+LETTA_SERVER_VARIABLES = {
+    "LETTA_SERVER_SECURE": ("letta/server/rest_api/app.py", 'os.getenv("LETTA_SERVER_SECURE")'),
+    "LETTA_SERVER_PASSWORD": ("letta/server/rest_api/app.py", 'os.getenv("LETTA_SERVER_PASSWORD")'),
+    "LETTA_TRACK_PROVIDER_TRACE": ("letta/settings.py", "    track_provider_trace: bool"),  # env_prefix letta_
+    "LETTA_DEBUG": ("letta/settings.py", "    debug: Optional[bool]"),  # env_prefix letta_
+    "OPENAI_API_KEY": ("letta/settings.py", "    openai_api_key: Optional[str]"),
+    "OPENAI_BASE_URL": ("letta/settings.py", 'AliasChoices("OPENAI_BASE_URL"'),
+    "OLLAMA_BASE_URL": ("letta/settings.py", "    ollama_base_url: Optional[str]"),
+}
+# Read by the Python interpreter of our image, not by our settings.
+PYTHON_VARIABLES = {"PYTHONPATH"}
+# What the letta/letta image keeps where (pgvector base image's PGDATA; Letta's LETTA_DIR and its logs).
+LETTA_MOUNTS = {"/var/lib/postgresql/data": "data/letta/pgdata", "/root/.letta": "data/letta/config",
+                "/root/.letta/logs": "data/letta/logs"}
+
+
+# --------------------------------------------------------------------------- the validator
+
+def run_validator(*files: Path, env_file: Path = ENV_EXAMPLE, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    if shutil.which(VALIDATOR) is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    argv = [VALIDATOR, "--env-file", str(env_file)]
+    for path in files:
+        argv += ["-f", str(path)]
+    # A clean environment: only the env file feeds the interpolation (never a developer's .env or shell).
+    return subprocess.run([*argv, "config"], cwd=cwd, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def rendered(*files: Path) -> dict:
+    done = run_validator(*files)
+    assert done.returncode == 0, f"{VALIDATOR} rejects {[f.name for f in files]}:\n{done.stderr}"
+    assert "variable is not set" not in done.stderr, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def base() -> dict:
+    return rendered(BASE)
+
+
+@pytest.fixture(scope="module")
+def merged() -> dict:
+    return rendered(BASE, DEV)
+
+
+@pytest.fixture(scope="module", params=["base", "base+dev"])
+def config(request, base, merged) -> dict:
+    return base if request.param == "base" else merged
+
+
+def test_the_validator_schema_checks(tmp_path):
+    """A misspelt key must fail, or a passing validation would mean nothing."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text(BASE.read_text().replace("stop_grace_period:", "stop_grace_periodd:"))
+    done = run_validator(broken, cwd=REPO)
+    assert done.returncode != 0 and "stop_grace_periodd" in done.stderr, done.stderr
+
+
+def test_required_variables_stop_compose_with_a_message(tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    done = run_validator(BASE, env_file=empty)
+    assert done.returncode != 0 and "set LETTA_API_KEY in .env" in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------------- images and variables
+
+def test_letta_image_is_the_version_the_stack_installs(config):
+    assert config["services"]["letta"]["image"] == f"letta/letta:{LETTA_VERSION}"
+    assert config["services"]["redis"]["image"].split(":")[1].split(".")[0] == "7"
+
+
+def _interpolated(path: Path) -> set[str]:
+    """Every ${VARIABLE} in the file's keys and values (comments are not interpolated)."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(key)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, str):
+            found.update(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", node))
+
+    walk(yaml.safe_load(path.read_text()))
+    return found
+
+
+@pytest.mark.parametrize("path", [BASE, DEV], ids=lambda p: p.name)
+def test_every_interpolated_variable_is_one_the_code_reads(path):
+    used = _interpolated(path)
+    assert used, f"{path.name} interpolates nothing?"
+    unknown = used - SETTINGS_VARIABLES
+    assert not unknown, f"{path.name} uses ${{{', '.join(sorted(unknown))}}}, which vtuber_letta.settings never reads"
+
+
+def test_every_container_variable_is_read_by_its_program(config):
+    for name, service in config["services"].items():
+        env = set(service.get("environment") or {})
+        if name == "letta":
+            unknown = env - set(LETTA_SERVER_VARIABLES)
+            assert not unknown, f"letta gets {sorted(unknown)}: not Letta server variables we know it reads"
+        else:
+            unknown = env - SETTINGS_VARIABLES - PYTHON_VARIABLES
+            assert not unknown, f"{name} gets {sorted(unknown)}, which vtuber_letta.settings never reads"
+
+
+def test_the_letta_server_variables_are_read_by_letta_0_16_8():
+    sdist = Path(Settings(_env_file=None).letta_server_home)
+    sdist = (sdist if sdist.is_absolute() else REPO / sdist) / f"letta-{LETTA_VERSION}"
+    if not (sdist / "letta").is_dir():
+        pytest.skip(f"the Letta {LETTA_VERSION} sdist is not unpacked at {sdist} (`make install` / "
+                    "`vtuber-letta stack install` does it)")
+    for variable, (relative, needle) in LETTA_SERVER_VARIABLES.items():
+        assert needle in (sdist / relative).read_text(), f"{variable}: {needle!r} not in Letta's {relative}"
+
+
+def _env_example() -> tuple[dict[str, str], dict[str, str]]:
+    """(active KEY=value lines, commented `# KEY=value` lines) of .env.example."""
+    active, commented = {}, {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        match = re.match(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$", line)
+        if match:
+            (commented if match.group(1) else active)[match.group(2)] = match.group(3)
+    return active, commented
+
+
+def test_env_example_documents_exactly_the_variables_the_code_reads():
+    active, commented = _env_example()
+    documented = set(active) | set(commented)
+    unknown = documented - SETTINGS_VARIABLES - set(LETTA_SERVER_VARIABLES)
+    assert not unknown, f".env.example documents {sorted(unknown)}, which nothing reads"
+    missing = SETTINGS_VARIABLES - documented
+    assert not missing, f".env.example does not document {sorted(missing)} (vtuber_letta/settings.py reads them)"
+    assert not [k for k, v in active.items() if v == ""], "an empty NAME= is an invalid value: comment it out"
+    assert _interpolated(BASE) | _interpolated(DEV) <= documented
+
+
+def test_env_example_is_valid_as_is_and_with_every_line_uncommented(tmp_path):
+    active, commented = _env_example()
+    as_is = Settings(_env_file=str(ENV_EXAMPLE))
+    assert as_is.letta_api_key is not None and as_is.letta_model == active["LETTA_MODEL"]
+    everything = tmp_path / "all.env"
+    everything.write_text("".join(f"{k}={v}\n" for k, v in {**commented, **active}.items()))
+    Settings(_env_file=str(everything))  # raises on any invalid documented value
+
+
+# --------------------------------------------------------------------------- services, volumes, health
+
+def test_every_service_is_used_and_starts_in_order(config):
+    services = config["services"]
+    assert set(services) == {"redis", "letta", "provision", "bridge"}
+    needed = {dep for s in services.values() for dep in (s.get("depends_on") or {})}
+    assert set(services) - needed == {"bridge"}, "every service but the bridge is something another waits for"
+    assert services["provision"]["depends_on"] == {"letta": {"condition": "service_healthy"},
+                                                   "redis": {"condition": "service_healthy"}}
+    assert services["bridge"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
+    assert services["provision"]["restart"] == "no"
+
+
+def test_the_commands_are_vtuber_letta_subcommands(config):
+    for name in ("provision", "bridge"):
+        command = config["services"][name]["command"]
+        args = command[1:] if command[0] == "vtuber-letta" else command[3:]
+        assert command[0] == "vtuber-letta" or command[:3] == ["python", "-m", "vtuber_letta.cli"], command
+        assert build_parser().parse_args(args).command == name
+
+
+def test_every_volume_is_used(config):
+    for name in config.get("volumes") or {}:
+        users = [s for s, svc in config["services"].items()
+                 if any(str(v).split(":")[0] == name for v in svc.get("volumes") or [])]
+        assert users, f"named volume {name} is used by no service"
+    services = config["services"]
+    letta = {v.split(":")[1]: v.split(":")[0] for v in services["letta"]["volumes"]}
+    assert {target: str(Path(source).relative_to(REPO)) for target, source in letta.items()} == LETTA_MOUNTS
+    assert [v.split(":")[:2] for v in services["redis"]["volumes"]] == [[str(REPO / "data/redis"), "/data"]]
+    for name in ("provision", "bridge"):
+        service = services[name]
+        targets = {v.split(":")[1]: v for v in service["volumes"]}
+        env = service["environment"]
+        assert str(Path(env["VTL_PERSONA_CONFIG"]).parent) in targets, f"{name}: the persona config is not mounted"
+        reads = {str(Path(env["VTL_PERSONA_CONFIG"]).parent), env.get("VTL_BRIDGE_UPLOADS_DIR"),
+                 service.get("working_dir")}
+        unused = set(targets) - reads
+        assert not unused, f"{name} mounts {sorted(unused)}, which it never reads"
+
+
+def test_redis_persists_and_everything_has_a_healthcheck(config):
+    services = config["services"]
+    assert "--appendonly" in services["redis"]["command"]
+    for name in ("redis", "letta", "bridge"):
+        assert services[name]["healthcheck"]["test"][0] == "CMD", name
+    assert services["bridge"]["healthcheck"]["test"][1:] == ["vtuber-letta", "bridge", "--check"]
+    assert services["letta"]["healthcheck"]["test"][-1].endswith("/v1/health/")
+    assert services["letta"]["environment"]["LETTA_SERVER_SECURE"] == "true"
+    assert services["letta"]["environment"]["LETTA_SERVER_PASSWORD"] == _env_example()[0]["LETTA_API_KEY"]
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_the_bridge_may_finish_its_turns_before_it_is_killed(config):
+    bridge = config["services"]["bridge"]
+    stop = _seconds(bridge["stop_grace_period"])
+    default = Settings.model_fields["bridge_grace_period"].default
+    assert stop > default, f"stop_grace_period {stop} s <= VTL_BRIDGE_GRACE_PERIOD default {default} s"
+    assert stop > float(bridge["environment"]["VTL_BRIDGE_GRACE_PERIOD"])
+
+
+def test_published_ports_are_loopback_only(config):
+    for name, service in config["services"].items():
+        for port in service.get("ports") or []:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+
+
+# --------------------------------------------------------------------------- the image
+
+def test_the_image_holds_every_package_and_a_python_the_project_accepts():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, flags=re.M))
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
+    python = re.search(r"^FROM python:(\d+)\.(\d+)", dockerfile, flags=re.M)
+    minimum = re.match(r">=(\d+)\.(\d+)", project["project"]["requires-python"])
+    assert python and minimum and tuple(map(int, python.groups())) >= tuple(map(int, minimum.groups()))
+
+
+def test_make_install_installs_the_validator():
+    install = re.search(r"^install:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), flags=re.M)
+    assert install and VALIDATOR in install.group(1), "the Makefile's install target must install docker-compose"
