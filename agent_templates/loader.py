@@ -44,6 +44,12 @@ LETTA_TOOL_RULE_TYPES = frozenset({
     "run_first", "exit_loop", "continue_loop", "conditional", "constrain_child_tools",
     "max_count_per_step", "parent_last_tool", "required_before_exit", "requires_approval",
 })
+# Letta 0.16.8 registers every tool call twice with the rule solver (letta_agent_v3.py
+# `tool_rules_solver.register_tool_call` in the tool loop ~l.1896 and again in
+# _decide_continuation ~l.2008), so a max_count_per_step rule of N allows N/2 calls. Templates
+# state calls per viewer turn; to_letta() multiplies by this. (Letta's own "at most N use(s)"
+# line in the prompt then shows the doubled number.)
+LETTA_COUNTS_PER_TOOL_CALL = 2
 AVATAR_NAME = re.compile(r"^[\w.\-]{1,40}$")
 FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 
@@ -275,8 +281,15 @@ class ToolRuleSpec(BaseModel):
         return self
 
     def to_letta(self) -> dict[str, Any]:
-        """The rule as the Letta API takes it (`tool_rules=[...]`)."""
-        return self.model_dump(exclude_none=True)
+        """The rule as the Letta API takes it (`tool_rules=[...]`).
+
+        A max_count_limit in the template means calls per viewer turn; Letta's is doubled
+        (LETTA_COUNTS_PER_TOOL_CALL).
+        """
+        rule = self.model_dump(exclude_none=True)
+        if self.type == "max_count_per_step":
+            rule["max_count_limit"] = self.max_count_limit * LETTA_COUNTS_PER_TOOL_CALL
+        return rule
 
 
 class AgentTemplate(BaseModel):

@@ -107,23 +107,31 @@ class LettaTurns:
         return parse_letta_response(response)
 
     async def find_answered(self, agent_id: str, task_id: str) -> TurnResult | None:
-        """Scan the newest `history_scan` messages for the task's user message and its run."""
+        """Look through the newest `history_scan` messages for the task's user message and its run.
+
+        Letta 0.16.8 answers `order="desc"` with the newest messages but lists them oldest first
+        (the server reverses the page again), so the order of a page is not trusted: the messages
+        are put in time order here before looking for what came after the task.
+        """
         target = otid_for(task_id)
-        seen: list[Any] = []  # newest first
         try:
-            page = await self._client.agents.messages.list(agent_id, order="desc", limit=min(100, self._history_scan))
-            while True:
-                for message in page.items:
-                    if field_of(message, "message_type") == "user_message" and field_of(message, "otid") == target:
-                        return answer_of_run(seen, message)
-                    seen.append(message)
-                    if len(seen) >= self._history_scan:
-                        return None
-                if not page.has_next_page():
-                    return None
-                page = await page.get_next_page()
+            page = await self._client.agents.messages.list(agent_id, order="desc", limit=self._history_scan)
         except Exception as exc:
             raise as_gateway_error(exc) from exc
+        timeline = chronological(page.items)
+        for index, message in enumerate(timeline):
+            if field_of(message, "message_type") == "user_message" and field_of(message, "otid") == target:
+                return answer_of_run(list(reversed(timeline[index + 1:])), message)
+        return None
+
+
+def chronological(messages: Sequence[Any]) -> list[Any]:
+    """Messages oldest first, by their date; ties keep the order the server gave (stable sort)."""
+    def when(message: Any) -> float:
+        date = field_of(message, "date")
+        return date.timestamp() if hasattr(date, "timestamp") else 0.0
+
+    return sorted(messages, key=when)
 
 
 def answer_of_run(newer: list[Any], user_message: Any) -> TurnResult | None:

@@ -34,6 +34,32 @@ from vtuber_letta import redis_keys as keys
 # The id check is coarse (ASCII id characters or any UTF-8 byte, no spaces or controls): the exact
 # rule (bridge/wire.py ID_PATTERN) is applied by the worker, which dead-letters what fails it.
 _ROUTE = r"""
+-- Strict UTF-8 (no overlongs, no surrogates): an id the workers could not decode would strand
+-- its queue, so such a payload goes to triage and is dead-lettered there.
+local function utf8_ok(s)
+  local i, n = 1, string.len(s)
+  while i <= n do
+    local c = string.byte(s, i)
+    local len, lo, hi = 1, 0x80, 0xBF
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c == 0xE0 then len, lo = 3, 0xA0
+    elseif c == 0xED then len, hi = 3, 0x9F
+    elseif c >= 0xE1 and c <= 0xEF then len = 3
+    elseif c == 0xF0 then len, lo = 4, 0x90
+    elseif c >= 0xF1 and c <= 0xF3 then len = 4
+    elseif c == 0xF4 then len, hi = 4, 0x8F
+    else return false end
+    if i + len - 1 > n then return false end
+    for j = i + 1, i + len - 1 do
+      local cc = string.byte(s, j)
+      local first = (j == i + 1)
+      if cc < (first and lo or 0x80) or cc > (first and hi or 0xBF) then return false end
+    end
+    i = i + len
+  end
+  return true
+end
 local raw = redis.call('RPOP', KEYS[1])
 if not raw then return 0 end
 local uid = nil
@@ -42,7 +68,7 @@ if string.len(raw) <= tonumber(ARGV[3]) then
   if ok and type(obj) == 'table' then
     local u = obj['user_id']
     if type(u) == 'string' and string.len(u) >= 1 and string.len(u) <= tonumber(ARGV[4])
-       and string.find(u, '^[%w_%.:@%+=%-\128-\255]+$') then
+       and string.find(u, '^[%w_%.:@%+=%-\128-\255]+$') and utf8_ok(u) then
       uid = u
     end
   end
@@ -219,7 +245,7 @@ class ViewerQueues:
     # ---- viewer ownership ----
     async def next_ready(self, timeout: float) -> str | None:
         item = await self.redis.blpop([keys.BRIDGE_READY], timeout=timeout)
-        return item[1].decode() if item else None
+        return item[1].decode(errors="surrogateescape") if item else None
 
     async def claim(self, viewer: str, token: str, ttl_ms: int) -> bool:
         return bool(await self.redis.set(keys.viewer_active(viewer), token, nx=True, px=ttl_ms))
@@ -267,7 +293,7 @@ class ViewerQueues:
         """Re-ready every pending viewer whose worker is gone; returns how many."""
         readied = 0
         async for member in self.redis.sscan_iter(keys.BRIDGE_PENDING, count=500):
-            viewer = member.decode()
+            viewer = member.decode(errors="surrogateescape")
             result = await self._sweep(
                 keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING, keys.BRIDGE_READY],
                 args=[viewer],

@@ -227,6 +227,8 @@ class BridgeService:
                 self._observe(await self.queues.depths())
             except (RedisError, OSError) as exc:
                 log.warning("bridge %s: sweep: %s", self.replica_id, describe_error(exc))
+            except Exception:  # a bug must not end the sweeper silently: crashed replicas rely on it
+                log.exception("bridge %s: sweep failed", self.replica_id)
             await asyncio.sleep(self.settings.bridge_sweep_interval)
 
     def _observe(self, depths: dict[str, int]) -> None:

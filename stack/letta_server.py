@@ -92,6 +92,8 @@ class LettaServer:
             "LANG": "C.UTF-8",
             "LETTA_SERVER_SECURE": "true",
             "LETTA_SERVER_PASSWORD": self.password,
+            # The memory tools read a block's current value from this server (tools/human_block.py).
+            "VTL_LETTA_SELF_URL": self.url,
             # Measured here: with provider traces on, every model call waited up to 60 s on the
             # trace insert into Postgres before timing out. The trace is only a debugging aid.
             "LETTA_TRACK_PROVIDER_TRACE": "false",

@@ -12,6 +12,8 @@ Guarantees the tools keep (tests/unit/test_tools.py checks them as the sandbox r
   and only when it is a viewer profile in the tools/human_block.py format;
 - they never exceed the block's `limit` and keep the platform-verified section byte for byte
   (Letta's `agent_state` path ignores read_only and limits, so the tools enforce both);
+- they edit the block as the Letta server has it NOW (human_block.current_human_block), not the
+  start-of-turn copy Letta passes, so every memory-tool call of a turn persists;
 - the avatar tools and stay_silent change no memory at all.
 """
 

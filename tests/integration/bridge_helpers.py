@@ -127,15 +127,24 @@ class BridgeProcess:
                 [PYTHON, "-m", "vtuber_letta.cli", "bridge"], env=self.env, cwd=self.cwd,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bridge {self.replica_id} exited with {self.proc.returncode} at start:\n{self.log_tail()}")
-            if self.check():
-                return self
-            time.sleep(0.2)
-        self.kill()
-        raise AssertionError(f"bridge {self.replica_id} did not heartbeat within {timeout:.0f}s:\n{self.log_tail()}")
+        # Poll the heartbeat key directly (cheap), then ask the real `--check` once.
+        probe = redis_conn(self.settings)
+        try:
+            deadline = time.monotonic() + timeout
+            while not probe.exists(keys.bridge_heartbeat(self.replica_id)):
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"bridge {self.replica_id} exited with {self.proc.returncode} at start:\n{self.log_tail()}")
+                if time.monotonic() >= deadline:
+                    self.kill()
+                    raise AssertionError(f"bridge {self.replica_id} did not heartbeat within {timeout:.0f}s:\n{self.log_tail()}")
+                time.sleep(0.1)
+        finally:
+            probe.close()
+        if not self.check():
+            self.kill()
+            raise AssertionError(f"bridge {self.replica_id} heartbeats but `bridge --check` says it is not alive")
+        return self
 
     def check(self) -> bool:
         """`vtuber-letta bridge --check --replica-id <this replica>` exited 0."""
@@ -325,11 +334,12 @@ def otid_count(counts: Counter, task_id: str) -> int:
 def history_digest(client, agent_id: str, limit: int = 60) -> str:
     """The newest messages of an agent, one line each (type, otid, run, text): for failure messages."""
     lines = []
-    for message in client.agents.messages.list(agent_id, order="desc", limit=limit).items:
+    page = client.agents.messages.list(agent_id, order="desc", limit=limit).items  # the newest `limit`
+    for message in sorted(page, key=lambda m: str(getattr(m, "date", ""))):
         content = getattr(message, "content", None)
         if isinstance(content, list):
             content = "".join(getattr(part, "text", "") for part in content)
         text = content if isinstance(content, str) else getattr(message, "tool_call", None) or ""
         lines.append(f"{getattr(message, 'date', '')} {message.message_type:<22} otid={getattr(message, 'otid', None)} "
                      f"run={getattr(message, 'run_id', None)} {str(text)[:80]!r}")
-    return "\n".join(reversed(lines))
+    return "\n".join(lines)

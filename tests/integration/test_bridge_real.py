@@ -305,6 +305,7 @@ def test_bad_payloads_are_dead_lettered_with_reason_and_raw_and_good_ones_answer
         "deeply nested": "[" * 20_000 + "]" * 20_000,
         "super_chat without amount": bad(13, type="super_chat"),
         "hostile task_id": bad(14, task_id="../../etc/passwd"),
+        "bytes that are not UTF-8": b"\xff\xfe{\"task_id\": \"x-" + rid.encode() + b"-bin\"}\x80",
     }
     labels = list(bads)
     payloads: list = []
@@ -312,8 +313,11 @@ def test_bad_payloads_are_dead_lettered_with_reason_and_raw_and_good_ones_answer
         if i < len(goods):
             payloads.append(goods[i])
         payloads.append(bads[label])
+    # A temporary task among them is not for Letta: forwarded to memory-python byte for byte.
+    temporary = task(good, f"{rid} just passing by", task_id=f"tmp-{rid}", meta={"memory_type": "temporary"})
+    payloads.insert(len(payloads) // 2, temporary)
     bridge = bridges()
-    push(r, payloads)
+    raws = push(r, payloads)
 
     replies = wait_for_replies(r, [g["task_id"] for g in goods], 120, bridge)
     assert [x["task_id"] for x in replies] == [g["task_id"] for g in goods]
@@ -338,6 +342,7 @@ def test_bad_payloads_are_dead_lettered_with_reason_and_raw_and_good_ones_answer
     assert "outside the uploads folder" in reasons["input_file outside uploads"]
     assert "limit is 65536" in reasons["payload over the limit"]
     assert "content" in reasons["content over the limit"]
+    assert r.lrange(keys.USER_INPUT_QUEUE, 0, -1) == [raws[payloads.index(temporary)]]
     assert bridge.alive and bridge.check(), bridge.log_tail()
     assert bridge_leftovers(r) == {"requests": 0, "staging": 0, "triage": 0, "viewer_queues": 0}
 
@@ -432,7 +437,7 @@ def test_user_id_that_is_not_utf8_is_dead_lettered_and_crash_recovery_still_work
 
     problems = []
     try:
-        wait_for_replies(r, [t["task_id"] for t in tasks], 40, second)
+        wait_for_replies(r, [t["task_id"] for t in tasks], 30, second)
     except AssertionError as exc:
         problems.append(f"the crashed replica's viewer was never taken over: {str(exc).splitlines()[0]}")
     expected_raw = hostile.decode("utf-8", "replace")

@@ -170,8 +170,7 @@ class FakeLettaHttp:
     def __init__(self):
         self.requests: list[httpx.Request] = []
         self.create_status = 200
-        self.history: list[dict] = []  # newest first, as GET ?order=desc returns
-        self.page_size = 100  # the server's page cap (small in tests to exercise pagination)
+        self.history: list[dict] = []  # oldest first, each with a later date than the one before
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -186,14 +185,15 @@ class FakeLettaHttp:
                 msg("tool_return_message", tool_call_id="c1", status="success", tool_return="Expression set: happy", run_id=run),
                 msg("assistant_message", content=f"reply to {user['content']}", run_id=run),
             ]
-            self.history[:0] = list(reversed([msg("user_message", content=user["content"], otid=user["otid"], run_id=run), *reply]))
+            for message in [msg("user_message", content=user["content"], otid=user["otid"], run_id=run), *reply]:
+                message["date"] = f"2025-08-29T00:00:{len(self.history):02d}Z"
+                self.history.append(message)
             return httpx.Response(200, json={"messages": reply, "stop_reason": {"stop_reason": "end_turn"}, "usage": {}})
-        limit = min(int(request.url.params.get("limit", 100)), self.page_size)
-        after = request.url.params.get("after")
-        start = 0
-        if after:
-            start = next(i for i, m in enumerate(self.history) if m["id"] == after) + 1
-        return httpx.Response(200, json=self.history[start:start + limit])
+        # As Letta 0.16.8 really answers ?order=desc&limit=N: the NEWEST N messages, listed OLDEST first
+        # (letta/server/server.py get_agent_recall_async reverses the page again).
+        assert request.url.params.get("order") == "desc"
+        limit = int(request.url.params.get("limit", 100))
+        return httpx.Response(200, json=self.history[-limit:])
 
 
 def turns_with(handler: FakeLettaHttp, history_scan: int = 200) -> LettaTurns:
@@ -246,26 +246,36 @@ def test_connection_refused_is_unavailable():
         asyncio.run(scenario())
 
 
-def test_find_answered_finds_the_run_of_the_task_across_pages():
+def test_find_answered_finds_the_run_of_the_task_in_lettas_real_order():
     http = FakeLettaHttp()
 
     async def scenario():
         turns = turns_with(http)
         for i in range(1, 4):
             await turns.send_turn("agent-1", [TurnMessage(f"t-{i}", f"m{i}")], sender_name=None)
-        first = await turns.find_answered("agent-1", "t-1")  # 4 messages per turn: on the 2nd page of 5
+        results = [await turns.find_answered("agent-1", f"t-{i}") for i in (1, 2, 3)]
         turns_small = turns_with(http, history_scan=5)
         missing = await turns_small.find_answered("agent-1", "t-1")  # beyond the scan limit
         unknown = await turns.find_answered("agent-1", "t-9")
-        return first, missing, unknown
+        return results, missing, unknown
 
-    http.page_size = 5
-    first, missing, unknown = asyncio.run(scenario())
-    assert first is not None and first.reply_text == "reply to m1"
+    results, missing, unknown = asyncio.run(scenario())
+    assert [r.reply_text if r else None for r in results] == ["reply to m1", "reply to m2", "reply to m3"]
     assert missing is None and unknown is None
     gets = [r for r in http.requests if r.method == "GET"]
-    assert gets[0].url.params["order"] == "desc"
-    assert len(gets) >= 3 and "after" in gets[1].url.params  # t-1 (oldest of 12 messages) is on page 3
+    assert all(g.url.params["order"] == "desc" for g in gets)
+
+
+def test_find_answered_does_not_trust_the_page_order():
+    # Whatever order a page comes in, what answered the task is what came after it in time.
+    user = msg("user_message", content="hi", otid=otid_for("t-1"), run_id="run-1", date="2025-08-29T00:00:01Z")
+    reply = msg("assistant_message", content="mine", run_id="run-1", date="2025-08-29T00:00:02Z")
+    other = msg("assistant_message", content="older turn", run_id="run-0", date="2025-08-29T00:00:00Z")
+    for page in ([other, user, reply], [reply, user, other]):
+        http = FakeLettaHttp()
+        http.history = page
+        found = asyncio.run(turns_with(http).find_answered("agent-1", "t-1"))
+        assert found is not None and found.reply_text == "mine"
 
 
 def test_a_run_without_output_is_not_an_answer():

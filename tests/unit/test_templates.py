@@ -21,7 +21,7 @@ from agent_templates import (
     render_shared_blocks,
     render_system,
 )
-from agent_templates.loader import LETTA_TOOL_RULE_TYPES, TEMPLATES_DIR
+from agent_templates.loader import LETTA_COUNTS_PER_TOOL_CALL, LETTA_TOOL_RULE_TYPES, TEMPLATES_DIR, ToolRuleSpec
 from tools.human_block import DEFAULT_HUMAN_LIMIT, add_fact, parse_facts, parse_fields, split_sections
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +86,24 @@ def test_template_uses_letta_vocabulary(template):
     assert all(rule["tool_name"] in template.tools for rule in rules)
     assert template.model is None and template.embedding is None
     assert "vtuber-letta" in template.tags
+
+
+def test_per_turn_call_limits_are_doubled_for_letta(template):
+    # Letta 0.16.8 registers each tool call twice with its rule solver (letta_agent_v3.py), so a
+    # template's "N calls per turn" must reach Letta as max_count_limit 2N.
+    assert LETTA_COUNTS_PER_TOOL_CALL == 2
+    per_turn = {rule.tool_name: rule.max_count_limit for rule in template.tool_rules
+                if rule.type == "max_count_per_step"}
+    assert per_turn == {"set_expression": 2, "play_motion": 2, "remember_viewer_fact": 4, "forget_viewer_fact": 3}
+    for_letta = {rule["tool_name"]: rule["max_count_limit"] for rule in template.letta_tool_rules()
+                 if rule["type"] == "max_count_per_step"}
+    assert for_letta == {name: 2 * limit for name, limit in per_turn.items()}
+    # Other rules pass through unchanged; the template itself keeps the per-turn number.
+    assert ToolRuleSpec(tool_name="stay_silent", type="exit_loop").to_letta() == {
+        "tool_name": "stay_silent", "type": "exit_loop"}
+    rule = ToolRuleSpec(tool_name="play_motion", type="max_count_per_step", max_count_limit=1)
+    assert rule.to_letta() == {"tool_name": "play_motion", "type": "max_count_per_step", "max_count_limit": 2}
+    assert rule.max_count_limit == 1
 
 
 @pytest.mark.parametrize("edit, message", [

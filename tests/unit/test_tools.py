@@ -4,27 +4,43 @@
 0.16.8's sandbox writes it (typing imports, agent_state, the arguments as globals, the
 tool source, then a call of the LAST function by name), and runs it in a fresh
 `python -I -S` in an empty directory: standard library only, none of our packages.
+
+The memory tools read the human block's current value from the Letta server named by
+VTL_LETTA_SELF_URL; here a tiny local HTTP server (FakeLettaBlocks) stands in for that route.
+Without the variable they use the copy in agent_state, as every test not using it does.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import tools
 from tools import human_block
 from tools.human_block import (
+    AGENT_ID_ENV,
     FACTS_HEADING,
+    PASSWORD_ENV,
+    SELF_URL_ENV,
     VERIFIED_HEADING,
     VIEWER_HEADING,
+    add_fact,
     format_human_block,
     parse_facts,
+    parse_fields,
+    remove_fact,
     set_fields,
 )
 
@@ -35,8 +51,8 @@ MOTIONS = "wave,bow,nod"
 FAKE_STATE_SOURCE = textwrap.dedent(
     '''
     class _FakeBlock:
-        def __init__(self, label, value, limit):
-            self.label, self.value, self.limit = label, value, limit
+        def __init__(self, label, value, limit, id=None):
+            self.label, self.value, self.limit, self.id = label, value, limit, id
 
     class _FakeMemory:
         def __init__(self, blocks):
@@ -61,7 +77,7 @@ FAKE_STATE_SOURCE = textwrap.dedent(
 
     class _FakeAgentState:
         def __init__(self, blocks):
-            self.memory = _FakeMemory([_FakeBlock(label, value, limit) for label, (value, limit) in blocks.items()])
+            self.memory = _FakeMemory([_FakeBlock(label, *spec) for label, spec in blocks.items()])
     '''
 )
 
@@ -81,8 +97,11 @@ def letta_tool_arguments(source: str, name: str) -> list[str]:
             if isinstance(node, ast.FunctionDef) and node.name == name for arg in node.args.args]
 
 
-def run_direct(name, args, blocks, env, monkeypatch):
-    for var in (tools.AVATAR_EXPRESSIONS_ENV, tools.AVATAR_MOTIONS_ENV):
+TOOL_ENV = (tools.AVATAR_EXPRESSIONS_ENV, tools.AVATAR_MOTIONS_ENV, SELF_URL_ENV, PASSWORD_ENV, AGENT_ID_ENV)
+
+
+def run_direct(name, args, blocks, env, monkeypatch, stderr):
+    for var in TOOL_ENV:
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
@@ -93,11 +112,12 @@ def run_direct(name, args, blocks, env, monkeypatch):
     call_args = dict(args)
     if "agent_state" in func.__code__.co_varnames[: func.__code__.co_argcount]:
         call_args["agent_state"] = state
-    result = func(**call_args)
+    with contextlib.redirect_stderr(stderr):
+        result = func(**call_args)
     return result, {block.label: block.value for block in state.memory.blocks}, state.memory.writes
 
 
-def run_sandboxed(name, args, blocks, env, tmp_path):
+def run_sandboxed(name, args, blocks, env, tmp_path, stderr):
     source = tools.tool_source(tools.TOOLS[name])
     tool_name = letta_tool_name(source)
     assert tool_name == name
@@ -133,21 +153,26 @@ def run_sandboxed(name, args, blocks, env, tmp_path):
         [sys.executable, "-I", "-S", str(script)], cwd=workdir, env=clean_env, capture_output=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    stderr.write(proc.stderr.decode("utf-8", "replace"))
     out = json.loads(proc.stdout.decode("utf-8").strip().splitlines()[-1])
-    after = out["blocks"] if out["blocks"] is not None else {label: value for label, (value, _) in blocks.items()}
+    after = out["blocks"] if out["blocks"] is not None else {label: spec[0] for label, spec in blocks.items()}
     return out["result"], after, out["writes"]
 
 
 @pytest.fixture(params=["direct", "sandbox"])
 def run_tool(request, monkeypatch, tmp_path):
-    """run_tool(name, blocks={label: (value, limit)}, env={...}, **args) -> (result, {label: value}, writes)."""
+    """run_tool(name, blocks={label: (value, limit[, id])}, env={...}, **args) -> (result, {label: value}, writes).
+
+    What the tool wrote to stderr (the sandbox log) is kept in run_tool.stderr.
+    """
 
     def run(name, blocks=None, env=None, **args):
         blocks = blocks or {}
         env = env or {}
+        run.stderr = io.StringIO()
         if request.param == "direct":
-            return run_direct(name, args, blocks, env, monkeypatch)
-        return run_sandboxed(name, args, blocks, env, tmp_path)
+            return run_direct(name, args, blocks, env, monkeypatch, run.stderr)
+        return run_sandboxed(name, args, blocks, env, tmp_path, run.stderr)
 
     return run
 
@@ -400,6 +425,271 @@ def test_forget_cannot_reach_verified_fields(run_tool):
     result, blocks, writes = run_tool("forget_viewer_fact", {"human": (text, limit)}, fact="12.50 CNY")
     assert result.startswith("Error: nothing is stored")
     assert blocks["human"] == text and writes == []
+
+
+# ------------------------------------------------------------------ the block as the Letta server has it now
+
+AGENT_ID = "agent-test"  # run_sandboxed always sets LETTA_AGENT_ID to this, as Letta sets it to the agent's id
+PASSWORD = "s3cret-server-password"
+BLOCK_PATH = f"/v1/agents/{AGENT_ID}/core-memory/blocks/human"
+
+
+class FakeLettaBlocks:
+    """Stands in for Letta 0.16.8's GET /v1/agents/{agent_id}/core-memory/blocks/{label}.
+
+    `blocks` maps (agent_id, label) to (value, limit); `reply` forces (status, raw body[, headers]);
+    `requests` records (method, path, Authorization header) of every request.
+    """
+
+    def __init__(self):
+        self.blocks: dict[tuple[str, str], tuple[str, int]] = {}
+        self.reply: tuple | None = None
+        self.requests: list[tuple[str, str, str | None]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                fake.requests.append(("GET", self.path, self.headers.get("Authorization")))
+                if fake.reply is not None:
+                    return self.send(*fake.reply)
+                if self.headers.get("Authorization") != f"Bearer {PASSWORD}":
+                    return self.send(401, b'{"detail": "Unauthorized"}')
+                parts = self.path.split("/")
+                if len(parts) != 7 or parts[:3] != ["", "v1", "agents"] or parts[4:6] != ["core-memory", "blocks"]:
+                    return self.send(404, b'{"detail": "Not Found"}')
+                found = fake.blocks.get((parts[3], parts[6]))
+                if found is None:
+                    return self.send(404, b'{"detail": "block not found"}')
+                value, limit = found
+                body = {"id": "block-1", "label": parts[6], "value": value, "limit": limit, "read_only": False}
+                return self.send(200, json.dumps(body).encode("utf-8"))
+
+            def send(self, status, body, headers=None):
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.env = {SELF_URL_ENV: self.url, PASSWORD_ENV: PASSWORD, AGENT_ID_ENV: AGENT_ID}
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def human(self) -> str:
+        return self.blocks[(AGENT_ID, "human")][0]
+
+    def set_human(self, value: str, limit: int = 4000) -> None:
+        self.blocks[(AGENT_ID, "human")] = (value, limit)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def letta():
+    fake = FakeLettaBlocks()
+    yield fake
+    fake.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_memory_tools_edit_the_servers_current_block_not_the_turns_stale_copy(run_tool, letta):
+    stale, limit = profile(facts={"about": ["lives in Tokyo"]})
+    current = set_fields(add_fact(stale, "has a dog named Rex", "pets", limit)[0], "verified", {"visits": 4})
+    letta.set_human(current, limit)
+
+    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (stale, limit), **others()}, env=letta.env,
+                                      fact="likes cats", category="likes")
+    assert result == "Remembered (likes): likes cats"
+    assert blocks["human"] == add_fact(current, "likes cats", "likes", limit)[0]
+    assert parse_fields(blocks["human"], "verified")["visits"] == "4"  # the server's verified section, kept
+    assert "human" in writes and blocks["persona"] == "I am Luna." and blocks["stream"] == "Title: test"
+    assert letta.requests == [("GET", BLOCK_PATH, f"Bearer {PASSWORD}")]
+    assert PASSWORD not in result and PASSWORD not in run_tool.stderr.getvalue()
+
+    result, blocks, _ = run_tool("forget_viewer_fact", {"human": (stale, limit)}, env=letta.env, fact="Rex")
+    assert result == "Forgot (pets): has a dog named Rex"  # a fact only the server's block holds
+    assert blocks["human"] == remove_fact(current, "Rex")[0]
+
+
+def test_memory_tools_enforce_the_servers_limit(run_tool, letta):
+    text, _ = profile(facts={"likes": ["cats"]})
+    fact = "collects vintage telescopes"
+    letta.set_human(text, len(text) + len(fact) + 2)  # one character short; the copy claims room to spare
+    result, blocks, _ = run_tool("remember_viewer_fact", {"human": (text, 4000)}, env=letta.env, fact=fact,
+                                 category="likes")
+    assert result.startswith("Error: the viewer's memory is full")
+    assert blocks["human"] == text
+
+
+@pytest.mark.parametrize("name, args, expected", [
+    ("remember_viewer_fact", {"fact": "I donated 100 yuan", "category": "about"}, "Error: support"),
+    ("remember_viewer_fact", {"fact": "has a dog named Rex", "category": "pets"}, "Already known (pets)"),
+    ("forget_viewer_fact", {"fact": "lives on Mars"}, "Error: no stored fact"),
+])
+def test_memory_tools_that_change_nothing_still_hand_letta_the_current_block(run_tool, letta, name, args, expected):
+    # Letta writes the tool's copy back after every call: a stale copy would undo the turn's earlier calls.
+    stale, limit = profile(facts={"about": ["lives in Tokyo"]})
+    current = add_fact(stale, "has a dog named Rex", "pets", limit)[0]
+    letta.set_human(current, limit)
+    result, blocks, _ = run_tool(name, {"human": (stale, limit)}, env=letta.env, **args)
+    assert result.startswith(expected), result
+    assert blocks["human"] == current
+
+
+@pytest.mark.parametrize("copy_id, uses_server", [("block-1", True), ("block-other", False)])
+def test_memory_tools_use_the_server_block_only_when_it_is_the_copys_block(run_tool, letta, copy_id, uses_server):
+    # Letta writes the copy back by block id; FakeLettaBlocks serves its block as id "block-1".
+    stale, limit = profile()
+    current = add_fact(stale, "has a dog named Rex", "pets", limit)[0]
+    letta.set_human(current, limit)
+    result, blocks, _ = run_tool("remember_viewer_fact", {"human": (stale, limit, copy_id)}, env=letta.env,
+                                 fact="likes tea", category="likes")
+    assert result == "Remembered (likes): likes tea"
+    assert blocks["human"] == add_fact(current if uses_server else stale, "likes tea", "likes", limit)[0]
+    assert ("is not the block in the copy" in run_tool.stderr.getvalue()) is not uses_server
+
+
+def test_memory_tools_leave_a_current_copy_untouched(run_tool, letta):
+    text, limit = profile(facts={"likes": ["cats"]})
+    letta.set_human(text, limit)
+    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (text, limit)}, env=letta.env, fact="Cats",
+                                      category="likes")
+    assert result == "Already known (likes): cats"
+    assert writes == [] and blocks["human"] == text
+
+
+def letta_turn(run_tool, start_value, limit, calls, server=None):
+    """One viewer turn as Letta 0.16.8 runs its tools; returns (results, the stored block at the end).
+
+    Every call gets a copy of the memory as it was at the START of the turn
+    (sandbox_tool_executor._create_agent_state_copy); after each call the copy's human block is
+    stored when it differs from the stored one (agent_manager.update_memory_if_changed_async).
+    """
+    stored = start_value
+    results = []
+    for name, args in calls:
+        if server is not None:
+            server.set_human(stored, limit)
+        result, blocks, _ = run_tool(name, {"human": (start_value, limit), **others()},
+                                     env=server.env if server is not None else {}, **args)
+        results.append(result)
+        if blocks["human"] != stored:
+            stored = blocks["human"]
+    return results, stored
+
+
+MOVING_TURN = [
+    ("remember_viewer_fact", {"fact": "has a dog named Rex", "category": "pets"}),
+    ("forget_viewer_fact", {"fact": "Tokyo"}),
+    ("remember_viewer_fact", {"fact": "I donated 1000 yuan", "category": "about"}),  # refused: changes nothing
+    ("remember_viewer_fact", {"fact": "lives in Osaka", "category": "about"}),
+]
+
+
+def test_every_memory_tool_call_of_a_turn_persists(run_tool, letta):
+    start, limit = profile(facts={"about": ["lives in Tokyo"]})
+    results, stored = letta_turn(run_tool, start, limit, MOVING_TURN, server=letta)
+    assert [r.split(":")[0] for r in results] == ["Remembered (pets)", "Forgot (about)", "Error",
+                                                  "Remembered (about)"]
+    assert parse_facts(stored) == {"pets": ["has a dog named Rex"], "about": ["lives in Osaka"]}
+    assert outside_facts(stored) == outside_facts(start)
+    assert len(letta.requests) == len(MOVING_TURN)
+
+
+def test_without_the_server_a_turns_later_call_overwrites_an_earlier_one(run_tool):
+    # Why the tools read the server: the copy alone (the fallback) loses the dog, as Letta 0.16.8 did.
+    start, limit = profile(facts={"about": ["lives in Tokyo"]})
+    _, stored = letta_turn(run_tool, start, limit, MOVING_TURN)
+    assert parse_facts(stored) == {"about": ["lives in Tokyo", "lives in Osaka"]}
+
+
+@pytest.mark.parametrize("failure", [
+    "status 500", "status 401", "wrong password", "no such block", "not json", "not the human block",
+    "a value that is not text", "server down", "not an http url", "no agent id",
+])
+def test_memory_tools_fall_back_to_letta_copy_when_the_server_read_fails(run_tool, letta, failure):
+    text, limit = profile(facts={"likes": ["cats"]})
+    letta.set_human(add_fact(text, "has a dog named Rex", "pets", limit)[0], limit)  # must NOT be used
+    env = dict(letta.env)
+    if failure == "status 500":
+        letta.reply = (500, b'{"detail": "Internal Server Error"}')
+    elif failure == "status 401":
+        letta.reply = (401, b'{"detail": "Unauthorized"}')
+    elif failure == "wrong password":
+        env[PASSWORD_ENV] = "not-the-password"
+    elif failure == "no such block":
+        env[AGENT_ID_ENV] = "agent-other"
+    elif failure == "not json":
+        letta.reply = (200, b"<html>proxy error</html>")
+    elif failure == "not the human block":
+        letta.reply = (200, json.dumps({"label": "persona", "value": "I am Evil Luna.", "limit": 9}).encode())
+    elif failure == "a value that is not text":
+        letta.reply = (200, json.dumps({"label": "human", "value": None, "limit": 4000}).encode())
+    elif failure == "server down":
+        env[SELF_URL_ENV] = f"http://127.0.0.1:{free_port()}"
+    elif failure == "not an http url":
+        env[SELF_URL_ENV] = "file:///etc/passwd"
+    elif failure == "no agent id":
+        env[AGENT_ID_ENV] = ""
+    started = time.monotonic()
+    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (text, limit)}, env=env,
+                                      fact="likes tea", category="likes")
+    assert time.monotonic() - started < 30
+    assert result == "Remembered (likes): likes tea"
+    assert blocks["human"] == add_fact(text, "likes tea", "likes", limit)[0]
+    assert writes == ["human"]
+    log = run_tool.stderr.getvalue()
+    assert PASSWORD not in result and PASSWORD not in log and "not-the-password" not in log
+    if failure != "no agent id":  # without an agent id there is nothing to ask; the env is simply not ours
+        assert "using the human block Letta passed" in log
+
+
+def test_memory_tools_without_the_server_variable_ask_nothing(run_tool, letta):
+    text, limit = profile()
+    env = {PASSWORD_ENV: PASSWORD, AGENT_ID_ENV: AGENT_ID}  # a deployment that does not set VTL_LETTA_SELF_URL
+    result, blocks, _ = run_tool("remember_viewer_fact", {"human": (text, limit)}, env=env, fact="likes tea",
+                                 category="likes")
+    assert result == "Remembered (likes): likes tea"
+    assert letta.requests == [] and run_tool.stderr.getvalue() == ""
+
+
+def test_the_server_read_is_not_sent_through_a_proxy_nor_redirected_with_the_password(letta, monkeypatch):
+    # The request carries the server password: it must go straight to VTL_LETTA_SELF_URL.
+    proxy = FakeLettaBlocks()
+    try:
+        text, limit = profile()
+        letta.set_human(text, limit)
+        for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(var, proxy.url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        for var, value in letta.env.items():
+            monkeypatch.setenv(var, value)
+        assert human_block.server_human_block(AGENT_ID)["value"] == text
+        assert proxy.requests == []
+        # A redirect is followed without the Authorization header (and what it returns is not a human block).
+        letta.reply = (302, b"", {"Location": f"{proxy.url}/elsewhere"})
+        proxy.reply = (200, b"{}")
+        with contextlib.redirect_stderr(io.StringIO()):
+            assert human_block.server_human_block(AGENT_ID) is None
+        assert proxy.requests == [("GET", "/elsewhere", None)]
+    finally:
+        proxy.close()
 
 
 # ------------------------------------------------------------------ avatar tools and stay_silent
