@@ -10,9 +10,11 @@ anything we do not pass is something a tool can never read.
 from __future__ import annotations
 
 import json
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from stack.install import LettaInstall
 from stack.processes import ManagedProcess, StackError, run_checked, wait_until
@@ -65,10 +67,13 @@ class LettaServer:
             raise StackError(f"another Letta server already answers on {self.address}: stop it or change LETTA_API_URL")
         log("letta server: migrating the schema")
         self.migrate()
+        runner = Path(__file__).with_name("redacting_runner.py")  # keeps the password out of the log
         self.process.start(
-            [str(self.install.letta_bin), "server", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, str(runner), str(self.install.letta_bin), "server", "--host", "127.0.0.1", "--port", str(self.port)],
             # asyncpg would demand TLS once pooling is on; this Postgres is loopback-only without TLS.
-            env={**self._env(), "LETTA_PG_URI": f"{self.pg_uri}?ssl=disable"}, cwd=self.letta_dir,
+            env={**self._env(), "LETTA_PG_URI": f"{self.pg_uri}?ssl=disable",
+                 "VTL_REDACT": "\n".join(filter(None, (self.password, urlsplit(self.pg_uri).password)))},
+            cwd=self.letta_dir,
         )
         if not wait_until(self._up_or_dead, 180, interval=0.5):
             raise StackError(f"letta server did not become healthy on {self.address}:\n{self.process.log_tail()}")

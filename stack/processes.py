@@ -49,7 +49,9 @@ class ManagedProcess:
         command = list(argv)
         if user:
             command = as_user(user, command)
-        with open(self.log_file, "ab") as log:
+        # Logs are the operator's, not every local user's (0600), like the password files beside them.
+        with open(os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+            os.chmod(self.log_file, 0o600)
             proc = subprocess.Popen(
                 command,
                 cwd=cwd,
