@@ -38,9 +38,7 @@ class RealLettaGateway:
         if agent_id is None:
             try:
                 agent = await asyncio.to_thread(self._viewers.ensure, viewer_id, display_name, platform)
-            except LettaError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # as_gateway_error passes our own errors through unchanged
                 raise as_gateway_error(exc) from exc
             agent_id = agent.agent_id
             self._agents[viewer_id] = agent_id

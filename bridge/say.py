@@ -8,14 +8,12 @@ Needs a running bridge (`vtuber-letta bridge`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-
+from vtuber_letta.redis_api import async_redis_client
 from vtuber_letta.settings import Settings
 
 
@@ -57,7 +55,7 @@ def build_task(user_id: str, text: str, *, display_name: str | None = None, plat
 async def say(settings: Settings, user_id: str, text: str, *, timeout: float = 120.0, **task_options) -> SayResult:
     task = build_task(user_id, text, **task_options)
     result = SayResult(task_id=task["task_id"])
-    redis = Redis.from_url(settings.redis_connection_url, decode_responses=True)
+    redis = async_redis_client(settings)
     pubsub = redis.pubsub()
     try:
         await pubsub.subscribe(settings.bridge_response_channel, settings.bridge_avatar_channel)

@@ -51,6 +51,7 @@ from bridge.wire import (
     parse_request,
     read_input_file,
 )
+from vtuber_letta.redis_api import async_redis_client
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
 
@@ -96,7 +97,7 @@ def default_replica_id() -> str:
 
 def redis_client(settings: Settings) -> Redis:
     """The bridge's Redis client (bytes in, bytes out: payloads are kept byte for byte)."""
-    return Redis.from_url(settings.redis_connection_url, health_check_interval=30)
+    return async_redis_client(settings, decode_responses=False, health_check_interval=30)
 
 
 class BridgeService:
@@ -582,7 +583,7 @@ async def run_bridge(
 
 async def check_bridge(settings: Settings, replica_id: str | None = None) -> bool:
     """True while a bridge replica (or the given one) heartbeats; False otherwise, Redis down included."""
-    client = Redis.from_url(settings.redis_connection_url, socket_timeout=3, socket_connect_timeout=3)
+    client = async_redis_client(settings, decode_responses=False, socket_timeout=3, socket_connect_timeout=3)
     try:
         if replica_id:
             return bool(await client.exists(keys.bridge_heartbeat(replica_id)))

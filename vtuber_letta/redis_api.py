@@ -12,5 +12,6 @@ def redis_client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_connection_url, decode_responses=True, socket_timeout=30)
 
 
-def async_redis_client(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(settings.redis_connection_url, decode_responses=True)
+def async_redis_client(settings: Settings, *, decode_responses: bool = True, **options) -> aioredis.Redis:
+    """asyncio client; the bridge passes decode_responses=False to keep payloads byte for byte."""
+    return aioredis.Redis.from_url(settings.redis_connection_url, decode_responses=decode_responses, **options)
