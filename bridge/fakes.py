@@ -12,7 +12,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from bridge.gateway import LettaUnavailable, TurnMessage, TurnResult, VerifiedEvent
+from dataclasses import replace
+
+from bridge.gateway import LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent
 
 
 @dataclass
@@ -22,6 +24,11 @@ class SentTurn:
     task_ids: tuple[str, ...]
     text: str
     sender_name: str | None
+
+
+def stream_pieces(text: str, size: int) -> list[str]:
+    """text cut into pieces of `size` characters, like tokens arriving one by one."""
+    return [text[i:i + size] for i in range(0, len(text), size)]
 
 
 def echo_reply(viewer_id: str, message: TurnMessage) -> TurnResult:
@@ -36,6 +43,7 @@ class FakeGateway:
     down: bool = False  # every call raises LettaUnavailable while True
     failures: list[Exception] = field(default_factory=list)  # raised by the next sends, in order
     hold: asyncio.Event | None = None  # when set: sends store the turn, then wait for this event
+    piece_chars: int = 3  # a streamed reply is handed to on_text in pieces of this many characters
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -47,6 +55,7 @@ class FakeGateway:
         self.overlaps = 0
         self._busy: set[str] = set()
         self.send_started = asyncio.Event()
+        self.pieces_streamed = 0
 
     def _check_up(self) -> None:
         if self.down:
@@ -59,7 +68,8 @@ class FakeGateway:
         self._check_up()
         return self.agents.setdefault(viewer_id, f"agent-{len(self.agents) + 1}")
 
-    async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None) -> TurnResult:
+    async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
+                        on_text: TextSink | None = None) -> TurnResult:
         self._check_up()
         if self.failures:
             raise self.failures.pop(0)
@@ -70,9 +80,14 @@ class FakeGateway:
             viewer = self.viewer_of(agent_id)
             self.sent.append(SentTurn(agent_id, viewer, tuple(m.task_id for m in messages), messages[-1].text, sender_name))
             result = self.reply(viewer, messages[-1])
+            carried = tuple(m.task_id for m in messages)
             for message in messages:
-                self.history.setdefault(agent_id, {})[message.task_id] = result
+                self.history.setdefault(agent_id, {})[message.task_id] = replace(result, answered=carried)
             self.send_started.set()
+            if on_text is not None and not result.silent:
+                for piece in stream_pieces(result.reply_text, self.piece_chars):
+                    await on_text(piece)
+                    self.pieces_streamed += 1
             if self.hold is not None:
                 await self.hold.wait()
             low, high = self.delay
@@ -82,10 +97,13 @@ class FakeGateway:
         finally:
             self._busy.discard(agent_id)
 
-    async def find_answered(self, agent_id: str, task_id: str) -> TurnResult | None:
+    async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         self._check_up()
-        self.find_calls.append((agent_id, task_id))
-        return self.history.get(agent_id, {}).get(task_id)
+        self.find_calls.append((agent_id, task_ids[0]))
+        found = self.history.get(agent_id, {}).get(task_ids[0])
+        if found is None:
+            return None
+        return replace(found, answered=tuple(t for t in task_ids if t in found.answered))
 
     async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
         self._check_up()

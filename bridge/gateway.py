@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Awaitable, Callable, Protocol, Sequence, runtime_checkable
 
 
 class LettaError(Exception):
@@ -56,6 +56,7 @@ class TurnResult:
     silent          True when the agent called stay_silent or said nothing
     memory_updated  True when a memory tool succeeded during the turn
     message_ids     Letta message ids of the reply (for tracing)
+    answered        from find_answered: the asked task ids this turn carried
     """
 
     reply_text: str
@@ -63,12 +64,13 @@ class TurnResult:
     silent: bool = False
     memory_updated: bool = False
     message_ids: tuple[str, ...] = ()
+    answered: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class TurnMessage:
-    """One viewer task inside a turn. A turn carries one today; burst coalescing will send several,
-    each as its own user message with its own otid, so any of their task ids finds the turn."""
+    """One viewer task inside a turn. A coalesced turn (a burst) carries several, each as its own
+    user message with its own otid, so the turn can be found again from any of their task ids."""
 
     task_id: str
     text: str
@@ -123,6 +125,9 @@ class VerifiedEvent:
     tier: str | None = None
 
 
+TextSink = Callable[[str], Awaitable[None]]
+
+
 @runtime_checkable
 class LettaGateway(Protocol):
     async def ensure_agent(self, viewer_id: str, display_name: str | None, platform: str | None) -> str:
@@ -136,13 +141,17 @@ class LettaGateway(Protocol):
         messages: Sequence[TurnMessage],
         *,
         sender_name: str | None,
+        on_text: TextSink | None = None,
     ) -> TurnResult:
         """Send one turn (no automatic retries: the bridge owns the retry policy). Each message must be
-        findable afterwards by its task id (`find_answered`)."""
+        findable afterwards by its task id (`find_answered`). With on_text, the reply is streamed:
+        on_text gets each new piece of the reply text as it is generated (an exception it raises
+        is passed through unchanged); the result still carries the whole reply."""
         ...
 
-    async def find_answered(self, agent_id: str, task_id: str) -> TurnResult | None:
-        """The turn that already answered task_id, if the agent's history has it; else None."""
+    async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
+        """The turn that already answered task_ids[0], if the agent's history has it, else None;
+        `answered` lists which of task_ids that turn carried."""
         ...
 
     async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from letta_client import AsyncLetta, NotFoundError
 
-from bridge.gateway import LettaError, LettaRetryable, TurnMessage, TurnResult, VerifiedEvent
+from bridge.gateway import LettaError, LettaRetryable, TextSink, TurnMessage, TurnResult, VerifiedEvent
 from bridge.letta_turns import LettaTurns, as_gateway_error
 from provisioning.viewers import ViewerAgents
 from tools.human_block import set_fields
@@ -45,18 +45,19 @@ class RealLettaGateway:
             self._viewer_of[agent_id] = viewer_id
         return agent_id
 
-    async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None) -> TurnResult:
+    async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
+                        on_text: TextSink | None = None) -> TurnResult:
         try:
-            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name)
+            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text)
         except LettaError as exc:
             if isinstance(exc.__cause__, NotFoundError):
                 await self._forget_stale(agent_id)
                 raise LettaRetryable(f"agent {agent_id} is gone; re-creating it") from exc
             raise
 
-    async def find_answered(self, agent_id: str, task_id: str) -> TurnResult | None:
+    async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         try:
-            return await self._turns.find_answered(agent_id, task_id)
+            return await self._turns.find_answered(agent_id, task_ids)
         except LettaError as exc:
             if isinstance(exc.__cause__, NotFoundError):
                 return None  # a deleted agent has answered nothing

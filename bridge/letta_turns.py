@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any, Awaitable, Callable, Sequence
 
 from letta_client import AsyncLetta
 
@@ -31,7 +32,7 @@ from bridge.gateway import (
     TurnMessage,
     TurnResult,
 )
-from bridge.replies import field_of, parse_letta_response, parse_messages
+from bridge.replies import content_text, field_of, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")
@@ -68,6 +69,10 @@ def as_gateway_error(exc: BaseException) -> LettaError:
     return LettaPermanentError(text)
 
 
+class _SinkFailed(Exception):
+    """Carries an exception of the caller's on_text through the Letta error mapping unchanged."""
+
+
 class LettaTurns:
     """send_turn / find_answered against a real Letta server."""
 
@@ -95,25 +100,50 @@ class LettaTurns:
             body.append(item)
         return body
 
-    async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None) -> TurnResult:
+    async def send_turn(
+        self,
+        agent_id: str,
+        messages: Sequence[TurnMessage],
+        *,
+        sender_name: str | None,
+        on_text: Callable[[str], Awaitable[None]] | None = None,
+    ) -> TurnResult:
+        """One turn. With `on_text`, the reply is streamed token by token (Letta's `stream_tokens`)
+        and every piece of assistant text is handed to on_text as it arrives."""
         if not messages:
             raise ValueError("a turn needs at least one message")
+        body = self.request_messages(messages, sender_name)
         try:
-            response = await self._client.agents.messages.create(
-                agent_id, messages=self.request_messages(messages, sender_name)
+            if on_text is None:
+                response = await self._client.agents.messages.create(agent_id, messages=body)
+                return parse_letta_response(response)
+            stream = await self._client.agents.messages.create(
+                agent_id, messages=body, streaming=True, stream_tokens=True
             )
+            turn = StreamedTurn()
+            async with stream:
+                async for chunk in stream:
+                    delta = turn.add(chunk)
+                    if delta:
+                        try:
+                            await on_text(delta)
+                        except Exception as exc:
+                            raise _SinkFailed() from exc
+            return turn.result()
+        except _SinkFailed as failed:  # the caller's own failure (e.g. Redis), not Letta's
+            raise failed.__cause__ from None
         except Exception as exc:  # every failure is mapped to the gateway's error contract
             raise as_gateway_error(exc) from exc
-        return parse_letta_response(response)
 
-    async def find_answered(self, agent_id: str, task_id: str) -> TurnResult | None:
-        """Look through the newest `history_scan` messages for the task's user message and its run.
+    async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
+        """The turn that answered task_ids[0], from the newest `history_scan` messages; its
+        `answered` lists which of task_ids that same turn carried (a coalesced turn carries several).
 
         Letta 0.16.8 answers `order="desc"` with the newest messages but lists them oldest first
         (the server reverses the page again), so the order of a page is not trusted: the messages
         are put in time order here before looking for what came after the task.
         """
-        target = otid_for(task_id)
+        target = otid_for(task_ids[0])
         try:
             page = await self._client.agents.messages.list(agent_id, order="desc", limit=self._history_scan)
         except Exception as exc:
@@ -121,8 +151,92 @@ class LettaTurns:
         timeline = chronological(page.items)
         for index, message in enumerate(timeline):
             if field_of(message, "message_type") == "user_message" and field_of(message, "otid") == target:
-                return answer_of_run(list(reversed(timeline[index + 1:])), message)
+                found = answer_of_run(list(reversed(timeline[index + 1:])), message)
+                if found is None:
+                    return None
+                result, otids = found
+                return replace(result, answered=tuple(t for t in task_ids if otid_for(t) in otids))
         return None
+
+
+class StreamedTurn:
+    """Rebuilds the messages of one turn from Letta's token stream (letta-client 1.12.1 chunks).
+
+    Token streaming sends each assistant message as many `assistant_message` chunks sharing one
+    id (content = the new text), tool calls as `tool_call_message` chunks whose arguments come in
+    pieces, tool returns whole, then `stop_reason` and `usage_statistics`. `add` returns the new
+    assistant text of a chunk ("\n" first when a new assistant message starts, the separator
+    `parse_messages` puts between messages); `result` parses the rebuilt messages like a
+    non-streamed response, so both paths answer alike.
+    """
+
+    def __init__(self) -> None:
+        self._messages: list[dict[str, Any]] = []
+        self._by_id: dict[str, dict[str, Any]] = {}
+        self._calls: dict[str, dict[str, Any]] = {}
+        self._stop: str | None = None
+        self._error: str | None = None
+        self._spoke = False
+
+    def add(self, chunk: Any) -> str:
+        kind = field_of(chunk, "message_type")
+        if kind == "assistant_message":
+            text = content_text(field_of(chunk, "content"))
+            message = self._assistant(field_of(chunk, "id"))
+            message["content"] += text
+            if not text:
+                return ""
+            first_piece = message["content"] == text
+            out = ("\n" if first_piece and self._spoke else "") + text
+            self._spoke = True
+            return out
+        if kind == "tool_call_message":
+            self._add_tool_call(chunk)
+        elif kind == "tool_return_message":
+            self._messages.append({
+                "message_type": kind,
+                "tool_returns": field_of(chunk, "tool_returns"),
+                "tool_call_id": field_of(chunk, "tool_call_id"),
+                "status": field_of(chunk, "status"),
+                "tool_return": field_of(chunk, "tool_return"),
+            })
+        elif kind == "stop_reason":
+            self._stop = field_of(chunk, "stop_reason")
+        elif kind == "error_message":
+            self._error = str(field_of(chunk, "message") or field_of(chunk, "error_type") or "error")
+        return ""
+
+    def result(self) -> TurnResult:
+        if self._error is not None and not self._messages:
+            raise LettaRetryable(f"turn failed: {self._error}")
+        stop = {"stop_reason": self._stop} if self._stop else None
+        return parse_letta_response({"messages": self._messages, "stop_reason": stop})
+
+    def _assistant(self, message_id: str | None) -> dict[str, Any]:
+        """The assistant message a text chunk belongs to (a chunk without id: the latest one)."""
+        message = self._by_id.get(message_id) if message_id else None
+        if message is None and not message_id and self._messages and self._messages[-1]["message_type"] == "assistant_message":
+            message = self._messages[-1]
+        if message is None:
+            message = {"message_type": "assistant_message", "id": message_id, "content": ""}
+            if message_id:
+                self._by_id[message_id] = message
+            self._messages.append(message)
+        return message
+
+    def _add_tool_call(self, chunk: Any) -> None:
+        deltas = field_of(chunk, "tool_calls")
+        if not isinstance(deltas, list) or not deltas:
+            single = field_of(chunk, "tool_call")
+            deltas = [single] if single is not None else []
+        for delta in deltas:
+            call_id = field_of(delta, "tool_call_id") or (next(reversed(self._calls)) if self._calls else "")
+            call = self._calls.get(call_id)
+            if call is None:
+                call = self._calls[call_id] = {"tool_call_id": call_id or None, "name": "", "arguments": ""}
+                self._messages.append({"message_type": "tool_call_message", "tool_calls": [call]})
+            call["name"] = call["name"] or field_of(delta, "name") or ""
+            call["arguments"] += field_of(delta, "arguments") or ""
 
 
 def chronological(messages: Sequence[Any]) -> list[Any]:
@@ -134,16 +248,19 @@ def chronological(messages: Sequence[Any]) -> list[Any]:
     return sorted(messages, key=when)
 
 
-def answer_of_run(newer: list[Any], user_message: Any) -> TurnResult | None:
-    """The reply to user_message, from the messages newer than it (newest first).
+def answer_of_run(newer: list[Any], user_message: Any) -> tuple[TurnResult, set[str]] | None:
+    """The reply to user_message, from the messages newer than it (newest first), and the otids
+    of the user messages that run carried (user_message's own included).
 
     Messages of the same run (`run_id`) are the reply; without a run id, the messages up to the
     next user message. A run that produced nothing (it failed after storing the input) is not
     an answer: None, so the task is sent again.
     """
     run_id = field_of(user_message, "run_id")
+    otids = {field_of(user_message, "otid")}
     if run_id:
         reply = [m for m in reversed(newer) if field_of(m, "run_id") == run_id]
+        otids |= {field_of(m, "otid") for m in reply if field_of(m, "message_type") == "user_message"}
     else:
         reply = []
         for message in reversed(newer):
@@ -151,4 +268,4 @@ def answer_of_run(newer: list[Any], user_message: Any) -> TurnResult | None:
                 break
             reply.append(message)
     parsed = parse_messages(reply)
-    return parsed.result if parsed.produced else None
+    return (parsed.result, otids) if parsed.produced else None

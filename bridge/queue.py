@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 from redis.asyncio import Redis
 
@@ -93,35 +93,49 @@ end
 return 0
 """
 
-# KEYS: active lock, viewer queue, attempts hash, counted hash, done key, then one key per output
-# ARGV: token, expected head, task id ('' = unknown), done value ('' = no done marker),
-#       done ttl s, dead-letter max length, then (op, value) per output
-# Returns 1 finished, 0 lock not ours, -1 head changed.
+# KEYS: active lock, viewer queue, attempts hash, counted hash, then one done key per task, then one
+#       key per output
+# ARGV: token, n tasks, done ttl s, dead-letter max length, then (expected raw, task id ('' = unknown),
+#       done value ('' = no done marker)) per task, then (op, value) per output
+# The n tasks are the first n of the queue (a coalesced turn answers several at once).
+# Returns 1 finished, 0 lock not ours, -1 the queue's head is not what was answered.
 _FINISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then return -1 end
-redis.call('LPOP', KEYS[2])
-if ARGV[3] ~= '' then
-  redis.call('HDEL', KEYS[3], ARGV[3])
-  redis.call('HDEL', KEYS[4], ARGV[3])
-end
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[4], 'EX', ARGV[5])
-end
-local n = #KEYS - 5
+local n = tonumber(ARGV[2])
+local heads = redis.call('LRANGE', KEYS[2], 0, n - 1)
+if #heads ~= n then return -1 end
 for i = 1, n do
-  local key = KEYS[5 + i]
-  local op = ARGV[5 + 2 * i]
-  local value = ARGV[6 + 2 * i]
+  if heads[i] ~= ARGV[2 + 3 * i] then return -1 end
+end
+local out0 = 4 + 3 * n
+local outputs = #KEYS - 4 - n
+for i = 1, outputs do
+  local op = ARGV[out0 + 2 * i - 1]
+  if op ~= 'publish' and op ~= 'lpush' and op ~= 'dead_letter' then
+    return redis.error_reply('unknown output op ' .. tostring(op))
+  end
+end
+redis.call('LTRIM', KEYS[2], n, -1)
+for i = 1, n do
+  local task, done = ARGV[3 + 3 * i], ARGV[4 + 3 * i]
+  if task ~= '' then
+    redis.call('HDEL', KEYS[3], task)
+    redis.call('HDEL', KEYS[4], task)
+  end
+  if done ~= '' then
+    redis.call('SET', KEYS[4 + i], done, 'EX', ARGV[3])
+  end
+end
+for i = 1, outputs do
+  local key = KEYS[4 + n + i]
+  local op, value = ARGV[out0 + 2 * i - 1], ARGV[out0 + 2 * i]
   if op == 'publish' then
     redis.call('PUBLISH', key, value)
   elseif op == 'lpush' then
     redis.call('LPUSH', key, value)
-  elseif op == 'dead_letter' then
-    redis.call('LPUSH', key, value)
-    redis.call('LTRIM', key, 0, tonumber(ARGV[6]) - 1)
   else
-    return redis.error_reply('unknown output op ' .. tostring(op))
+    redis.call('LPUSH', key, value)
+    redis.call('LTRIM', key, 0, tonumber(ARGV[4]) - 1)
   end
 end
 return 1
@@ -198,6 +212,16 @@ def cancel_point() -> None:
 
 
 @dataclass(frozen=True)
+class Finished:
+    """One task acknowledged by FINISH: its raw payload (must still be at its place in the queue),
+    its task id (None when the payload had none) and its done marker (None: no marker)."""
+
+    raw: bytes
+    task_id: str | None
+    done_value: str | None
+
+
+@dataclass(frozen=True)
 class Output:
     """One write done atomically with acknowledging a task."""
 
@@ -256,26 +280,26 @@ class ViewerQueues:
     async def head(self, viewer: str) -> bytes | None:
         return await self.redis.lindex(keys.viewer_queue(viewer), 0)
 
+    async def peek(self, viewer: str, count: int) -> list[bytes]:
+        """The first `count` tasks of the viewer's queue, head first."""
+        return await self.redis.lrange(keys.viewer_queue(viewer), 0, count - 1)
+
     async def finish(
-        self,
-        viewer: str,
-        token: str,
-        head: bytes,
-        *,
-        task_id: str | None,
-        done_value: str | None,
-        done_ttl: int,
-        outputs: list[Output],
+        self, viewer: str, token: str, tasks: Sequence[Finished], *, done_ttl: int, outputs: Sequence[Output]
     ) -> int:
-        """Atomically: write outputs, pop the head, mark the task done. 1 ok, 0 lock lost, -1 head moved."""
+        """Atomically: write outputs, pop the tasks (the first len(tasks) of the queue), mark them
+        done. 1 ok, 0 lock lost, -1 the queue's head moved."""
         script_keys = [
             keys.viewer_active(viewer),
             keys.viewer_queue(viewer),
             keys.BRIDGE_ATTEMPTS,
             keys.BRIDGE_COUNTED,
-            keys.task_done(task_id or ""),
-        ] + [out.key for out in outputs]
-        args: list[str | bytes | int] = [token, head, task_id or "", done_value or "", done_ttl, self.dead_letter_max]
+            *(keys.task_done(task.task_id or "") for task in tasks),
+            *(out.key for out in outputs),
+        ]
+        args: list[str | bytes | int] = [token, len(tasks), done_ttl, self.dead_letter_max]
+        for task in tasks:
+            args += [task.raw, task.task_id or "", task.done_value or ""]
         for out in outputs:
             args += [out.op, out.value]
         return int(await self._finish(keys=script_keys, args=args))
@@ -304,8 +328,19 @@ class ViewerQueues:
     async def is_done(self, task_id: str) -> bool:
         return bool(await self.redis.exists(keys.task_done(task_id)))
 
-    async def next_attempt(self, task_id: str) -> int:
-        return int(await self.redis.hincrby(keys.BRIDGE_ATTEMPTS, task_id, 1))
+    async def done_flags(self, task_ids: Sequence[str]) -> list[bool]:
+        """is_done for several tasks in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.exists(keys.task_done(task_id))
+            return [bool(n) for n in await pipe.execute()]
+
+    async def next_attempts(self, task_ids: Sequence[str]) -> list[int]:
+        """Count one more attempt for every task of a turn (in one round trip); the new counts."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hincrby(keys.BRIDGE_ATTEMPTS, task_id, 1)
+            return [int(n) for n in await pipe.execute()]
 
     # ---- triage ----
     async def oldest_triage(self) -> bytes | None:

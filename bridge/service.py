@@ -37,9 +37,11 @@ from redis.exceptions import RedisError
 from bridge.errors import Disposition, classify_error, describe_error
 from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
 from bridge.metrics import BridgeMetrics
-from bridge.queue import Output, ViewerQueues, cancel_point
+from bridge.queue import Finished, Output, ViewerQueues, cancel_point
+from bridge.reply_stream import ReplyStream
 from bridge.turn_text import compose_turn_text, stats_ops, totals_from_stats
 from bridge.wire import (
+    CHAT_TYPES,
     AvatarEvent,
     DeadLetter,
     LettaRequest,
@@ -298,8 +300,8 @@ class BridgeService:
                 if self._stopping.is_set() or handled >= self.settings.bridge_turns_per_claim:
                     await self.queues.release(viewer, token, yield_turn=True)
                     return
-                # Burst coalescing hook: take up to K heads here (LRANGE 0 K-1) and answer them in
-                # one turn; finish() would then pop K. Today: exactly one task per turn.
+                # The head is handled here; a chat head takes the chat messages waiting behind it
+                # into its turn (burst coalescing, see _followers), and FINISH pops them all.
                 head = await self.queues.head(viewer)
                 if head is None:
                     if await self.queues.release(viewer, token, yield_turn=False) != 0:
@@ -343,7 +345,7 @@ class BridgeService:
         except Exception as exc:  # a bug of ours: dead-letter the task rather than loop on it forever
             log.exception("bridge %s: internal error on task %s", self.replica_id, ctx.task_id or "-")
             outcome = await self._dead_letter(
-                ctx, token, raw, f"internal error: {describe_error(exc)}", "internal", ctx.task_id, None
+                ctx, token, [raw], f"internal error: {describe_error(exc)}", "internal", ctx.task_id, None
             )
         finally:
             self._in_flight -= 1
@@ -362,17 +364,17 @@ class BridgeService:
             request = parse_request(raw, max_bytes=self.settings.bridge_max_payload_bytes)
         except WireError as exc:
             ctx.task_id = exc.task_id
-            return await self._dead_letter(ctx, token, raw, exc.reason, "validate", exc.task_id, exc.user_id)
+            return await self._dead_letter(ctx, token, [raw], exc.reason, "validate", exc.task_id, exc.user_id)
         ctx.task_id, ctx.kind = request.task_id, request.type
         if request.user_id != ctx.viewer:  # the route script keys queues by user_id: cannot happen
-            return await self._dead_letter(ctx, token, raw, "user_id does not match its queue", "validate", request.task_id, None)
+            return await self._dead_letter(ctx, token, [raw], "user_id does not match its queue", "validate", request.task_id, None)
         if await self.queues.is_done(request.task_id):
-            await self._finish(ctx, token, raw, task_id=request.task_id, done_value=None, outputs=[])
+            await self._finish(ctx, token, [Finished(raw, request.task_id, None)], [])
             return "duplicate"
         ctx.route = self._route_of(request)
         if ctx.route == MEMORY_PYTHON:
             out = Output("lpush", self.settings.bridge_memory_queue, raw)
-            await self._finish(ctx, token, raw, task_id=request.task_id, done_value='{"forwarded":"memory-python"}', outputs=[out])
+            await self._finish(ctx, token, [Finished(raw, request.task_id, '{"forwarded":"memory-python"}')], [out])
             return "forwarded"
         return await self._answer_with_letta(ctx, token, raw, request)
 
@@ -387,28 +389,35 @@ class BridgeService:
         try:
             viewer_text = await self._viewer_text(request)
         except WireError as exc:
-            return await self._dead_letter(ctx, token, raw, exc.reason, "validate", request.task_id, request.user_id)
-        text = compose_turn_text(request, viewer_text)
+            return await self._dead_letter(ctx, token, [raw], exc.reason, "validate", request.task_id, request.user_id)
+        head = _Chat(raw, request, compose_turn_text(request, viewer_text))
+        coalesce = True
         while True:
             cancel_point()
-            attempt = ctx.attempt = await self.queues.next_attempt(request.task_id)
+            batch = [head] + (await self._followers(head) if coalesce else [])
+            attempts = await self.queues.next_attempts([chat.task_id for chat in batch])
+            attempt = ctx.attempt = attempts[0]
+            raws = [chat.raw for chat in batch]
             if s.letta_fallback_to_memory and time.monotonic() < self._letta_down_until:
-                return await self._fall_back(ctx, token, raw, request)
+                return await self._fall_back(ctx, token, batch)
             try:
-                result, outcome = await self._letta_turn(request, text, attempt)
+                result, outcome, stream = await self._letta_turn(batch, check_history=max(attempts) > 1)
             except RedisError:
                 raise  # our own store failed, not Letta: handled (and logged) by the worker
             except Exception as exc:  # every Letta failure is classified; none is swallowed silently
                 disposition = classify_error(exc)
                 reason = describe_error(exc)
                 exhausted = attempt > s.letta_retry_attempts
+                if disposition is Disposition.GIVE_UP and len(batch) > 1:
+                    coalesce = False  # one of them may be what Letta refuses: try them one by one
+                    continue
                 if disposition is Disposition.GIVE_UP:
-                    return await self._dead_letter(ctx, token, raw, reason, "letta", request.task_id, request.user_id, attempt)
+                    return await self._dead_letter(ctx, token, raws, reason, "letta", request.task_id, request.user_id, attempt)
                 if exhausted and disposition is Disposition.RETRY:
                     if s.letta_fallback_to_memory:
-                        return await self._fall_back(ctx, token, raw, request)
+                        return await self._fall_back(ctx, token, batch)
                     return await self._dead_letter(
-                        ctx, token, raw, f"gave up after {attempt} attempts: {reason}", "letta",
+                        ctx, token, raws, f"gave up after {attempt} attempts: {reason}", "letta",
                         request.task_id, request.user_id, attempt,
                     )
                 if exhausted and s.letta_fallback_to_memory:  # UNAVAILABLE
@@ -417,7 +426,7 @@ class BridgeService:
                         "bridge %s: Letta unavailable (%s); falling back for %.0fs",
                         self.replica_id, loggable(reason), s.bridge_letta_down_hold,
                     )
-                    return await self._fall_back(ctx, token, raw, request)
+                    return await self._fall_back(ctx, token, batch)
                 delay = self._backoff(attempt)
                 self.metrics.retries.labels(disposition.value).inc()
                 log.warning(
@@ -428,9 +437,48 @@ class BridgeService:
                     raise _Abandoned() from exc
                 continue
             self._letta_down_until = 0.0
-            outputs = self._reply_outputs(request, result)
-            await self._finish(ctx, token, raw, task_id=request.task_id, done_value=outputs[0].value, outputs=outputs)
+            if result.answered:  # replayed from history: answer exactly the tasks that turn carried
+                batch = batch[:_carried(batch, result.answered)]
+            outputs, done_values = self._reply_outputs(batch, result, spoken=stream is not None and stream.spoken)
+            finished = [Finished(chat.raw, chat.task_id, done) for chat, done in zip(batch, done_values)]
+            await self._finish(ctx, token, finished, outputs)
+            self._log_coalesced(ctx, batch)
             return outcome
+
+    async def _followers(self, head: "_Chat") -> list["_Chat"]:
+        """Chat messages waiting behind the head in the viewer's queue that can join its turn.
+
+        They must be consecutive, valid, chat (not events), routed to Letta and not done yet; the
+        first one that is not ends the group (it is handled on its own, in order, afterwards)."""
+        s = self.settings
+        if s.bridge_coalesce_max <= 1 or head.request.type not in CHAT_TYPES:
+            return []
+        raws = await self.queues.peek(head.request.user_id, s.bridge_coalesce_max)
+        if not raws or raws[0] != head.raw:
+            return []
+        candidates: list[LettaRequest] = []
+        seen = {head.task_id}
+        for raw in raws[1:]:
+            try:
+                request = parse_request(raw, max_bytes=s.bridge_max_payload_bytes)
+            except WireError:
+                break
+            if (request.user_id != head.request.user_id or request.type not in CHAT_TYPES
+                    or request.task_id in seen or self._route_of(request) != "letta"):
+                break
+            seen.add(request.task_id)
+            candidates.append(request)
+        followers = []
+        done = await self.queues.done_flags([r.task_id for r in candidates]) if candidates else []
+        for raw, request, is_done in zip(raws[1:], candidates, done):
+            if is_done:
+                break
+            try:
+                text = await self._viewer_text(request)
+            except WireError:
+                break
+            followers.append(_Chat(raw, request, compose_turn_text(request, text)))
+        return followers
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff (base * 2^(attempt-1), capped) with jitter: a random delay in [cap/2, cap]."""
@@ -450,14 +498,22 @@ class BridgeService:
         with self.metrics.letta_latency.labels(op).time():
             return await call
 
-    async def _letta_turn(self, request: LettaRequest, text: str, attempt: int) -> tuple[TurnResult, str]:
-        """Everything Letta does for one task; safe to repeat (at-least-once)."""
+    async def _letta_turn(
+        self, batch: list["_Chat"], *, check_history: bool
+    ) -> tuple[TurnResult, str, ReplyStream | None]:
+        """Everything Letta does for one turn (one task, or a coalesced burst); safe to repeat
+        (at-least-once). check_history: a task of the batch was attempted before, so its turn may
+        already be in the agent's history. Returns the result, the outcome and the stream that
+        published it (if any)."""
+        request = batch[0].request
         viewer, task_id = request.user_id, request.task_id
         agent_id = await self._timed(
             "ensure_agent", self.gateway.ensure_agent(viewer, request.meta.display_name, request.platform)
         )
         now = self.clock()
         stats = await self.queues.count_once(task_id, viewer, stats_ops(request, now))
+        for chat in batch[1:]:
+            await self.queues.count_once(chat.task_id, viewer, stats_ops(chat.request, now))
         recorded = False
         if request.is_event:
             meta = request.meta
@@ -469,17 +525,27 @@ class BridgeService:
             await self._timed("record_event", self.gateway.record_verified_event(agent_id, event))
             recorded = True
             if request.type not in self.settings.bridge_event_turns:
-                return TurnResult(reply_text="", silent=True, memory_updated=True), "recorded"
-        if attempt > 1:
+                return TurnResult(reply_text="", silent=True, memory_updated=True), "recorded", None
+        task_ids = [chat.task_id for chat in batch]
+        if check_history:
             # An earlier attempt may have reached the agent before failing or dying: never a 2nd turn.
-            found = await self._timed("find_answered", self.gateway.find_answered(agent_id, task_id))
+            found = await self._timed("find_answered", self.gateway.find_answered(agent_id, task_ids))
             if found is not None:
-                return replace(found, memory_updated=found.memory_updated or recorded), "replayed"
+                return replace(found, memory_updated=found.memory_updated or recorded), "replayed", None
+        stream = None
+        if self.settings.bridge_streaming:
+            stream = ReplyStream(self.redis, self.settings, task_id=task_ids[-1], user_id=viewer, clock=self.clock)
         result = await self._timed(
             "send_turn",
-            self.gateway.send_turn(agent_id, [TurnMessage(task_id, text)], sender_name=self._sender_name(request)),
+            self.gateway.send_turn(
+                agent_id, [TurnMessage(chat.task_id, chat.text) for chat in batch],
+                sender_name=self._sender_name(request), on_text=stream.feed if stream else None,
+            ),
         )
-        return replace(result, memory_updated=result.memory_updated or recorded), ("silent" if result.silent else "answered")
+        if stream is not None and not result.silent:
+            await stream.close()
+        outcome = "silent" if result.silent else "answered"
+        return replace(result, memory_updated=result.memory_updated or recorded, answered=()), outcome, stream
 
     @staticmethod
     def _sender_name(request: LettaRequest) -> str:
@@ -488,47 +554,75 @@ class BridgeService:
         platform = request.platform
         return f"{name}@{platform}" if platform else name
 
-    def _reply_outputs(self, request: LettaRequest, result: TurnResult) -> list[Output]:
-        """LettaResponse first (it is also the done marker), avatar events, then the words."""
+    def _reply_outputs(self, batch: list["_Chat"], result: TurnResult, *, spoken: bool) -> tuple[list[Output], list[str]]:
+        """The outputs of an answered turn and the done marker of each task (its LettaResponse).
+
+        The last task of the batch carries the reply (avatar events, words); each earlier one gets
+        an empty response naming the task that answered it. `spoken`: the sentences already went
+        to TTS while streaming, so the whole reply is not queued again."""
         s = self.settings
         now = self.clock()
-        task_id, viewer = request.task_id, request.user_id
+        answering = batch[-1].task_id
+        viewer = batch[0].request.user_id
+        outputs: list[Output] = []
+        done_values: list[str] = []
+        for chat in batch[:-1]:
+            response = LettaResponse(task_id=chat.task_id, user_id=viewer, response_text="", memory_updated=False,
+                                     timestamp=now, answered_by=answering)
+            done_values.append(dump(response))
+            outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
+            outputs.append(Output("publish", keys.task_response_channel(chat.task_id),
+                                  dump(TaskResponse(text="", answered_by=answering))))
         response = LettaResponse(
-            task_id=task_id, user_id=viewer, response_text=result.reply_text,
-            memory_updated=result.memory_updated, timestamp=now, silent=result.silent,
+            task_id=answering, user_id=viewer, response_text=result.reply_text, memory_updated=result.memory_updated,
+            timestamp=now, silent=result.silent, answers=[chat.task_id for chat in batch] if len(batch) > 1 else None,
         )
-        outputs = [Output("publish", s.bridge_response_channel, dump(response))]
+        done_values.append(dump(response))
+        outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
         for call in result.avatar_calls:
-            event = AvatarEvent(tool=call.tool, args=call.args, task_id=task_id, user_id=viewer, timestamp=now)
+            event = AvatarEvent(tool=call.tool, args=call.args, task_id=answering, user_id=viewer, timestamp=now)
             outputs.append(Output("publish", s.bridge_avatar_channel, dump(event)))
-        channel = keys.task_response_channel(task_id)
+        channel = keys.task_response_channel(answering)
         if result.silent:
             outputs.append(Output("publish", channel, dump(TaskResponse(text="", silent=True))))
-        elif s.bridge_tts_handoff:
-            speech = TtsRequest(message_id=f"letta-{task_id}", task_id=task_id, text=result.reply_text, response_channel=channel)
+        elif s.bridge_tts_handoff and not spoken:
+            speech = TtsRequest(message_id=f"letta-{answering}", task_id=answering, text=result.reply_text, response_channel=channel)
             outputs.append(Output("lpush", s.bridge_tts_queue, dump(speech)))
-        else:
+        elif not s.bridge_tts_handoff:
             outputs.append(Output("publish", channel, dump(TaskResponse(text=result.reply_text))))
-        return outputs
+        return outputs, done_values
 
-    async def _fall_back(self, ctx: _TaskLog, token: str, raw: bytes, request: LettaRequest) -> str:
-        """Letta is down: hand the task to memory-python, marked meta.letta_fallback = true."""
-        payload: dict[str, Any] = json.loads(raw)
-        meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
-        payload["meta"] = {**meta, "letta_fallback": True}
-        out = Output("lpush", self.settings.bridge_memory_queue, json.dumps(payload, ensure_ascii=False))
-        await self._finish(ctx, token, raw, task_id=request.task_id, done_value='{"fallback":"memory-python"}', outputs=[out])
+    def _log_coalesced(self, ctx: _TaskLog, batch: list["_Chat"]) -> None:
+        """One log line per task: the ones that rode along in the head's turn get theirs here."""
+        answering = batch[-1].task_id
+        for chat in batch[1:]:
+            self.metrics.outcomes.labels("coalesced").inc()
+            log.info(
+                "task=%s viewer=%s type=%s route=letta attempt=%d outcome=coalesced duration_ms=%d answered_by=%s",
+                chat.task_id, loggable(ctx.viewer), chat.request.type, ctx.attempt,
+                (time.monotonic() - ctx.started) * 1000, answering,
+            )
+        if len(batch) > 1:
+            ctx.reason = f"answered {len(batch)} tasks in one turn"
+
+    async def _fall_back(self, ctx: _TaskLog, token: str, batch: list["_Chat"]) -> str:
+        """Letta is down: hand the tasks to memory-python, marked meta.letta_fallback = true."""
+        outputs = []
+        for chat in batch:
+            payload: dict[str, Any] = json.loads(chat.raw)
+            meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+            payload["meta"] = {**meta, "letta_fallback": True}
+            outputs.append(Output("lpush", self.settings.bridge_memory_queue, json.dumps(payload, ensure_ascii=False)))
+        done = '{"fallback":"memory-python"}'
+        await self._finish(ctx, token, [Finished(chat.raw, chat.task_id, done) for chat in batch], outputs)
         ctx.route = MEMORY_PYTHON
+        if len(batch) > 1:
+            ctx.reason = f"{len(batch)} tasks"
         return "fallback"
 
     # ------------------------------------------------------------------ acknowledging
-    async def _finish(
-        self, ctx: _TaskLog, token: str, raw: bytes, *, task_id: str | None, done_value: str | None, outputs: list[Output]
-    ) -> None:
-        result = await self.queues.finish(
-            ctx.viewer, token, raw, task_id=task_id, done_value=done_value,
-            done_ttl=self.settings.bridge_done_ttl, outputs=outputs,
-        )
+    async def _finish(self, ctx: _TaskLog, token: str, tasks: list[Finished], outputs: list[Output]) -> None:
+        result = await self.queues.finish(ctx.viewer, token, tasks, done_ttl=self.settings.bridge_done_ttl, outputs=outputs)
         if result != 1:
             raise _LockLost()
 
@@ -543,13 +637,47 @@ class BridgeService:
         ))
 
     async def _dead_letter(
-        self, ctx: _TaskLog, token: str, raw: bytes, reason: str, stage: str,
+        self, ctx: _TaskLog, token: str, raws: list[bytes], reason: str, stage: str,
         task_id: str | None, user_id: str | None, attempts: int | None = None,
     ) -> str:
-        entry = self._dead_letter_entry(raw, reason, stage=stage, task_id=task_id, user_id=user_id, attempts=attempts)
-        await self._finish(ctx, token, raw, task_id=task_id, done_value=None, outputs=[Output("dead_letter", keys.BRIDGE_DEAD_LETTERS, entry)])
+        """Dead-letter the task (or every task of a coalesced turn that kept failing), one entry each."""
+        finished, outputs = [], []
+        for index, raw in enumerate(raws):
+            own_id = task_id if index == 0 else _task_id_of(raw)
+            entry = self._dead_letter_entry(raw, reason, stage=stage, task_id=own_id, user_id=user_id, attempts=attempts)
+            finished.append(Finished(raw, own_id, None))
+            outputs.append(Output("dead_letter", keys.BRIDGE_DEAD_LETTERS, entry))
+        await self._finish(ctx, token, finished, outputs)
         ctx.reason = f"{stage}: {reason}"
         return "dead_letter"
+
+
+@dataclass(frozen=True)
+class _Chat:
+    """One validated task of a Letta turn and the text the agent reads for it."""
+
+    raw: bytes
+    request: LettaRequest
+    text: str
+
+    @property
+    def task_id(self) -> str:
+        return self.request.task_id
+
+
+def _carried(batch: list[_Chat], answered: tuple[str, ...]) -> int:
+    """How many tasks at the start of batch a replayed turn carried (the head always)."""
+    count = 1
+    while count < len(batch) and batch[count].task_id in answered:
+        count += 1
+    return count
+
+
+def _task_id_of(raw: bytes) -> str | None:
+    try:
+        return json.loads(raw).get("task_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 async def run_bridge(

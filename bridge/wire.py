@@ -164,6 +164,11 @@ class LettaResponse(BaseModel):
 
     Example: {"task_id": "3f0c9a", "user_id": "bilibili:12345", "response_text": "你好呀小明！",
               "memory_updated": true, "source": "letta", "timestamp": 1756450000.12, "silent": false}
+
+    A burst answered by one coalesced turn: the last task carries the reply and `answers` (every
+    task id the reply answers, its own included); each earlier task gets response_text "" and
+    `answered_by` (the task id whose reply answered it), so no task is left without a response
+    and no reply is stored or spoken twice.
     """
 
     task_id: str
@@ -173,17 +178,40 @@ class LettaResponse(BaseModel):
     source: Literal["letta"] = "letta"
     timestamp: float
     silent: bool = False
+    answered_by: str | None = None
+    answers: list[str] | None = None
+
+
+class ReplyChunk(BaseModel):
+    """One sentence of a reply, published on `letta_response_chunks` while the agent is still
+    talking (streaming), so speech can start before the turn ends. The final `LettaResponse`
+    still carries the whole reply and is the authority (e.g. `silent`).
+
+    Example: {"task_id": "3f0c9a", "user_id": "bilibili:12345", "index": 0, "text": "你好呀小明！",
+              "source": "letta", "timestamp": 1756450000.12}
+    `index` counts from 0 per task. Delivery is at-least-once: after a retry the same
+    (task_id, index) may come again, so consumers key on both.
+    """
+
+    task_id: str
+    user_id: str
+    index: int
+    text: str
+    source: Literal["letta"] = "letta"
+    timestamp: float
 
 
 class TaskResponse(BaseModel):
     """The host output-handler's text-only form on `task_response:{task_id}`.
 
     Example: {"text": "你好呀小明！"}; a silent turn: {"text": "", "silent": true}
-    (published so the output handler, which waits for one message, is not left hanging).
+    (published so the output handler, which waits for one message, is not left hanging);
+    a task answered by a later task's reply (burst coalescing): {"text": "", "answered_by": "3f0c9b"}.
     """
 
     text: str
     silent: bool | None = None
+    answered_by: str | None = None
 
 
 class TtsRequest(BaseModel):
@@ -191,12 +219,15 @@ class TtsRequest(BaseModel):
 
     Example: {"message_id": "letta-3f0c9a", "task_id": "3f0c9a", "text": "你好呀小明！",
               "response_channel": "task_response:3f0c9a"}
+    Per-sentence speech (VTL_BRIDGE_TTS_PER_SENTENCE): one request per sentence, message_id
+    "letta-3f0c9a-0", "letta-3f0c9a-1", ... and `sentence_index` 0, 1, ...
     """
 
     message_id: str
     task_id: str
     text: str
     response_channel: str
+    sentence_index: int | None = None
 
 
 class AvatarEvent(BaseModel):

@@ -85,6 +85,18 @@ class Settings(BaseSettings):
     bridge_avatar_channel: str = Field("live2d_events", alias="VTL_BRIDGE_AVATAR_CHANNEL", min_length=1)
     # true: replies go to the TTS queue and are spoken; false: text-only {"text": ...} on task_response.
     bridge_tts_handoff: bool = Field(True, alias="VTL_BRIDGE_TTS_HANDOFF")
+    # Streaming: the reply is read from Letta token by token and published sentence by sentence
+    # on the chunk channel while the agent is still talking; the final response is unchanged.
+    bridge_streaming: bool = Field(True, alias="VTL_BRIDGE_STREAMING")
+    bridge_chunk_channel: str = Field("letta_response_chunks", alias="VTL_BRIDGE_CHUNK_CHANNEL", min_length=1)
+    # With TTS handoff and streaming: one TTS request per sentence, so speech starts with the first
+    # sentence. Off by default because the stock host's output handler stops listening on
+    # task_response:{task_id} after the first message, so it would play only the first sentence;
+    # turn it on for a consumer that plays every message of a task (e.g. the host's streaming engine).
+    bridge_tts_per_sentence: bool = Field(False, alias="VTL_BRIDGE_TTS_PER_SENTENCE")
+    # Burst coalescing: up to this many chat messages waiting in one viewer's queue go to Letta as
+    # one turn (one user message each). 1 = one turn per message.
+    bridge_coalesce_max: int = Field(8, alias="VTL_BRIDGE_COALESCE_MAX", ge=1, le=50)
     # input_file is read only from inside this folder (default: <VTL_DATA_DIR>/uploads). The stock
     # host writes /tmp/aivtuber_tasks/<task>/input.txt: point this there to accept its files.
     bridge_uploads_dir: Path | None = Field(None, alias="VTL_BRIDGE_UPLOADS_DIR")

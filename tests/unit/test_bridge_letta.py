@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import replace
 import json
 
 import httpx
@@ -23,7 +24,7 @@ from bridge.gateway import (
     ViewerTotals,
     format_support,
 )
-from bridge.letta_turns import LettaTurns, answer_of_run, otid_for, safe_sender_name
+from bridge.letta_turns import LettaTurns, StreamedTurn, answer_of_run, otid_for, safe_sender_name
 from bridge.replies import content_text, parse_letta_response, parse_messages
 
 REQ = httpx.Request("POST", "http://letta.test/v1/agents/agent-1/messages")
@@ -178,22 +179,48 @@ class FakeLettaHttp:
             if self.create_status != 200:
                 return httpx.Response(self.create_status, json={"detail": "unavailable"})
             body = json.loads(request.content)
-            user = body["messages"][0]
+            users = body["messages"]
             run = f"run-{len(self.requests)}"
             reply = [
                 msg("tool_call_message", tool_call={"name": "set_expression", "arguments": '{"expression": "happy"}', "tool_call_id": "c1"}, run_id=run),
                 msg("tool_return_message", tool_call_id="c1", status="success", tool_return="Expression set: happy", run_id=run),
-                msg("assistant_message", content=f"reply to {user['content']}", run_id=run),
+                msg("assistant_message", id=f"m-{run}", content=f"reply to {users[-1]['content']}. Bye!", run_id=run),
             ]
-            for message in [msg("user_message", content=user["content"], otid=user["otid"], run_id=run), *reply]:
+            stored = [msg("user_message", content=u["content"], otid=u["otid"], run_id=run) for u in users]
+            for message in [*stored, *reply]:
                 message["date"] = f"2025-08-29T00:00:{len(self.history):02d}Z"
                 self.history.append(message)
+            if body.get("streaming"):
+                return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(token_chunks(reply)))
             return httpx.Response(200, json={"messages": reply, "stop_reason": {"stop_reason": "end_turn"}, "usage": {}})
         # As Letta 0.16.8 really answers ?order=desc&limit=N: the NEWEST N messages, listed OLDEST first
         # (letta/server/server.py get_agent_recall_async reverses the page again).
         assert request.url.params.get("order") == "desc"
         limit = int(request.url.params.get("limit", 100))
         return httpx.Response(200, json=self.history[-limit:])
+
+
+def token_chunks(reply: list[dict]) -> list[dict]:
+    """The reply as Letta 0.16.8 streams it with stream_tokens=True (shapes seen on a real server):
+    a ping, tool-call arguments in pieces, assistant text a few characters per chunk under one id."""
+    chunks = [{"id": "ping-1", "message_type": "ping", "date": "2025-08-29T00:00:00Z"}]
+    for message in reply:
+        if message["message_type"] == "tool_call_message":
+            call = message["tool_call"]
+            chunks.append({**message, "tool_call": {"name": call["name"], "tool_call_id": call["tool_call_id"]}})
+            for i in range(0, len(call["arguments"]), 7):
+                chunks.append({**message, "tool_call": {"arguments": call["arguments"][i:i + 7], "tool_call_id": call["tool_call_id"]}})
+        elif message["message_type"] == "assistant_message":
+            text = message["content"]
+            chunks += [{**message, "content": text[i:i + 3]} for i in range(0, len(text), 3)]
+        else:
+            chunks.append(message)
+    return chunks + [{"message_type": "stop_reason", "stop_reason": "end_turn"},
+                     {"message_type": "usage_statistics", "completion_tokens": 9}]
+
+
+def sse(chunks: list[dict]) -> bytes:
+    return "".join(f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in chunks).encode()
 
 
 def turns_with(handler: FakeLettaHttp, history_scan: int = 200) -> LettaTurns:
@@ -212,7 +239,7 @@ def test_send_turn_body_and_reply():
         return await turns.send_turn("agent-1", [TurnMessage("t-1", "你好")], sender_name="Alice Smith@twitch")
 
     result = asyncio.run(scenario())
-    assert result.reply_text == "reply to 你好"
+    assert result.reply_text == "reply to 你好. Bye!"
     assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy"}),)
     request = http.requests[0]
     assert request.url.path == "/v1/agents/agent-1/messages"
@@ -253,14 +280,14 @@ def test_find_answered_finds_the_run_of_the_task_in_lettas_real_order():
         turns = turns_with(http)
         for i in range(1, 4):
             await turns.send_turn("agent-1", [TurnMessage(f"t-{i}", f"m{i}")], sender_name=None)
-        results = [await turns.find_answered("agent-1", f"t-{i}") for i in (1, 2, 3)]
+        results = [await turns.find_answered("agent-1", [f"t-{i}"]) for i in (1, 2, 3)]
         turns_small = turns_with(http, history_scan=5)
-        missing = await turns_small.find_answered("agent-1", "t-1")  # beyond the scan limit
-        unknown = await turns.find_answered("agent-1", "t-9")
+        missing = await turns_small.find_answered("agent-1", ["t-1"])  # beyond the scan limit
+        unknown = await turns.find_answered("agent-1", ["t-9"])
         return results, missing, unknown
 
     results, missing, unknown = asyncio.run(scenario())
-    assert [r.reply_text if r else None for r in results] == ["reply to m1", "reply to m2", "reply to m3"]
+    assert [r.reply_text if r else None for r in results] == ["reply to m1. Bye!", "reply to m2. Bye!", "reply to m3. Bye!"]
     assert missing is None and unknown is None
     gets = [r for r in http.requests if r.method == "GET"]
     assert all(g.url.params["order"] == "desc" for g in gets)
@@ -274,7 +301,7 @@ def test_find_answered_does_not_trust_the_page_order():
     for page in ([other, user, reply], [reply, user, other]):
         http = FakeLettaHttp()
         http.history = page
-        found = asyncio.run(turns_with(http).find_answered("agent-1", "t-1"))
+        found = asyncio.run(turns_with(http).find_answered("agent-1", ["t-1"]))
         assert found is not None and found.reply_text == "mine"
 
 
@@ -282,13 +309,90 @@ def test_a_run_without_output_is_not_an_answer():
     user = msg("user_message", content="hi", otid="o", run_id="run-1")
     assert answer_of_run([], user) is None
     newer = [msg("assistant_message", content="later turn", run_id="run-2"), msg("assistant_message", content="mine", run_id="run-1")]
-    assert answer_of_run(newer, user).reply_text == "mine"
+    assert answer_of_run(newer, user)[0].reply_text == "mine"
     no_run = msg("user_message", content="hi", otid="o")
     newer = [msg("assistant_message", content="after next"), msg("user_message", content="next"), msg("assistant_message", content="mine")]
-    assert answer_of_run(newer, no_run).reply_text == "mine"
+    assert answer_of_run(newer, no_run)[0].reply_text == "mine"
 
 
 def test_viewer_totals_block_fields():
     totals = ViewerTotals(first_seen=0, last_seen=60, visits=2, support={"CNY": 30.0, "": 5})
     assert totals.as_block_fields()["total_support"] == "5 + 30 CNY"
     assert format_support({}) == "0"
+
+
+# ---------------------------------------------------------------- streaming and coalesced turns
+
+
+def test_a_streamed_turn_hands_over_the_text_as_it_comes_and_ends_like_a_plain_one():
+    http = FakeLettaHttp()
+    pieces: list[str] = []
+
+    async def collect(delta: str) -> None:
+        pieces.append(delta)
+
+    async def scenario():
+        turns = turns_with(http)
+        streamed = await turns.send_turn("agent-1", [TurnMessage("t-1", "你好")], sender_name=None, on_text=collect)
+        plain = await turns.send_turn("agent-1", [TurnMessage("t-2", "你好")], sender_name=None)
+        return streamed, plain
+
+    streamed, plain = asyncio.run(scenario())
+    assert len(pieces) > 3 and "".join(pieces) == "reply to 你好. Bye!"
+    # same text, the avatar call rebuilt from argument pieces, same flags (message ids differ by run)
+    assert replace(streamed, message_ids=()) == replace(plain, message_ids=())
+    assert streamed.message_ids == ("m-run-1",)
+    assert json.loads(http.requests[0].content)["stream_tokens"] is True
+
+
+def test_a_failing_text_sink_is_raised_as_is_not_as_a_letta_error():
+    class SinkBroke(Exception):
+        pass
+
+    async def broken(delta: str) -> None:
+        raise SinkBroke("redis is gone")
+
+    async def scenario():
+        await turns_with(FakeLettaHttp()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=broken)
+
+    with pytest.raises(SinkBroke):
+        asyncio.run(scenario())
+
+
+def test_stream_chunks_of_several_messages_are_separated_and_errors_surface():
+    turn = StreamedTurn()
+    out = [turn.add(c) for c in [
+        {"message_type": "assistant_message", "id": "a", "content": "One."},
+        {"message_type": "assistant_message", "id": "b", "content": "Two"},
+        {"message_type": "assistant_message", "id": "b", "content": "."},
+        {"message_type": "stop_reason", "stop_reason": "end_turn"},
+    ]]
+    assert out == ["One.", "\nTwo", ".", ""]
+    assert turn.result().reply_text == "One.\nTwo."
+    failed = StreamedTurn()
+    failed.add({"message_type": "error_message", "message": "LLM error"})
+    with pytest.raises(LettaRetryable):
+        failed.result()
+    stopped = StreamedTurn()
+    stopped.add({"message_type": "stop_reason", "stop_reason": "llm_api_error"})
+    with pytest.raises(LettaUnavailable):
+        stopped.result()
+
+
+def test_find_answered_tells_which_tasks_a_coalesced_turn_carried():
+    http = FakeLettaHttp()
+
+    async def scenario():
+        turns = turns_with(http)
+        await turns.send_turn("agent-1", [TurnMessage("a", "1"), TurnMessage("b", "2"), TurnMessage("c", "3")], sender_name=None)
+        await turns.send_turn("agent-1", [TurnMessage("d", "4")], sender_name=None)
+        return (await turns.find_answered("agent-1", ["a", "b", "c", "d"]),
+                await turns.find_answered("agent-1", ["b", "c", "d"]),
+                await turns.find_answered("agent-1", ["d", "e"]))
+
+    from_a, from_b, from_d = asyncio.run(scenario())
+    assert from_a.answered == ("a", "b", "c") and from_a.reply_text == "reply to 3. Bye!"
+    assert from_b.answered == ("b", "c")
+    assert from_d.answered == ("d",) and from_d.reply_text == "reply to 4. Bye!"
+    body = json.loads(http.requests[0].content)
+    assert [m["otid"] for m in body["messages"]] == [otid_for(t) for t in "abc"]  # one otid per task

@@ -1,0 +1,415 @@
+"""What every benchmark shares: a real local stack, the bridge subprocess, the two ways to send a
+turn (through the bridge, or straight to Letta), and the statistics and Markdown they report.
+
+A few lines are duplicated from tests/integration (conftest.make_stack_settings, bridge_helpers'
+bridge_env and BridgeProcess): scripts must not import from tests.
+
+Progress goes to stderr; stdout is only the report (the command, the machine, the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from provisioning.provision import provision
+from provisioning.viewers import ViewerAgents
+from stack.manager import Stack
+from stack.processes import free_port
+from vtuber_letta import redis_keys as keys
+from vtuber_letta.letta_api import async_letta_client
+from vtuber_letta.redis_api import async_redis_client, redis_client
+from vtuber_letta.settings import Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PLAIN_REPLY = "好的，我记住啦。"
+# Every turn: one short plain reply, no tool call (a tool call costs seconds in Letta's sandbox
+# and would drown what we measure). An empty `when` matches every user turn.
+PLAIN_RULE = {"name": "bench-plain", "when": {}, "then": {"reply": PLAIN_REPLY}}
+# Long enough that no turn times out while Letta queues 100+ concurrent sends (a timed-out send
+# is retried by the bridge and would be counted twice); the same value for the bridge and direct.
+LETTA_TIMEOUT_S = 300.0
+TURN_WAIT_S = 600.0  # how long the benchmark waits for one bridge reply before counting an error
+SDK_POOL = 100  # letta-client's httpx pool: at most 100 connections per client (DEFAULT_CONNECTION_LIMITS)
+# Whatever the developer's shell holds must not reach a bridge pointed at our own stack.
+_FOREIGN_ENV_PREFIXES = ("OPENAI_", "OLLAMA_", "LETTA_", "REDIS_", "VTL_")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_id() -> str:
+    """A short random tag so one run's viewers never meet another's (matters with --reuse-stack)."""
+    return uuid.uuid4().hex[:8]
+
+
+# --------------------------------------------------------------------------- arguments
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small counts: the whole script in under 2 minutes")
+    p.add_argument("--reuse-stack", action="store_true",
+                   help="use the stack of the environment/.env (`vtuber-letta stack up`) instead of starting one")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, full: dict[str, Any], quick: dict[str, Any]) -> argparse.Namespace:
+    """Options left unset take the --quick or the full-run default."""
+    args = p.parse_args()
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", _module_name(), *sys.argv[1:]])
+
+
+def _module_name() -> str:
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec else Path(sys.argv[0]).stem
+
+
+# --------------------------------------------------------------------------- the stack
+
+def stack_settings(data_dir: Path) -> Settings:
+    """Settings of a fresh stack on free loopback ports (as tests/integration/conftest.py)."""
+    return Settings(
+        _env_file=None,
+        letta_api_url=f"http://127.0.0.1:{free_port()}",
+        letta_api_key=None,
+        letta_model=None,
+        letta_timeout=LETTA_TIMEOUT_S,
+        redis_url=None,
+        redis_host="127.0.0.1",
+        redis_port=free_port(),
+        redis_password=None,
+        openai_api_key=None,
+        openai_base_url=None,
+        ollama_base_url=None,
+        data_dir=data_dir,
+        letta_server_home=Path(os.environ.get("VTL_LETTA_SERVER_HOME", REPO_ROOT / ".letta-server")),
+        postgres_port=free_port(),
+        scripted_model_port=free_port(),
+    )
+
+
+@contextmanager
+def bench_stack(reuse: bool) -> Iterator[Settings]:
+    """A provisioned stack whose model answers every turn plainly; the one we started is stopped."""
+    if reuse:
+        settings = load_settings().model_copy(update={"letta_timeout": LETTA_TIMEOUT_S})
+        log(f"reusing the stack at {settings.letta_api_url} (redis {settings.redis_address})")
+        with _prepared(settings):
+            yield settings
+        return
+    # Postgres runs as an unprivileged user: the data dir must be reachable (mkdtemp makes it 0700).
+    data_dir = Path(tempfile.mkdtemp(prefix="vtl-bench-"))
+    data_dir.chmod(0o755)
+    settings = stack_settings(data_dir)
+    stack = Stack(settings, log=lambda msg: log(f"[stack] {msg}"))
+    try:
+        started = time.perf_counter()
+        stack.up()
+        log(f"stack up in {time.perf_counter() - started:.0f}s: letta {settings.letta_api_url}, data {data_dir}")
+        with _prepared(settings):
+            yield settings
+    finally:
+        log("stopping the stack: " + (", ".join(stack.down()) or "nothing was running"))
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@contextmanager
+def _prepared(settings: Settings) -> Iterator[None]:
+    """Provisioned (tools and shared blocks exist before any agent is created) and scripted."""
+    summary = provision(settings, out=lambda msg: log(f"[provision] {msg}"))
+    if not summary.ok:
+        raise SystemExit("provisioning failed:\n" + summary.render())
+    if settings.uses_real_model:
+        log("a real model is configured: replies are not scripted (tool calls may happen)")
+        yield
+        return
+    model = f"http://127.0.0.1:{settings.scripted_model_port}/_script/rules"
+    saved = _http_json("GET", model)["rules"]  # a reused stack gets its own rules back afterwards
+    _http_json("PUT", model, [PLAIN_RULE])
+    try:
+        yield
+    finally:
+        _http_json("PUT", model, saved)
+
+
+def _http_json(method: str, url: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def machine_line(settings: Settings, reuse: bool) -> str:
+    try:
+        version = _http_json("GET", f"{settings.letta_api_url}/v1/health/").get("version", "?")
+    except OSError:
+        version = "?"
+    model = "your model" if settings.uses_real_model else "scripted model (plain reply, no tool call)"
+    stack = "reused (`vtuber-letta stack up`)" if reuse else "fresh local stack (started and stopped by the script)"
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{when}; {os.cpu_count()} CPUs; Letta {version}; {model}; {stack}"
+
+
+# --------------------------------------------------------------------------- agents
+
+def ensure_agents(settings: Settings, viewer_ids: Sequence[str], workers: int = 4) -> dict[str, str]:
+    """viewer id -> agent id, created from the template where missing (and put in the bridge's map)."""
+    viewers = ViewerAgents(settings)
+    with ThreadPoolExecutor(workers) as pool:
+        return {v.viewer_id: v.agent_id for v in pool.map(viewers.ensure, viewer_ids)}
+
+
+# --------------------------------------------------------------------------- the bridge process
+
+def child_env(settings: Settings, reuse: bool, **knobs: Any) -> dict[str, str]:
+    """Environment of a child process (the bridge) that must build the same Settings as we did."""
+    if reuse:
+        env = dict(os.environ)  # plus the .env of the repo root, its working directory
+    else:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV_PREFIXES)}
+        host, port = settings.redis_address
+        env.update({
+            "LETTA_API_URL": settings.letta_api_url,
+            "LETTA_API_KEY": settings.letta_password,
+            "REDIS_HOST": host,
+            "REDIS_PORT": str(port),
+            "VTL_DATA_DIR": str(settings.data_dir.resolve()),
+            "VTL_LETTA_SERVER_HOME": str(settings.letta_server_home.resolve()),
+            "VTL_POSTGRES_PORT": str(settings.postgres_port),
+            "VTL_SCRIPTED_MODEL_PORT": str(settings.scripted_model_port),
+            "VTL_PERSONA_CONFIG": str(REPO_ROOT / settings.persona_config),
+        })
+    env.update({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "LETTA_TIMEOUT": str(settings.letta_timeout)})
+    env.update({name: str(value) for name, value in knobs.items() if value is not None})
+    return env
+
+
+class Bridge:
+    """`.venv/bin/vtuber-letta bridge` as a child process, with the bridge's own defaults except
+    no metrics port (VTL_BRIDGE_METRICS_PORT=0) and the benchmark's LETTA_TIMEOUT."""
+
+    def __init__(self, settings: Settings, reuse: bool, **knobs: Any):
+        self.settings = settings
+        self.replica_id = f"bench-{run_id()}"
+        self.env = child_env(settings, reuse, VTL_BRIDGE_METRICS_PORT=0, VTL_BRIDGE_REPLICA_ID=self.replica_id, **knobs)
+        self.cwd = REPO_ROOT if reuse else settings.data_dir.resolve()  # our own stack's data dir has no .env
+        self.log_path = settings.data_dir.resolve() / "logs" / f"{self.replica_id}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Bridge":
+        r = redis_client(self.settings)
+        others = [k for k in r.scan_iter(match=keys.BRIDGE_HEARTBEAT_PREFIX + "*")]
+        if others:
+            log(f"WARNING: other bridge replicas are live ({', '.join(others)}): they take tasks too")
+        self._baseline = self._problem_counts()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        executable = Path(sys.executable).parent / "vtuber-letta"
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([str(executable), "bridge"], env=self.env, cwd=self.cwd, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        try:
+            while not r.exists(keys.bridge_heartbeat(self.replica_id)):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the bridge did not start:\n{self.log_tail()}")
+                time.sleep(0.1)
+        except BaseException:
+            self.__exit__()
+            raise
+        finally:
+            r.close()
+        log(f"bridge {self.replica_id} up (pid {self.proc.pid}, log {self.log_path})")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # graceful: turns in flight finish
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def _problem_counts(self) -> tuple[int, int]:
+        r = redis_client(self.settings)
+        try:
+            return r.llen(self.settings.bridge_memory_queue), r.llen(keys.BRIDGE_DEAD_LETTERS)
+        finally:
+            r.close()
+
+    def problems(self) -> str:
+        """What went wrong inside the bridge since it started: fallbacks to memory-python, dead letters."""
+        fallbacks, dead = (now - then for now, then in zip(self._problem_counts(), self._baseline))
+        return f"bridge fallbacks to memory-python: {fallbacks}, dead letters: {dead}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+# --------------------------------------------------------------------------- sending turns
+
+class BridgeSender:
+    """Pushes tasks the host's way and times each from its LPUSH to its reply on letta_responses.
+
+    One subscription for every task (subscribed before anything is pushed); a reader task hands
+    each reply to the waiting coroutine by task_id and stamps the time it arrived.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.redis = async_redis_client(settings)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.unexpected = 0  # replies that are not the scripted plain reply
+
+    async def __aenter__(self) -> "BridgeSender":
+        await self.pubsub.subscribe(self.settings.bridge_response_channel)
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+        await self.pubsub.aclose()
+        await self.redis.aclose()
+
+    async def _read(self) -> None:
+        async for message in self.pubsub.listen():
+            arrived = time.perf_counter()
+            try:
+                body = json.loads(message["data"])
+            except (TypeError, ValueError):
+                continue
+            waiter = self.waiting.pop(body.get("task_id"), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((arrived, body))
+
+    async def turn(self, viewer_id: str, text: str) -> float:
+        """Seconds from LPUSH to the reply; raises on timeout."""
+        task_id = f"bench-{uuid.uuid4().hex}"
+        task = {"task_id": task_id, "type": "text", "user_id": viewer_id, "content": text, "source": "user",
+                "meta": {"memory_type": "permanent"}}
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting[task_id] = waiter
+        started = time.perf_counter()
+        await self.redis.lpush(self.settings.bridge_request_queue, json.dumps(task, ensure_ascii=False))
+        try:
+            arrived, body = await asyncio.wait_for(waiter, TURN_WAIT_S)
+        finally:
+            self.waiting.pop(task_id, None)
+        if body.get("response_text") != PLAIN_REPLY and not self.settings.uses_real_model:
+            self.unexpected += 1
+        return arrived - started
+
+
+class DirectSender:
+    """Straight to Letta with the project's message client (no SDK retries), as the bridge does;
+    `streaming=True` reads the reply token by token (`stream_tokens`), as the bridge does by default.
+
+    letta-client's pool holds at most 100 connections, so above that the sends are spread over
+    several clients: otherwise direct concurrency would silently stop at 100.
+    """
+
+    def __init__(self, settings: Settings, concurrency: int = 1, *, streaming: bool = False):
+        self.clients = [async_letta_client(settings, for_messages=True)
+                        for _ in range(max(1, math.ceil(concurrency / SDK_POOL)))]
+        self.streaming = streaming
+        self.unexpected = 0
+        self.uses_real_model = settings.uses_real_model
+
+    async def turn(self, agent_id: str, text: str, slot: int = 0) -> float:
+        """Seconds until the whole reply is in; raises on any Letta error."""
+        client = self.clients[slot % len(self.clients)]
+        messages = [{"role": "user", "content": text}]
+        started = time.perf_counter()
+        if self.streaming:
+            stream = await client.agents.messages.create(agent_id, messages=messages, streaming=True, stream_tokens=True)
+            async with stream:
+                chunks = [chunk async for chunk in stream]
+        else:
+            chunks = (await client.agents.messages.create(agent_id, messages=messages)).messages
+        elapsed = time.perf_counter() - started
+        said = "".join(_text(m.content) for m in chunks if getattr(m, "message_type", "") == "assistant_message")
+        if said != PLAIN_REPLY and not self.uses_real_model:
+            self.unexpected += 1
+        return elapsed
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+def _text(content: Any) -> str:
+    """An assistant message's content: a str, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(getattr(part, "text", "") or "" for part in content or [])
+
+
+# --------------------------------------------------------------------------- statistics and Markdown
+
+def p50(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def p95(values: Sequence[float]) -> float:
+    """Nearest-rank 95th percentile (an observed value, no interpolation)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return "n/a" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, settings: Settings, reuse: bool, sections: Sequence[str]) -> None:
+    """The report on stdout: title, the exact command, the machine, then each table or note."""
+    print(f"## {title}\n")
+    print(f"Command: `{command_line()}`  ")
+    print(f"Machine: {machine_line(settings, reuse)}\n")
+    for section in sections:
+        print(section + "\n")
+    sys.stdout.flush()
