@@ -101,6 +101,9 @@ def bridge_env(settings: Settings, **knobs: Any) -> dict[str, str]:
         "VTL_BRIDGE_HEARTBEAT_INTERVAL": "0.5",
         "VTL_BRIDGE_HEARTBEAT_TTL": "3",
         "VTL_BRIDGE_GRACE_PERIOD": "30",
+        # One turn per task: these tests follow every task to its own reply on tts_requests. Burst
+        # coalescing (on by default) is tested against the real stack in test_bridge_speed.py.
+        "VTL_BRIDGE_COALESCE_MAX": "1",
     })
     for name, value in knobs.items():
         env[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
@@ -314,6 +317,15 @@ class ChannelRecorder:
 def agents_of(client, viewer_id: str) -> list:
     """Every agent on the Letta server tagged as this viewer's (there must be exactly one)."""
     return list(client.agents.list(tags=[viewer_tag(viewer_id)], match_all_tags=True, limit=50))
+
+
+def user_runs(client, agent_id: str) -> dict[str, list[str]]:
+    """otid -> the run ids of the user messages carrying it (one run = one Letta turn)."""
+    runs: dict[str, list[str]] = {}
+    for message in client.agents.messages.list(agent_id, order="asc", limit=200):
+        if getattr(message, "message_type", None) == "user_message" and getattr(message, "otid", None):
+            runs.setdefault(message.otid, []).append(getattr(message, "run_id", None))
+    return runs
 
 
 def user_otid_counts(client, agent_id: str) -> Counter:
