@@ -98,14 +98,15 @@ return 0
 # ARGV: token, n tasks, done ttl s, dead-letter max length, then (expected raw, task id ('' = unknown),
 #       done value ('' = no done marker)) per task, then (op, value) per output
 # The n tasks are the first n of the queue (a coalesced turn answers several at once).
-# Returns 1 finished, 0 lock not ours, -1 the queue's head is not what was answered.
+# Returns {1, tasks left in the queue} finished, {0, 0} lock not ours, {-1, 0} the queue's head is
+# not what was answered.
 _FINISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, 0} end
 local n = tonumber(ARGV[2])
 local heads = redis.call('LRANGE', KEYS[2], 0, n - 1)
-if #heads ~= n then return -1 end
+if #heads ~= n then return {-1, 0} end
 for i = 1, n do
-  if heads[i] ~= ARGV[2 + 3 * i] then return -1 end
+  if heads[i] ~= ARGV[2 + 3 * i] then return {-1, 0} end
 end
 local out0 = 4 + 3 * n
 local outputs = #KEYS - 4 - n
@@ -138,7 +139,7 @@ for i = 1, outputs do
     redis.call('LTRIM', key, 0, tonumber(ARGV[4]) - 1)
   end
 end
-return 1
+return {1, redis.call('LLEN', KEYS[2])}
 """
 
 # KEYS: active lock, viewer queue, pending, ready; ARGV: token, viewer, 'yield' | 'release'
@@ -286,9 +287,10 @@ class ViewerQueues:
 
     async def finish(
         self, viewer: str, token: str, tasks: Sequence[Finished], *, done_ttl: int, outputs: Sequence[Output]
-    ) -> int:
+    ) -> tuple[int, int]:
         """Atomically: write outputs, pop the tasks (the first len(tasks) of the queue), mark them
-        done. 1 ok, 0 lock lost, -1 the queue's head moved."""
+        done. Returns (status, tasks left in the viewer's queue); status 1 ok, 0 lock lost, -1 the
+        queue's head moved."""
         script_keys = [
             keys.viewer_active(viewer),
             keys.viewer_queue(viewer),
@@ -302,7 +304,8 @@ class ViewerQueues:
             args += [task.raw, task.task_id or "", task.done_value or ""]
         for out in outputs:
             args += [out.op, out.value]
-        return int(await self._finish(keys=script_keys, args=args))
+        status, left = await self._finish(keys=script_keys, args=args)
+        return int(status), int(left)
 
     async def release(self, viewer: str, token: str, *, yield_turn: bool) -> int:
         """1 released (empty), 2 yielded to others, 0 more work (keep going), -1 lock was lost."""

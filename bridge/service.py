@@ -61,6 +61,7 @@ log = logging.getLogger("vtuber_letta.bridge")
 T = TypeVar("T")
 
 MEMORY_PYTHON = "memory-python"
+MAX_BURST_WAIT_S = 1.0  # the longest a mid-burst group waits for more of the burst
 DEFAULT_ROUTING = {"permanent": "letta", "temporary": MEMORY_PYTHON}
 
 
@@ -81,6 +82,8 @@ class _TaskLog:
     route: str = "-"
     attempt: int = 0
     reason: str = ""
+    mid_burst: bool = False  # the viewer's previous turn ended with messages already waiting
+    left: int = 0  # tasks still in the viewer's queue once this one was acknowledged
 
 
 def loggable(text: str, limit: int = 300) -> str:
@@ -294,6 +297,7 @@ class BridgeService:
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lock(viewer, token, lost))
         handled = 0
+        mid_burst = False
         try:
             while not lost.is_set():
                 cancel_point()
@@ -308,7 +312,7 @@ class BridgeService:
                         return
                     continue
                 try:
-                    await self._handle(viewer, token, head)
+                    mid_burst = await self._handle(viewer, token, head, mid_burst=mid_burst) > 0
                 except _Abandoned:
                     await self.queues.release(viewer, token, yield_turn=True)
                     return
@@ -322,9 +326,10 @@ class BridgeService:
         finally:
             keeper.cancel()
 
-    async def _handle(self, viewer: str, token: str, raw: bytes) -> None:
-        """One task, start to finish, with exactly one log line."""
-        ctx = _TaskLog(viewer=viewer, started=time.monotonic())
+    async def _handle(self, viewer: str, token: str, raw: bytes, *, mid_burst: bool = False) -> int:
+        """One task (or a coalesced group), start to finish, one log line per task. Returns how many
+        tasks were left in the viewer's queue when it was acknowledged."""
+        ctx = _TaskLog(viewer=viewer, started=time.monotonic(), mid_burst=mid_burst)
         self._in_flight += 1
         self.metrics.in_flight.inc()
         outcome = "error"
@@ -358,6 +363,7 @@ class BridgeService:
                 ctx.task_id or "-", loggable(viewer), ctx.kind, ctx.route, ctx.attempt, outcome,
                 (time.monotonic() - ctx.started) * 1000, f" reason={loggable(ctx.reason)}" if ctx.reason else "",
             )
+        return ctx.left
 
     async def _process(self, ctx: _TaskLog, token: str, raw: bytes) -> str:
         try:
@@ -394,7 +400,7 @@ class BridgeService:
         coalesce = True
         while True:
             cancel_point()
-            batch = [head] + (await self._followers(head) if coalesce else [])
+            batch = [head] + (await self._followers(head, mid_burst=ctx.mid_burst) if coalesce else [])
             attempts = await self.queues.next_attempts([chat.task_id for chat in batch])
             attempt = ctx.attempt = attempts[0]
             raws = [chat.raw for chat in batch]
@@ -442,18 +448,34 @@ class BridgeService:
             outputs, done_values = self._reply_outputs(batch, result, spoken=stream is not None and stream.spoken)
             finished = [Finished(chat.raw, chat.task_id, done) for chat, done in zip(batch, done_values)]
             await self._finish(ctx, token, finished, outputs)
-            self._log_coalesced(ctx, batch)
-            return outcome
+            return self._log_coalesced(ctx, batch, outcome)
 
-    async def _followers(self, head: "_Chat") -> list["_Chat"]:
+    async def _followers(self, head: "_Chat", *, mid_burst: bool) -> list["_Chat"]:
         """Chat messages waiting behind the head in the viewer's queue that can join its turn.
 
         They must be consecutive, valid, chat (not events), routed to Letta and not done yet; the
-        first one that is not ends the group (it is handled on its own, in order, afterwards)."""
+        first one that is not ends the group (it is handled on its own, in order, afterwards).
+        A viewer is mid-burst when messages are waiting behind the head, or when the head itself
+        arrived while the viewer's previous turn ran: then the rest of the burst is likely on its
+        way: the bridge waits in steps of VTL_BRIDGE_COALESCE_WAIT_MS for as long as each step brings
+        another message (at most MAX_BURST_WAIT_S). A lone message (the usual case) is never delayed."""
         s = self.settings
         if s.bridge_coalesce_max <= 1 or head.request.type not in CHAT_TYPES:
             return []
         raws = await self.queues.peek(head.request.user_id, s.bridge_coalesce_max)
+        if (mid_burst or len(raws) > 1) and s.bridge_coalesce_wait_ms:
+            # Debounce: wait while the burst is still arriving (each pause must bring a new message),
+            # until the group is full or MAX_BURST_WAIT_S has passed.
+            waited = 0.0
+            while len(raws) < s.bridge_coalesce_max and waited < MAX_BURST_WAIT_S:
+                pause = s.bridge_coalesce_wait_ms / 1000
+                if await self._pause(pause):
+                    break
+                waited += pause
+                more = await self.queues.peek(head.request.user_id, s.bridge_coalesce_max)
+                grew, raws = len(more) > len(raws), more
+                if not grew:
+                    break
         if not raws or raws[0] != head.raw:
             return []
         candidates: list[LettaRequest] = []
@@ -592,18 +614,23 @@ class BridgeService:
             outputs.append(Output("publish", channel, dump(TaskResponse(text=result.reply_text))))
         return outputs, done_values
 
-    def _log_coalesced(self, ctx: _TaskLog, batch: list["_Chat"]) -> None:
-        """One log line per task: the ones that rode along in the head's turn get theirs here."""
+    def _log_coalesced(self, ctx: _TaskLog, batch: list["_Chat"], turn_outcome: str) -> str:
+        """The outcome of the head; the other tasks of a coalesced turn get their log line here (the
+        last one, whose reply answers them all, with the turn's outcome: answered, silent, replayed)."""
+        if len(batch) == 1:
+            return turn_outcome
         answering = batch[-1].task_id
         for chat in batch[1:]:
-            self.metrics.outcomes.labels("coalesced").inc()
+            outcome = turn_outcome if chat.task_id == answering else "coalesced"
+            self.metrics.outcomes.labels(outcome).inc()
             log.info(
-                "task=%s viewer=%s type=%s route=letta attempt=%d outcome=coalesced duration_ms=%d answered_by=%s",
-                chat.task_id, loggable(ctx.viewer), chat.request.type, ctx.attempt,
-                (time.monotonic() - ctx.started) * 1000, answering,
+                "task=%s viewer=%s type=%s route=letta attempt=%d outcome=%s duration_ms=%d %s",
+                chat.task_id, loggable(ctx.viewer), chat.request.type, ctx.attempt, outcome,
+                (time.monotonic() - ctx.started) * 1000,
+                f"reason=answered {len(batch)} tasks in one turn" if chat.task_id == answering else f"answered_by={answering}",
             )
-        if len(batch) > 1:
-            ctx.reason = f"answered {len(batch)} tasks in one turn"
+        ctx.reason = f"answered_by={answering}"
+        return "coalesced"
 
     async def _fall_back(self, ctx: _TaskLog, token: str, batch: list["_Chat"]) -> str:
         """Letta is down: hand the tasks to memory-python, marked meta.letta_fallback = true."""
@@ -622,8 +649,9 @@ class BridgeService:
 
     # ------------------------------------------------------------------ acknowledging
     async def _finish(self, ctx: _TaskLog, token: str, tasks: list[Finished], outputs: list[Output]) -> None:
-        result = await self.queues.finish(ctx.viewer, token, tasks, done_ttl=self.settings.bridge_done_ttl, outputs=outputs)
-        if result != 1:
+        status, ctx.left = await self.queues.finish(ctx.viewer, token, tasks, done_ttl=self.settings.bridge_done_ttl,
+                                                    outputs=outputs)
+        if status != 1:
             raise _LockLost()
 
     def _dead_letter_entry(

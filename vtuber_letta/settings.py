@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # Burst coalescing: up to this many chat messages waiting in one viewer's queue go to Letta as
     # one turn (one user message each). 1 = one turn per message.
     bridge_coalesce_max: int = Field(8, alias="VTL_BRIDGE_COALESCE_MAX", ge=1, le=50)
+    # A viewer with messages already waiting is mid-burst: wait in steps of this long while the burst
+    # keeps arriving (at most 1 s) before sending the group. A lone message is never delayed.
+    bridge_coalesce_wait_ms: int = Field(150, alias="VTL_BRIDGE_COALESCE_WAIT_MS", ge=0, le=1000)
     # input_file is read only from inside this folder (default: <VTL_DATA_DIR>/uploads). The stock
     # host writes /tmp/aivtuber_tasks/<task>/input.txt: point this there to accept its files.
     bridge_uploads_dir: Path | None = Field(None, alias="VTL_BRIDGE_UPLOADS_DIR")

@@ -109,6 +109,27 @@ async def test_a_burst_of_ten_becomes_at_most_three_turns_and_every_task_is_answ
 
 
 @scenario
+async def test_mid_burst_the_bridge_waits_briefly_for_the_rest_of_the_burst(r, url, tmp_path):
+    turns = {}
+    for wait_ms in (0, 1000):
+        settings = make_settings(url, tmp_path, VTL_BRIDGE_COALESCE_MAX=8, VTL_BRIDGE_COALESCE_WAIT_MS=wait_ms)
+        gateway = FakeGateway(hold=asyncio.Event())
+        ids = [f"w{wait_ms}-{i}" for i in range(3)]
+        async with Outputs(url) as out, running(settings, gateway):
+            await push(r, task(ids[0]))
+            await asyncio.wait_for(gateway.send_started.wait(), 10)
+            await push(r, task(ids[1]))  # waiting behind a running turn: the viewer is mid-burst
+            await wait_for(lambda: llen_is(r, keys.viewer_queue("bilibili:1"), 2), what="queued")
+            gateway.hold.set()
+            await asyncio.sleep(0.3)
+            await push(r, task(ids[2]))  # the rest of the burst, a moment later
+            await wait_for(lambda: len(out.responses()) == 3, what="three answers")
+        turns[wait_ms] = [sent.task_ids for sent in gateway.sent]
+    assert turns[0] == [("w0-0",), ("w0-1",), ("w0-2",)]
+    assert turns[1000] == [("w1000-0",), ("w1000-1", "w1000-2")]
+
+
+@scenario
 async def test_a_group_never_crosses_an_event_a_bad_task_or_another_route(r, url, tmp_path):
     settings = make_settings(url, tmp_path, VTL_BRIDGE_COALESCE_MAX=8)
     gateway = FakeGateway(hold=asyncio.Event())
