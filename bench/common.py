@@ -49,6 +49,9 @@ PLAIN_RULE = {"name": "bench-plain", "when": {}, "then": {"reply": PLAIN_REPLY}}
 LETTA_TIMEOUT_S = 300.0
 TURN_WAIT_S = 600.0  # how long the benchmark waits for one bridge reply before counting an error
 SDK_POOL = 100  # letta-client's httpx pool: at most 100 connections per client (DEFAULT_CONNECTION_LIMITS)
+# redis-py 8's asyncio pool holds 100 connections by default and then raises ("Too many
+# connections") instead of waiting: 128 viewers pushing at once need more.
+REDIS_POOL = 1024
 # Whatever the developer's shell holds must not reach a bridge pointed at our own stack.
 _FOREIGN_ENV_PREFIXES = ("OPENAI_", "OLLAMA_", "LETTA_", "REDIS_", "VTL_")
 
@@ -118,6 +121,9 @@ def stack_settings(data_dir: Path) -> Settings:
 @contextmanager
 def bench_stack(reuse: bool) -> Iterator[Settings]:
     """A provisioned stack whose model answers every turn plainly; the one we started is stopped."""
+    # `timeout` or a supervisor stops us with SIGTERM: as an exception, every `finally` still runs
+    # (the bridge subprocess and the stack we started are stopped, not orphaned).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if reuse:
         settings = load_settings().model_copy(update={"letta_timeout": LETTA_TIMEOUT_S})
         log(f"reusing the stack at {settings.letta_api_url} (redis {settings.redis_address})")
@@ -138,6 +144,10 @@ def bench_stack(reuse: bool) -> Iterator[Settings]:
     finally:
         log("stopping the stack: " + (", ".join(stack.down()) or "nothing was running"))
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextmanager
@@ -220,7 +230,8 @@ class Bridge:
         self.replica_id = f"bench-{run_id()}"
         self.env = child_env(settings, reuse, VTL_BRIDGE_METRICS_PORT=0, VTL_BRIDGE_REPLICA_ID=self.replica_id, **knobs)
         self.cwd = REPO_ROOT if reuse else settings.data_dir.resolve()  # our own stack's data dir has no .env
-        self.log_path = settings.data_dir.resolve() / "logs" / f"{self.replica_id}.log"
+        # Outside the data dir: our own stack's data dir is deleted at the end, the log is kept.
+        self.log_path = Path(tempfile.gettempdir()) / "vtl-bench-logs" / f"{self.replica_id}.log"
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Bridge":
@@ -288,7 +299,7 @@ class BridgeSender:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.redis = async_redis_client(settings)
+        self.redis = async_redis_client(settings, max_connections=REDIS_POOL)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.waiting: dict[str, asyncio.Future] = {}
         self.unexpected = 0  # replies that are not the scripted plain reply

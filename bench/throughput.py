@@ -18,7 +18,7 @@ from bench.common import (
 )
 
 FULL = {"levels": "1,8,32,128", "turns": 3, "rounds": 3, "warmup": 3}
-QUICK = {"levels": "1,4,16", "turns": 2, "rounds": 2, "warmup": 2}
+QUICK = {"levels": "1,4,8", "turns": 2, "rounds": 2, "warmup": 1}
 PLATEAU = 0.90  # "stops growing": a level within 10 % of the best level's turns/s
 
 
@@ -56,6 +56,7 @@ async def measure(settings, args, levels: list[int], viewers: dict[str, list[str
                         result = await one_round(send[side], viewers[side][:level], args.turns, f"r{rnd}")
                         results[side, level].append(result)
                         log(f"round {rnd + 1}/{args.rounds} level {level:>3} {side:<6}: {result['tps']:.2f} turns/s, "
+                            f"turn p50 {ms(p50(result['latencies']))} ms, max {ms(max(result['latencies'], default=0))} ms, "
                             f"{len(result['errors'])} errors")
             unexpected = bridge.unexpected + direct.unexpected
     finally:
@@ -66,6 +67,8 @@ async def measure(settings, args, levels: list[int], viewers: dict[str, list[str
 def saturation(levels: list[int], tps: dict[int, float]) -> str:
     """The lowest level within 10 % of the best direct turns/s: where adding viewers stops paying.
     Measured against the best level rather than level to level, so one noisy dip cannot fake it."""
+    if len(levels) < 2:
+        return "One concurrency level only: no saturation point."
     best = max(levels, key=lambda level: tps[level])
     plateau = min(level for level in levels if tps[level] >= PLATEAU * tps[best])
     if plateau == levels[-1]:
