@@ -15,11 +15,13 @@ or 5xx, and Letta has no per-agent lock. The bridge owns the retry policy.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import unicodedata
 import uuid
 from dataclasses import replace
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from letta_client import AsyncLetta
 
@@ -81,6 +83,7 @@ class LettaTurns:
         # message calls never retry by themselves.
         self._client = client.with_options(max_retries=0, timeout=timeout)
         self._history_scan = history_scan
+        self._draining: set[asyncio.Task] = set()  # streamed responses being read to their end
 
     @classmethod
     def from_settings(cls, settings: Any) -> "LettaTurns":
@@ -121,19 +124,52 @@ class LettaTurns:
                 agent_id, messages=body, streaming=True, stream_tokens=True
             )
             turn = StreamedTurn()
-            async with stream:
-                async for chunk in stream:
-                    delta = turn.add(chunk)
+            # Letta sends "[DONE]" and then goes on working (~0.1 s here) before it ends the body. The
+            # SDK's iterator stops at "[DONE]" and closes the response unread, so httpx drops the
+            # connection: a new TCP connection per turn. We stop at "[DONE]" too (the reply is
+            # complete) but let a background task read the rest, which returns the connection to
+            # the pool. Reading the events ourselves also skips building a model object per token.
+            response = stream.response
+            events = sse_events(response)
+            done = False
+            try:
+                async for event, data in events:
+                    if event == "error":
+                        raise LettaRetryable(f"turn failed: {data[:300]}")
+                    if data.startswith("[DONE]"):
+                        done = True
+                        break
+                    delta = turn.add(json.loads(data))
                     if delta:
                         try:
                             await on_text(delta)
                         except Exception as exc:
                             raise _SinkFailed() from exc
+            finally:
+                if done:
+                    self._drain(events, response)
+                else:
+                    await response.aclose()
             return turn.result()
         except _SinkFailed as failed:  # the caller's own failure (e.g. Redis), not Letta's
             raise failed.__cause__ from None
         except Exception as exc:  # every failure is mapped to the gateway's error contract
             raise as_gateway_error(exc) from exc
+
+    def _drain(self, events: AsyncIterator[Any], response: Any) -> None:
+        """Finish reading a streamed response in the background, then release its connection."""
+        async def drain() -> None:
+            try:
+                async for _ in events:
+                    pass
+            except Exception:  # the reply is already in hand: a broken tail only costs the connection
+                pass
+            finally:
+                await response.aclose()
+
+        task = asyncio.create_task(drain())
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         """The turn that answered task_ids[0], from the newest `history_scan` messages; its
@@ -237,6 +273,23 @@ class StreamedTurn:
                 self._messages.append({"message_type": "tool_call_message", "tool_calls": [call]})
             call["name"] = call["name"] or field_of(delta, "name") or ""
             call["arguments"] += field_of(delta, "arguments") or ""
+
+
+async def sse_events(response: Any) -> AsyncIterator[tuple[str | None, str]]:
+    """(event, data) of each server-sent event of an httpx response, read to the end of the body."""
+    event: str | None = None
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = None, []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+    if data:
+        yield event, "\n".join(data)
 
 
 def chronological(messages: Sequence[Any]) -> list[Any]:

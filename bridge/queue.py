@@ -5,7 +5,8 @@ Every task is inside some Redis list at every moment, so a replica dying anywher
     request list --BLMOVE RIGHT->LEFT--> vtl:staging      (any replica; one shared list)
     vtl:staging  --ROUTE (oldest first)--> vtl:vq:{viewer} (+ vtl:pending, vtl:ready)
                                        or  vtl:triage      (no sane user_id: dead-lettered later)
-    vtl:vq:{viewer} head --FINISH--> outputs + LPOP + vtl:done:{task}   (one atomic script)
+      (ROUTE then takes the rest of the request list too, in the same atomic script)
+    vtl:vq:{viewer} head(s) --FINISH--> outputs + pop + vtl:done:{task}   (one atomic script)
 
 Ordering: the host LPUSHes, so the RIGHT end of every list is the oldest. Two replicas may BLMOVE
 A1 and A2 of one viewer at the same time, but ROUTE always pops the oldest item of the one shared
@@ -13,9 +14,9 @@ staging list, so the viewer queue receives A1 before A2 whoever moved them.
 
 One turn per viewer across replicas: a worker owns a viewer while it holds `vtl:active:{viewer}`
 (SET NX PX with a random token, renewed while working) and only ever works on the HEAD of that
-viewer's queue; FINISH pops the head only if the token is still its own. RELEASE drops the lock
-only when the queue is empty, in the same script that checks it, so a task routed meanwhile
-can never be stranded. SWEEP re-readies viewers whose worker died (lock expired).
+viewer's queue; FINISH pops the head (or the first n, for a coalesced turn) only if the token is
+still its own. RELEASE (and FINISH, when it leaves the queue empty) drops the lock only when the
+queue is empty, in the same script that checks it, so a task routed meanwhile can never be stranded. SWEEP re-readies viewers whose worker died (lock expired).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from redis.asyncio import Redis
 from bridge.wire import MAX_ID_BYTES
 from vtuber_letta import redis_keys as keys
 
-# KEYS: staging, triage, pending, ready
-# ARGV: viewer queue prefix, active lock prefix, max payload bytes, max user_id bytes
+# KEYS: staging, triage, pending, ready, request list
+# ARGV: viewer queue prefix, active lock prefix, max payload bytes, max user_id bytes, batch size
+# Routes up to `batch size` payloads, oldest first: those in staging, then straight from the request
+# list (in one script nothing can be lost in between), so a burst pushed at once is in its viewer's
+# queue before any worker claims the viewer. Returns {routed, triaged}.
 # The id check is coarse (ASCII id characters or any UTF-8 byte, no spaces or controls): the exact
 # rule (bridge/wire.py ID_PATTERN) is applied by the worker, which dead-letters what fails it.
 _ROUTE = r"""
@@ -60,29 +64,42 @@ local function utf8_ok(s)
   end
   return true
 end
-local raw = redis.call('RPOP', KEYS[1])
-if not raw then return 0 end
-local uid = nil
-if string.len(raw) <= tonumber(ARGV[3]) then
-  local ok, obj = pcall(cjson.decode, raw)
-  if ok and type(obj) == 'table' then
-    local u = obj['user_id']
-    if type(u) == 'string' and string.len(u) >= 1 and string.len(u) <= tonumber(ARGV[4])
-       and string.find(u, '^[%w_%.:@%+=%-\128-\255]+$') and utf8_ok(u) then
-      uid = u
+local routed, triaged = 0, 0
+for _ = 1, tonumber(ARGV[5]) do
+  -- staging first: what was moved there is older than anything still in the request list
+  local raw = redis.call('RPOP', KEYS[1]) or redis.call('RPOP', KEYS[5])
+  if not raw then break end
+  local uid = nil
+  if string.len(raw) <= tonumber(ARGV[3]) then
+    local ok, obj = pcall(cjson.decode, raw)
+    if ok and type(obj) == 'table' then
+      local u = obj['user_id']
+      if type(u) == 'string' and string.len(u) >= 1 and string.len(u) <= tonumber(ARGV[4])
+         and string.find(u, '^[%w_%.:@%+=%-\128-\255]+$') and utf8_ok(u) then
+        uid = u
+      end
     end
   end
+  if not uid then
+    redis.call('RPUSH', KEYS[2], raw)
+    triaged = triaged + 1
+  else
+    redis.call('RPUSH', ARGV[1] .. uid, raw)
+    redis.call('SADD', KEYS[3], uid)
+    if redis.call('EXISTS', ARGV[2] .. uid) == 0 and not redis.call('LPOS', KEYS[4], uid) then
+      redis.call('RPUSH', KEYS[4], uid)
+    end
+    routed = routed + 1
+  end
 end
-if not uid then
-  redis.call('RPUSH', KEYS[2], raw)
-  return 2
-end
-redis.call('RPUSH', ARGV[1] .. uid, raw)
-redis.call('SADD', KEYS[3], uid)
-if redis.call('EXISTS', ARGV[2] .. uid) == 0 and not redis.call('LPOS', KEYS[4], uid) then
-  redis.call('RPUSH', KEYS[4], uid)
-end
-return 1
+return {routed, triaged}
+"""
+
+# KEYS: active lock, viewer queue; ARGV: token, ttl ms, peek count
+# Claim the viewer and read the first tasks of its queue in one round trip; nil if someone else has it.
+_CLAIM = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 """
 
 # KEYS: active lock; ARGV: token, ttl ms
@@ -93,23 +110,24 @@ end
 return 0
 """
 
-# KEYS: active lock, viewer queue, attempts hash, counted hash, then one done key per task, then one
-#       key per output
-# ARGV: token, n tasks, done ttl s, dead-letter max length, then (expected raw, task id ('' = unknown),
-#       done value ('' = no done marker)) per task, then (op, value) per output
-# The n tasks are the first n of the queue (a coalesced turn answers several at once).
-# Returns {1, tasks left in the queue} finished, {0, 0} lock not ours, {-1, 0} the queue's head is
-# not what was answered.
+# KEYS: active lock, viewer queue, attempts hash, counted hash, pending, then one done key per task,
+#       then one key per output
+# ARGV: token, n tasks, done ttl s, dead-letter max length, peek count, viewer, then (expected raw,
+#       task id ('' = unknown), done value ('' = no done marker)) per task, then (op, value) per output
+# The n tasks are the first n of the queue (a coalesced turn answers several at once). When the queue
+# is then empty, the viewer is released in the same script (as RELEASE would), saving two round trips.
+# Returns {1, 1} finished and released, {1, 0, the first `peek count` tasks left} finished,
+# {0} lock not ours, {-1} the queue's head is not what was answered.
 _FINISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, 0} end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
 local n = tonumber(ARGV[2])
 local heads = redis.call('LRANGE', KEYS[2], 0, n - 1)
-if #heads ~= n then return {-1, 0} end
+if #heads ~= n then return {-1} end
 for i = 1, n do
-  if heads[i] ~= ARGV[2 + 3 * i] then return {-1, 0} end
+  if heads[i] ~= ARGV[4 + 3 * i] then return {-1} end
 end
-local out0 = 4 + 3 * n
-local outputs = #KEYS - 4 - n
+local out0 = 6 + 3 * n
+local outputs = #KEYS - 5 - n
 for i = 1, outputs do
   local op = ARGV[out0 + 2 * i - 1]
   if op ~= 'publish' and op ~= 'lpush' and op ~= 'dead_letter' then
@@ -118,17 +136,17 @@ for i = 1, outputs do
 end
 redis.call('LTRIM', KEYS[2], n, -1)
 for i = 1, n do
-  local task, done = ARGV[3 + 3 * i], ARGV[4 + 3 * i]
+  local task, done = ARGV[5 + 3 * i], ARGV[6 + 3 * i]
   if task ~= '' then
     redis.call('HDEL', KEYS[3], task)
     redis.call('HDEL', KEYS[4], task)
   end
   if done ~= '' then
-    redis.call('SET', KEYS[4 + i], done, 'EX', ARGV[3])
+    redis.call('SET', KEYS[5 + i], done, 'EX', ARGV[3])
   end
 end
 for i = 1, outputs do
-  local key = KEYS[4 + n + i]
+  local key = KEYS[5 + n + i]
   local op, value = ARGV[out0 + 2 * i - 1], ARGV[out0 + 2 * i]
   if op == 'publish' then
     redis.call('PUBLISH', key, value)
@@ -139,7 +157,13 @@ for i = 1, outputs do
     redis.call('LTRIM', key, 0, tonumber(ARGV[4]) - 1)
   end
 end
-return {1, redis.call('LLEN', KEYS[2])}
+local rest = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[5]) - 1)
+if #rest == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[5], ARGV[6])
+  return {1, 1}
+end
+return {1, 0, unpack(rest)}
 """
 
 # KEYS: active lock, viewer queue, pending, ready; ARGV: token, viewer, 'yield' | 'release'
@@ -223,6 +247,16 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class FinishResult:
+    """What FINISH did: status 1 ok, 0 lock lost, -1 head moved; released: the queue was empty and
+    the viewer was let go; queued: else the next tasks of the queue, head first."""
+
+    status: int
+    released: bool
+    queued: list[bytes]
+
+
+@dataclass(frozen=True)
 class Output:
     """One write done atomically with acknowledging a task."""
 
@@ -244,6 +278,7 @@ class ViewerQueues:
         self._sweep = redis.register_script(_SWEEP)
         self._dead_letter_triage = redis.register_script(_DEAD_LETTER_TRIAGE)
         self._count = redis.register_script(_COUNT)
+        self._claim = redis.register_script(_CLAIM)
 
     # ---- intake ----
     async def take(self, timeout: float) -> bool:
@@ -251,61 +286,62 @@ class ViewerQueues:
         moved = await self.redis.blmove(self.request_queue, keys.BRIDGE_STAGING, timeout, src="RIGHT", dest="LEFT")
         return moved is not None
 
-    async def route_all(self) -> tuple[int, int]:
-        """Route staging until it is empty; returns (routed, triaged)."""
+    async def route_all(self, batch: int = 100) -> tuple[int, int]:
+        """Route staging and the request list until both are empty (`batch` payloads per script call);
+        returns (routed, triaged)."""
         routed = triaged = 0
         while True:
             cancel_point()
-            result = await self._route(
-                keys=[keys.BRIDGE_STAGING, keys.BRIDGE_TRIAGE, keys.BRIDGE_PENDING, keys.BRIDGE_READY],
-                args=[keys.VIEWER_QUEUE_PREFIX, keys.VIEWER_ACTIVE_PREFIX, self.max_payload_bytes, MAX_ID_BYTES],
+            moved, dead = await self._route(
+                keys=[keys.BRIDGE_STAGING, keys.BRIDGE_TRIAGE, keys.BRIDGE_PENDING, keys.BRIDGE_READY, self.request_queue],
+                args=[keys.VIEWER_QUEUE_PREFIX, keys.VIEWER_ACTIVE_PREFIX, self.max_payload_bytes, MAX_ID_BYTES, batch],
             )
-            if result == 0:
+            routed, triaged = routed + moved, triaged + dead
+            if moved + dead < batch:
                 return routed, triaged
-            if result == 1:
-                routed += 1
-            else:
-                triaged += 1
 
     # ---- viewer ownership ----
     async def next_ready(self, timeout: float) -> str | None:
         item = await self.redis.blpop([keys.BRIDGE_READY], timeout=timeout)
         return item[1].decode(errors="surrogateescape") if item else None
 
-    async def claim(self, viewer: str, token: str, ttl_ms: int) -> bool:
-        return bool(await self.redis.set(keys.viewer_active(viewer), token, nx=True, px=ttl_ms))
+    async def claim(self, viewer: str, token: str, ttl_ms: int, *, peek: int) -> list[bytes] | None:
+        """Take the viewer (None if another worker has it) and read its first `peek` tasks."""
+        queued = await self._claim(keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer)],
+                                   args=[token, ttl_ms, max(1, peek)])
+        return None if queued is None else list(queued)
 
     async def renew(self, viewer: str, token: str, ttl_ms: int) -> bool:
         return bool(await self._renew(keys=[keys.viewer_active(viewer)], args=[token, ttl_ms]))
-
-    async def head(self, viewer: str) -> bytes | None:
-        return await self.redis.lindex(keys.viewer_queue(viewer), 0)
 
     async def peek(self, viewer: str, count: int) -> list[bytes]:
         """The first `count` tasks of the viewer's queue, head first."""
         return await self.redis.lrange(keys.viewer_queue(viewer), 0, count - 1)
 
     async def finish(
-        self, viewer: str, token: str, tasks: Sequence[Finished], *, done_ttl: int, outputs: Sequence[Output]
-    ) -> tuple[int, int]:
+        self, viewer: str, token: str, tasks: Sequence[Finished], *, done_ttl: int, outputs: Sequence[Output], peek: int
+    ) -> "FinishResult":
         """Atomically: write outputs, pop the tasks (the first len(tasks) of the queue), mark them
-        done. Returns (status, tasks left in the viewer's queue); status 1 ok, 0 lock lost, -1 the
-        queue's head moved."""
+        done; release the viewer if its queue is now empty, else read its next `peek` tasks."""
         script_keys = [
             keys.viewer_active(viewer),
             keys.viewer_queue(viewer),
             keys.BRIDGE_ATTEMPTS,
             keys.BRIDGE_COUNTED,
+            keys.BRIDGE_PENDING,
             *(keys.task_done(task.task_id or "") for task in tasks),
             *(out.key for out in outputs),
         ]
-        args: list[str | bytes | int] = [token, len(tasks), done_ttl, self.dead_letter_max]
+        args: list[str | bytes | int] = [token, len(tasks), done_ttl, self.dead_letter_max, max(1, peek), viewer]
         for task in tasks:
             args += [task.raw, task.task_id or "", task.done_value or ""]
         for out in outputs:
             args += [out.op, out.value]
-        status, left = await self._finish(keys=script_keys, args=args)
-        return int(status), int(left)
+        reply = await self._finish(keys=script_keys, args=args)
+        status = int(reply[0])
+        if status != 1:
+            return FinishResult(status=status, released=False, queued=[])
+        return FinishResult(status=1, released=bool(int(reply[1])), queued=list(reply[2:]))
 
     async def release(self, viewer: str, token: str, *, yield_turn: bool) -> int:
         """1 released (empty), 2 yielded to others, 0 more work (keep going), -1 lock was lost."""
@@ -338,12 +374,19 @@ class ViewerQueues:
                 pipe.exists(keys.task_done(task_id))
             return [bool(n) for n in await pipe.execute()]
 
-    async def next_attempts(self, task_ids: Sequence[str]) -> list[int]:
-        """Count one more attempt for every task of a turn (in one round trip); the new counts."""
+    async def begin_attempt(
+        self, viewer: str, tasks: Sequence[tuple[str, list[tuple[str, str, str]]]]
+    ) -> tuple[list[int], dict[str, str]]:
+        """One round trip before a Letta turn: count an attempt for each (task id, stats ops) and
+        apply each task's stats ops once (count_once). Returns the attempts and the viewer's stats."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for task_id in task_ids:
+            for task_id, _ in tasks:
                 pipe.hincrby(keys.BRIDGE_ATTEMPTS, task_id, 1)
-            return [int(n) for n in await pipe.execute()]
+            for task_id, ops in tasks:
+                await self._count(keys=[keys.BRIDGE_COUNTED, keys.viewer_stats(viewer)], args=_count_args(task_id, ops), client=pipe)
+            results = await pipe.execute()
+        flat = results[-1]
+        return [int(n) for n in results[:len(tasks)]], {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
 
     # ---- triage ----
     async def oldest_triage(self) -> bytes | None:
@@ -355,15 +398,6 @@ class ViewerQueues:
                 keys=[keys.BRIDGE_TRIAGE, keys.BRIDGE_DEAD_LETTERS], args=[raw, entry, self.dead_letter_max]
             )
         )
-
-    # ---- verified viewer stats ----
-    async def count_once(self, task_id: str, viewer: str, ops: list[tuple[str, str, str]]) -> dict[str, str]:
-        """Apply ops to the viewer's stats once per task id (at-least-once safe); return all stats."""
-        args: list[str] = [task_id]
-        for op in ops:
-            args += list(op)
-        flat = await self._count(keys=[keys.BRIDGE_COUNTED, keys.viewer_stats(viewer)], args=args)
-        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
 
     # ---- observation ----
     async def depths(self) -> dict[str, int]:
@@ -383,3 +417,10 @@ class ViewerQueues:
             "pending_viewers": pending,
             "known_viewers": viewers,
         }
+
+
+def _count_args(task_id: str, ops: Sequence[tuple[str, str, str]]) -> list[str]:
+    args = [task_id]
+    for op in ops:
+        args += list(op)
+    return args

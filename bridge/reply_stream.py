@@ -14,6 +14,7 @@ from typing import Callable
 
 from redis.asyncio import Redis
 
+from bridge.queue import Output
 from bridge.sentences import SentenceSplitter
 from bridge.wire import ReplyChunk, TtsRequest, dump
 from vtuber_letta import redis_keys as keys
@@ -30,7 +31,8 @@ class ReplyStream:
         self._chunk_channel = settings.bridge_chunk_channel
         self._tts_queue = settings.bridge_tts_queue if settings.bridge_tts_handoff and settings.bridge_tts_per_sentence else None
         self._splitter = SentenceSplitter()
-        self.sentences = 0  # published so far
+        self.sentences = 0  # chunks made so far
+        self.tail: list[Output] = []  # the last chunks, sent with the FINISH of the task
 
     @property
     def spoken(self) -> bool:
@@ -38,24 +40,29 @@ class ReplyStream:
         return self._tts_queue is not None and self.sentences > 0
 
     async def feed(self, delta: str) -> None:
-        await self._publish(self._splitter.feed(delta))
+        outputs = self._outputs(self._splitter.feed(delta))
+        if outputs:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for out in outputs:
+                    (pipe.publish if out.op == "publish" else pipe.lpush)(out.key, out.value)
+                await pipe.execute()
 
-    async def close(self) -> None:
-        await self._publish(self._splitter.flush())
+    def close(self) -> list[Output]:
+        """The last, unterminated sentence as outputs: they go out with the task's FINISH (one round
+        trip less, and still before the final response)."""
+        return self._outputs(self._splitter.flush())
 
-    async def _publish(self, sentences: list[str]) -> None:
-        if not sentences:
-            return
+    def _outputs(self, sentences: list[str]) -> list[Output]:
+        out: list[Output] = []
         now = self._clock()
         channel = keys.task_response_channel(self._task_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for text in sentences:
-                index = self.sentences
-                self.sentences += 1
-                chunk = ReplyChunk(task_id=self._task_id, user_id=self._user_id, index=index, text=text, timestamp=now)
-                pipe.publish(self._chunk_channel, dump(chunk))
-                if self._tts_queue is not None:
-                    speech = TtsRequest(message_id=f"letta-{self._task_id}-{index}", task_id=self._task_id, text=text,
-                                        response_channel=channel, sentence_index=index)
-                    pipe.lpush(self._tts_queue, dump(speech))
-            await pipe.execute()
+        for text in sentences:
+            index = self.sentences
+            self.sentences += 1
+            chunk = ReplyChunk(task_id=self._task_id, user_id=self._user_id, index=index, text=text, timestamp=now)
+            out.append(Output("publish", self._chunk_channel, dump(chunk)))
+            if self._tts_queue is not None:
+                speech = TtsRequest(message_id=f"letta-{self._task_id}-{index}", task_id=self._task_id, text=text,
+                                    response_channel=channel, sentence_index=index)
+                out.append(Output("lpush", self._tts_queue, dump(speech)))
+        return out

@@ -28,7 +28,7 @@ import socket
 import time
 import unicodedata
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, TypeVar
 
 from redis.asyncio import Redis
@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 from bridge.errors import Disposition, classify_error, describe_error
 from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
 from bridge.metrics import BridgeMetrics
-from bridge.queue import Finished, Output, ViewerQueues, cancel_point
+from bridge.queue import Finished, FinishResult, Output, ViewerQueues, cancel_point
 from bridge.reply_stream import ReplyStream
 from bridge.turn_text import compose_turn_text, stats_ops, totals_from_stats
 from bridge.wire import (
@@ -83,7 +83,8 @@ class _TaskLog:
     attempt: int = 0
     reason: str = ""
     mid_burst: bool = False  # the viewer's previous turn ended with messages already waiting
-    left: int = 0  # tasks still in the viewer's queue once this one was acknowledged
+    queued: list[bytes] = field(default_factory=list)  # the viewer's queue as last read, head first
+    after: FinishResult | None = None  # what FINISH reported once the task was acknowledged
 
 
 def loggable(text: str, limit: int = 300) -> str:
@@ -130,6 +131,7 @@ class BridgeService:
         )
         self._routing = {**DEFAULT_ROUTING, **settings.letta_memory_type_routing}
         self._lock_ttl_ms = int(settings.bridge_lock_ttl * 1000)
+        self._peek = settings.bridge_coalesce_max  # how much of a viewer's queue is read at once
         self._stopping = asyncio.Event()
         self._letta_down_until = 0.0
         self._in_flight = 0
@@ -271,8 +273,9 @@ class BridgeService:
                 if viewer is None:
                     continue
                 token = secrets.token_hex(16)
-                if await self.queues.claim(viewer, token, self._lock_ttl_ms):
-                    await self._serve_viewer(viewer, token)
+                queued = await self.queues.claim(viewer, token, self._lock_ttl_ms, peek=self._peek)
+                if queued is not None:
+                    await self._serve_viewer(viewer, token, queued)
             except (RedisError, OSError) as exc:
                 log.warning("bridge %s: worker: %s", self.replica_id, describe_error(exc))
                 await self._pause(1.0)
@@ -292,8 +295,10 @@ class BridgeService:
             except (RedisError, OSError) as exc:
                 log.warning("bridge %s: lock renewal: %s", self.replica_id, describe_error(exc))
 
-    async def _serve_viewer(self, viewer: str, token: str) -> None:
-        """Work through one viewer's queue, head first, until it is empty (or it is others' turn)."""
+    async def _serve_viewer(self, viewer: str, token: str, queued: list[bytes]) -> None:
+        """Work through one viewer's queue, head first, until it is empty (or it is others' turn).
+        `queued`: the first tasks of the queue as read when claiming; FINISH hands back the next ones
+        (or releases the viewer once the queue is empty), so no extra round trip is needed between tasks."""
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lock(viewer, token, lost))
         handled = 0
@@ -304,15 +309,15 @@ class BridgeService:
                 if self._stopping.is_set() or handled >= self.settings.bridge_turns_per_claim:
                     await self.queues.release(viewer, token, yield_turn=True)
                     return
-                # The head is handled here; a chat head takes the chat messages waiting behind it
-                # into its turn (burst coalescing, see _followers), and FINISH pops them all.
-                head = await self.queues.head(viewer)
-                if head is None:
+                if not queued:
                     if await self.queues.release(viewer, token, yield_turn=False) != 0:
                         return
+                    queued, mid_burst = await self.queues.peek(viewer, self._peek), False
                     continue
+                # The head is handled here; a chat head takes the chat messages waiting behind it
+                # into its turn (burst coalescing, see _followers), and FINISH pops them all.
                 try:
-                    mid_burst = await self._handle(viewer, token, head, mid_burst=mid_burst) > 0
+                    after = await self._handle(viewer, token, queued, mid_burst=mid_burst)
                 except _Abandoned:
                     await self.queues.release(viewer, token, yield_turn=True)
                     return
@@ -323,13 +328,20 @@ class BridgeService:
                         await self.queues.release(viewer, token, yield_turn=True)
                     raise
                 handled += 1
+                if after is None:  # not acknowledged (a bug was dead-lettered...): read the queue again
+                    queued, mid_burst = await self.queues.peek(viewer, self._peek), False
+                elif after.released:
+                    return
+                else:  # messages arrived while this turn ran: the viewer is mid-burst
+                    queued, mid_burst = after.queued, True
         finally:
             keeper.cancel()
 
-    async def _handle(self, viewer: str, token: str, raw: bytes, *, mid_burst: bool = False) -> int:
-        """One task (or a coalesced group), start to finish, one log line per task. Returns how many
-        tasks were left in the viewer's queue when it was acknowledged."""
-        ctx = _TaskLog(viewer=viewer, started=time.monotonic(), mid_burst=mid_burst)
+    async def _handle(self, viewer: str, token: str, queued: list[bytes], *, mid_burst: bool = False) -> FinishResult | None:
+        """The head of `queued` (and any task coalesced with it), start to finish, one log line per
+        task. Returns what FINISH reported (None if nothing was acknowledged)."""
+        ctx = _TaskLog(viewer=viewer, started=time.monotonic(), mid_burst=mid_burst, queued=queued)
+        raw = queued[0]
         self._in_flight += 1
         self.metrics.in_flight.inc()
         outcome = "error"
@@ -363,7 +375,7 @@ class BridgeService:
                 ctx.task_id or "-", loggable(viewer), ctx.kind, ctx.route, ctx.attempt, outcome,
                 (time.monotonic() - ctx.started) * 1000, f" reason={loggable(ctx.reason)}" if ctx.reason else "",
             )
-        return ctx.left
+        return ctx.after
 
     async def _process(self, ctx: _TaskLog, token: str, raw: bytes) -> str:
         try:
@@ -400,14 +412,17 @@ class BridgeService:
         coalesce = True
         while True:
             cancel_point()
-            batch = [head] + (await self._followers(head, mid_burst=ctx.mid_burst) if coalesce else [])
-            attempts = await self.queues.next_attempts([chat.task_id for chat in batch])
+            batch = [head] + (await self._followers(head, ctx) if coalesce else [])
+            now = self.clock()
+            attempts, stats = await self.queues.begin_attempt(
+                request.user_id, [(chat.task_id, stats_ops(chat.request, now)) for chat in batch]
+            )
             attempt = ctx.attempt = attempts[0]
             raws = [chat.raw for chat in batch]
             if s.letta_fallback_to_memory and time.monotonic() < self._letta_down_until:
                 return await self._fall_back(ctx, token, batch)
             try:
-                result, outcome, stream = await self._letta_turn(batch, check_history=max(attempts) > 1)
+                result, outcome, stream = await self._letta_turn(batch, stats, now, check_history=max(attempts) > 1)
             except RedisError:
                 raise  # our own store failed, not Letta: handled (and logged) by the worker
             except Exception as exc:  # every Letta failure is classified; none is swallowed silently
@@ -445,12 +460,12 @@ class BridgeService:
             self._letta_down_until = 0.0
             if result.answered:  # replayed from history: answer exactly the tasks that turn carried
                 batch = batch[:_carried(batch, result.answered)]
-            outputs, done_values = self._reply_outputs(batch, result, spoken=stream is not None and stream.spoken)
+            outputs, done_values = self._reply_outputs(batch, result, stream)
             finished = [Finished(chat.raw, chat.task_id, done) for chat, done in zip(batch, done_values)]
             await self._finish(ctx, token, finished, outputs)
             return self._log_coalesced(ctx, batch, outcome)
 
-    async def _followers(self, head: "_Chat", *, mid_burst: bool) -> list["_Chat"]:
+    async def _followers(self, head: "_Chat", ctx: _TaskLog) -> list["_Chat"]:
         """Chat messages waiting behind the head in the viewer's queue that can join its turn.
 
         They must be consecutive, valid, chat (not events), routed to Letta and not done yet; the
@@ -462,8 +477,8 @@ class BridgeService:
         s = self.settings
         if s.bridge_coalesce_max <= 1 or head.request.type not in CHAT_TYPES:
             return []
-        raws = await self.queues.peek(head.request.user_id, s.bridge_coalesce_max)
-        if (mid_burst or len(raws) > 1) and s.bridge_coalesce_wait_ms:
+        raws = ctx.queued[:s.bridge_coalesce_max]  # as read when claiming or by the last FINISH
+        if (ctx.mid_burst or len(raws) > 1) and s.bridge_coalesce_wait_ms:
             # Debounce: wait while the burst is still arriving (each pause must bring a new message),
             # until the group is full or MAX_BURST_WAIT_S has passed.
             waited = 0.0
@@ -521,21 +536,17 @@ class BridgeService:
             return await call
 
     async def _letta_turn(
-        self, batch: list["_Chat"], *, check_history: bool
+        self, batch: list["_Chat"], stats: dict[str, str], now: float, *, check_history: bool
     ) -> tuple[TurnResult, str, ReplyStream | None]:
         """Everything Letta does for one turn (one task, or a coalesced burst); safe to repeat
         (at-least-once). check_history: a task of the batch was attempted before, so its turn may
         already be in the agent's history. Returns the result, the outcome and the stream that
-        published it (if any)."""
+        published it (if any). `stats`: the viewer's counters once this batch was counted."""
         request = batch[0].request
         viewer, task_id = request.user_id, request.task_id
         agent_id = await self._timed(
             "ensure_agent", self.gateway.ensure_agent(viewer, request.meta.display_name, request.platform)
         )
-        now = self.clock()
-        stats = await self.queues.count_once(task_id, viewer, stats_ops(request, now))
-        for chat in batch[1:]:
-            await self.queues.count_once(chat.task_id, viewer, stats_ops(chat.request, now))
         recorded = False
         if request.is_event:
             meta = request.meta
@@ -565,7 +576,7 @@ class BridgeService:
             ),
         )
         if stream is not None and not result.silent:
-            await stream.close()
+            stream.tail = stream.close()
         outcome = "silent" if result.silent else "answered"
         return replace(result, memory_updated=result.memory_updated or recorded, answered=()), outcome, stream
 
@@ -576,17 +587,18 @@ class BridgeService:
         platform = request.platform
         return f"{name}@{platform}" if platform else name
 
-    def _reply_outputs(self, batch: list["_Chat"], result: TurnResult, *, spoken: bool) -> tuple[list[Output], list[str]]:
+    def _reply_outputs(self, batch: list["_Chat"], result: TurnResult, stream: ReplyStream | None) -> tuple[list[Output], list[str]]:
         """The outputs of an answered turn and the done marker of each task (its LettaResponse).
 
         The last task of the batch carries the reply (avatar events, words); each earlier one gets
-        an empty response naming the task that answered it. `spoken`: the sentences already went
-        to TTS while streaming, so the whole reply is not queued again."""
+        an empty response naming the task that answered it. With a stream, its last sentence goes
+        first, and if the sentences went to TTS one by one the whole reply is not queued again."""
         s = self.settings
         now = self.clock()
         answering = batch[-1].task_id
         viewer = batch[0].request.user_id
-        outputs: list[Output] = []
+        outputs: list[Output] = list(stream.tail) if stream is not None else []
+        spoken = stream is not None and stream.spoken
         done_values: list[str] = []
         for chat in batch[:-1]:
             response = LettaResponse(task_id=chat.task_id, user_id=viewer, response_text="", memory_updated=False,
@@ -649,9 +661,10 @@ class BridgeService:
 
     # ------------------------------------------------------------------ acknowledging
     async def _finish(self, ctx: _TaskLog, token: str, tasks: list[Finished], outputs: list[Output]) -> None:
-        status, ctx.left = await self.queues.finish(ctx.viewer, token, tasks, done_ttl=self.settings.bridge_done_ttl,
-                                                    outputs=outputs)
-        if status != 1:
+        ctx.after = await self.queues.finish(ctx.viewer, token, tasks, done_ttl=self.settings.bridge_done_ttl,
+                                             outputs=outputs, peek=self._peek)
+        if ctx.after.status != 1:
+            ctx.after = None
             raise _LockLost()
 
     def _dead_letter_entry(

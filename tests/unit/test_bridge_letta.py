@@ -24,7 +24,7 @@ from bridge.gateway import (
     ViewerTotals,
     format_support,
 )
-from bridge.letta_turns import LettaTurns, StreamedTurn, answer_of_run, otid_for, safe_sender_name
+from bridge.letta_turns import LettaTurns, StreamedTurn, answer_of_run, otid_for, safe_sender_name, sse_events
 from bridge.replies import content_text, parse_letta_response, parse_messages
 
 REQ = httpx.Request("POST", "http://letta.test/v1/agents/agent-1/messages")
@@ -396,3 +396,27 @@ def test_find_answered_tells_which_tasks_a_coalesced_turn_carried():
     assert from_d.answered == ("d",) and from_d.reply_text == "reply to 4. Bye!"
     body = json.loads(http.requests[0].content)
     assert [m["otid"] for m in body["messages"]] == [otid_for(t) for t in "abc"]  # one otid per task
+
+
+def test_server_sent_events_are_read_to_the_end_and_an_error_event_is_retryable():
+    body = b'data: {"a": 1}\n\n: a comment\nevent: error\ndata: {"detail":\ndata: "boom"}\n\ndata: [DONE]\n\n'
+    response = httpx.Response(200, content=body)
+
+    async def read():
+        return [item async for item in sse_events(response)]
+
+    assert asyncio.run(read()) == [(None, '{"a": 1}'), ("error", '{"detail":\n"boom"}'), (None, "[DONE]")]
+
+    class ErrorStream(FakeLettaHttp):
+        def __call__(self, request):
+            self.requests.append(request)
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  content=b'event: error\ndata: {"message": "LLM down"}\n\n')
+
+    async def send():
+        async def ignore(delta: str) -> None:
+            pass
+        await turns_with(ErrorStream()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
+
+    with pytest.raises(LettaRetryable, match="LLM down"):
+        asyncio.run(send())
