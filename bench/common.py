@@ -10,7 +10,6 @@ Progress goes to stderr; stdout is only the report (the command, the machine, th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -30,13 +29,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from bench.published import Published
 from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from stack.manager import Stack
 from stack.processes import free_port
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.letta_api import async_letta_client
-from vtuber_letta.redis_api import async_redis_client, redis_client
+from vtuber_letta.redis_api import redis_client
 from vtuber_letta.settings import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +49,6 @@ PLAIN_RULE = {"name": "bench-plain", "when": {}, "then": {"reply": PLAIN_REPLY}}
 LETTA_TIMEOUT_S = 300.0
 TURN_WAIT_S = 600.0  # how long the benchmark waits for one bridge reply before counting an error
 SDK_POOL = 100  # letta-client's httpx pool: at most 100 connections per client (DEFAULT_CONNECTION_LIMITS)
-# redis-py 8's asyncio pool holds 100 connections by default and then raises ("Too many
-# connections") instead of waiting: 128 viewers pushing at once need more.
-REDIS_POOL = 1024
 # Whatever the developer's shell holds must not reach a bridge pointed at our own stack.
 _FOREIGN_ENV_PREFIXES = ("OPENAI_", "OLLAMA_", "LETTA_", "REDIS_", "VTL_")
 
@@ -176,12 +173,12 @@ def _http_json(method: str, url: str, body: Any = None) -> Any:
         return json.loads(response.read() or b"{}")
 
 
-def machine_line(settings: Settings, reuse: bool) -> str:
+def machine_line(settings: Settings, reuse: bool, scripted: str = "plain reply, no tool call") -> str:
     try:
         version = _http_json("GET", f"{settings.letta_api_url}/v1/health/").get("version", "?")
     except OSError:
         version = "?"
-    model = "your model" if settings.uses_real_model else "scripted model (plain reply, no tool call)"
+    model = "your model" if settings.uses_real_model else f"scripted model ({scripted})"
     stack = "reused (`vtuber-letta stack up`)" if reuse else "fresh local stack (started and stopped by the script)"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"{when}; {os.cpu_count()} CPUs; Letta {version}; {model}; {stack}"
@@ -290,58 +287,23 @@ class Bridge:
 
 # --------------------------------------------------------------------------- sending turns
 
-class BridgeSender:
-    """Pushes tasks the host's way and times each from its LPUSH to its reply on letta_responses.
-
-    One subscription for every task (subscribed before anything is pushed); a reader task hands
-    each reply to the waiting coroutine by task_id and stamps the time it arrived.
-    """
+class BridgeSender(Published):
+    """Times each turn from its LPUSH to its reply on letta_responses (one subscription for all,
+    made before anything is pushed; see bench/published.py)."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
-        self.redis = async_redis_client(settings, max_connections=REDIS_POOL)
-        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        self.waiting: dict[str, asyncio.Future] = {}
+        super().__init__(settings)
         self.unexpected = 0  # replies that are not the scripted plain reply
-
-    async def __aenter__(self) -> "BridgeSender":
-        await self.pubsub.subscribe(self.settings.bridge_response_channel)
-        self.reader = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.reader.cancel()
-        await asyncio.gather(self.reader, return_exceptions=True)
-        await self.pubsub.aclose()
-        await self.redis.aclose()
-
-    async def _read(self) -> None:
-        async for message in self.pubsub.listen():
-            arrived = time.perf_counter()
-            try:
-                body = json.loads(message["data"])
-            except (TypeError, ValueError):
-                continue
-            waiter = self.waiting.pop(body.get("task_id"), None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result((arrived, body))
 
     async def turn(self, viewer_id: str, text: str) -> float:
         """Seconds from LPUSH to the reply; raises on timeout."""
-        task_id = f"bench-{uuid.uuid4().hex}"
-        task = {"task_id": task_id, "type": "text", "user_id": viewer_id, "content": text, "source": "user",
-                "meta": {"memory_type": "permanent"}}
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiting[task_id] = waiter
-        started = time.perf_counter()
-        await self.redis.lpush(self.settings.bridge_request_queue, json.dumps(task, ensure_ascii=False))
-        try:
-            arrived, body = await asyncio.wait_for(waiter, TURN_WAIT_S)
-        finally:
-            self.waiting.pop(task_id, None)
+        task_id = await self.push(viewer_id, text)
+        await self.wait_final([task_id], TURN_WAIT_S)
+        seen = self.tasks.pop(task_id)
+        arrived, body = seen.final
         if body.get("response_text") != PLAIN_REPLY and not self.settings.uses_real_model:
             self.unexpected += 1
-        return arrived - started
+        return arrived - seen.pushed
 
 
 class DirectSender:
@@ -416,11 +378,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(title: str, settings: Settings, reuse: bool, sections: Sequence[str]) -> None:
+def report(title: str, settings: Settings, reuse: bool, sections: Sequence[str],
+           scripted: str = "plain reply, no tool call") -> None:
     """The report on stdout: title, the exact command, the machine, then each table or note."""
     print(f"## {title}\n")
     print(f"Command: `{command_line()}`  ")
-    print(f"Machine: {machine_line(settings, reuse)}\n")
+    print(f"Machine: {machine_line(settings, reuse, scripted)}\n")
     for section in sections:
         print(section + "\n")
     sys.stdout.flush()

@@ -16,8 +16,8 @@ from bench.common import (
     report, run_id, table,
 )
 
-FULL = {"turns": 60, "warmup": 3}
-QUICK = {"turns": 12, "warmup": 2}
+FULL = {"turns": 60, "warmup": 3, "settle_ms": 300}
+QUICK = {"turns": 12, "warmup": 2, "settle_ms": 300}
 SIDES = ("bridge", "direct", "direct-streamed")
 LABELS = {"bridge": "bridge (LPUSH → letta_responses)", "direct": "direct (letta-client messages.create)",
           "direct-streamed": "direct, streamed (stream_tokens=True)"}
@@ -39,8 +39,11 @@ async def measure(settings, args, viewers: dict[str, str], agents: dict[str, str
                 for side in SIDES:
                     await send[side](i)
             for i in range(args.turns):
-                # Rotate who goes first, so no side always runs right after the same other side.
+                # Rotate who goes first, so no side always runs right after the same other side, and
+                # let the server settle between turns: Letta goes on working after a streamed reply
+                # ends (see docs/LETTA_NOTES.md), which would otherwise slow whichever turn comes next.
                 for side in SIDES[i % 3:] + SIDES[:i % 3]:
+                    await asyncio.sleep(args.settle_ms / 1000)
                     times[side].append(await send[side](args.warmup + i))
             unexpected = bridge.unexpected + direct.unexpected + streamed.unexpected
     finally:
@@ -53,6 +56,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--turns", type=int, help=f"timed turns per side (default {FULL['turns']}, quick {QUICK['turns']})")
     p.add_argument("--warmup", type=int, help="untimed turns per side first")
+    p.add_argument("--settle-ms", type=int, help="idle pause before every timed turn (default 300)")
     args = parse(p, FULL, QUICK)
     with bench_stack(args.reuse_stack) as settings:
         rid = run_id()

@@ -1,9 +1,9 @@
-"""Everything the bridge publishes for some tasks, stamped on arrival: the reply chunks
-(`letta_response_chunks`) and the final responses (`letta_responses`).
+"""The one listener of the benchmarks: pushes tasks the host's way and records, stamped on
+arrival, what the bridge publishes for them: the reply chunks (`letta_response_chunks`) and the
+final responses (`letta_responses`).
 
-Subscribe (enter the context) before pushing anything; `wait_final(task_ids)` returns once every
-task has its final response. Times are time.perf_counter() of this process, so they compare with
-the push times taken here.
+Subscribe (enter the context) before pushing anything. Times are time.perf_counter() of this
+process, so they compare with the push times taken here.
 """
 
 from __future__ import annotations
@@ -17,21 +17,29 @@ from dataclasses import dataclass, field
 from vtuber_letta.redis_api import async_redis_client
 from vtuber_letta.settings import Settings
 
+# redis-py 8's asyncio pool raises instead of waiting when it is exhausted: 128 viewers pushing at
+# once need more than its default.
+REDIS_POOL = 1024
+
 
 @dataclass
 class Seen:
-    pushed: float = 0.0
+    pushed: float
+    final_future: asyncio.Future
     chunks: list[tuple[float, dict]] = field(default_factory=list)
-    final: tuple[float, dict] | None = None
+
+    @property
+    def final(self) -> tuple[float, dict] | None:
+        """(arrival time, body) of the final response, once it came."""
+        return self.final_future.result() if self.final_future.done() else None
 
 
 class Published:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.redis = async_redis_client(settings)
+        self.redis = async_redis_client(settings, max_connections=REDIS_POOL)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.tasks: dict[str, Seen] = {}
-        self._changed = asyncio.Event()
 
     async def __aenter__(self) -> "Published":
         await self.pubsub.subscribe(self.settings.bridge_response_channel, self.settings.bridge_chunk_channel)
@@ -58,29 +66,21 @@ class Published:
             channel = message["channel"]
             if (channel.decode() if isinstance(channel, bytes) else channel) == chunk_channel:
                 seen.chunks.append((arrived, body))
-            else:
-                seen.final = (arrived, body)
-            self._changed.set()
+            elif not seen.final_future.done():
+                seen.final_future.set_result((arrived, body))
 
     async def push(self, viewer_id: str, text: str) -> str:
         """LPUSH one chat task the host's way; returns its task id."""
         task_id = f"bench-{uuid.uuid4().hex}"
         task = {"task_id": task_id, "type": "text", "user_id": viewer_id, "content": text, "source": "user",
                 "meta": {"memory_type": "permanent"}}
-        self.tasks[task_id] = seen = Seen()
-        seen.pushed = time.perf_counter()
+        self.tasks[task_id] = Seen(pushed=time.perf_counter(), final_future=asyncio.get_running_loop().create_future())
         await self.redis.lpush(self.settings.bridge_request_queue, json.dumps(task, ensure_ascii=False))
         return task_id
 
     async def wait_final(self, task_ids: list[str], timeout: float = 600.0) -> None:
-        deadline = time.perf_counter() + timeout
-        while any(self.tasks[t].final is None for t in task_ids):
-            self._changed.clear()
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                missing = sum(self.tasks[t].final is None for t in task_ids)
-                raise TimeoutError(f"{missing} of {len(task_ids)} tasks got no response in {timeout:.0f}s")
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+        """Until every task has its final response; TimeoutError after `timeout` seconds."""
+        futures = [self.tasks[t].final_future for t in task_ids]
+        _, pending = await asyncio.wait(futures, timeout=timeout)
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(task_ids)} tasks got no response in {timeout:.0f}s")

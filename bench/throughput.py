@@ -102,7 +102,6 @@ def main() -> None:
         median = {key: p50([r["tps"] for r in rounds]) for key, rounds in results.items()}
         rows = []
         for level in levels:
-            b, d = results["bridge", level], results["direct", level]
             latency = {side: p50([x for r in results[side, level] for x in r["latencies"]]) for side in ("bridge", "direct")}
             errors = {side: sum(len(r["errors"]) for r in results[side, level]) for side in ("bridge", "direct")}
             rows.append([level, level * args.turns, f"{median['bridge', level]:.2f}", f"{median['direct', level]:.2f}",

@@ -103,13 +103,20 @@ def _alive(pid: int) -> bool:
 
 
 def _cmdline_contains(pid: int, marker: str) -> bool:
-    if not _alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return marker in cmdline
+    # /proc/<pid>/cmdline reads empty while the process is in the middle of an exec (setpriv exec'ing
+    # the server just after start) and for a zombie: look again a few times before saying "not ours",
+    # or a start would be taken for a crash (and its pid file deleted) now and then.
+    for attempt in range(10):
+        if not _alive(pid):
+            return False
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        if raw:
+            return marker in raw.replace(b"\0", b" ").decode(errors="replace")
+        time.sleep(0.02 * (attempt + 1))
+    return False
 
 
 def as_user(user: str, argv: Sequence[str]) -> list[str]:

@@ -105,7 +105,9 @@ class Settings(BaseSettings):
     bridge_uploads_dir: Path | None = Field(None, alias="VTL_BRIDGE_UPLOADS_DIR")
     bridge_max_input_file_bytes: int = Field(65536, alias="VTL_BRIDGE_MAX_INPUT_FILE_BYTES", ge=1, le=16 * 1024 * 1024)
     bridge_max_payload_bytes: int = Field(65536, alias="VTL_BRIDGE_MAX_PAYLOAD_BYTES", ge=1024, le=16 * 1024 * 1024)
-    bridge_concurrency: int = Field(8, alias="VTL_BRIDGE_CONCURRENCY", ge=1, le=256)
+    # Viewers served at once per replica (one turn in flight each). Letta queues what it cannot run
+    # yet, so this only needs to exceed what Letta runs at once (bench/throughput.py: ~4 on 2 cores).
+    bridge_concurrency: int = Field(32, alias="VTL_BRIDGE_CONCURRENCY", ge=1, le=256)
     bridge_turns_per_claim: int = Field(8, alias="VTL_BRIDGE_TURNS_PER_CLAIM", ge=1, le=10000)
     bridge_replica_id: str | None = Field(
         None, alias="VTL_BRIDGE_REPLICA_ID", pattern=r"^[A-Za-z0-9_.:@+=-]{1,64}$"

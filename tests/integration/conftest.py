@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from provisioning.provision import provision
 from stack.manager import Stack
+from tests.integration.scripted import ScriptedModel
+from vtuber_letta.letta_api import letta_client
 from stack.processes import free_port
 from vtuber_letta.settings import Settings
 
@@ -63,3 +66,22 @@ def stack(stack_settings):
         yield running
     finally:
         running.down()
+
+
+# The bridge modules' shared fixtures (a module may define its own under the same name).
+@pytest.fixture(scope="module")
+def provisioned(stack, stack_settings):
+    """The session stack with the tools and shared blocks registered (agents can be created)."""
+    summary = provision(stack_settings, out=lambda _msg: None)
+    assert summary.ok, summary.render()
+    return stack_settings
+
+
+@pytest.fixture(scope="module")
+def scripted(stack, stack_settings) -> ScriptedModel:
+    return ScriptedModel(stack_settings.scripted_model_port)
+
+
+@pytest.fixture(scope="module")
+def client(provisioned):
+    return letta_client(provisioned)

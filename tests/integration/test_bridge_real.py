@@ -12,7 +12,6 @@ import pytest
 
 from bridge.letta_turns import otid_for
 from bridge.say import build_task
-from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from tests.integration.bridge_helpers import (
     BridgeProcess,
@@ -33,10 +32,9 @@ from tests.integration.bridge_helpers import (
     wait_for,
     wait_for_replies,
 )
-from tests.integration.scripted import ScriptedModel, request_text
+from tests.integration.scripted import request_text
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.demo import DEMO_RULES
-from vtuber_letta.letta_api import letta_client
 
 pytestmark = pytest.mark.integration
 
@@ -48,18 +46,6 @@ CRASH_KNOBS = dict(VTL_BRIDGE_LOCK_TTL=8, VTL_BRIDGE_HEARTBEAT_TTL=2, VTL_BRIDGE
 
 
 # --------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def provisioned(stack, stack_settings):
-    summary = provision(stack_settings, out=lambda _msg: None)
-    assert summary.ok, summary.render()
-    return stack_settings
-
-
-@pytest.fixture(scope="module")
-def scripted(stack, stack_settings) -> ScriptedModel:
-    return ScriptedModel(stack_settings.scripted_model_port)
-
 
 @pytest.fixture
 def r(stack, stack_settings):
@@ -95,11 +81,6 @@ def bridges(provisioned, tmp_path):
                 bridge.stop(timeout=30)
             except AssertionError:
                 bridge.kill()
-
-
-@pytest.fixture(scope="module")
-def client(provisioned):
-    return letta_client(provisioned)
 
 
 def task(user_id: str, text: str, task_id: str | None = None, **options) -> dict:

@@ -16,7 +16,6 @@ from collections import Counter, defaultdict
 import pytest
 
 from bridge.letta_turns import otid_for
-from provisioning.provision import provision
 from tests.integration.bridge_helpers import (
     BridgeProcess,
     agents_of,
@@ -39,13 +38,6 @@ VIEWERS = 10
 MESSAGES = 20
 ANSWER_TIMEOUT = 300.0
 _LOG_LINE = re.compile(r"task=(\S+) viewer=(\S+) .*outcome=(\w+)")
-
-
-@pytest.fixture(scope="module")
-def provisioned(stack, stack_settings):
-    summary = provision(stack_settings, out=lambda _msg: None)
-    assert summary.ok, summary.render()
-    return stack_settings
 
 
 def handled_by(bridge: BridgeProcess) -> dict[str, list[str]]:

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from tests.integration.bridge_helpers import (
     BridgeProcess,
@@ -28,11 +27,9 @@ from tests.integration.bridge_helpers import (
     user_runs,
     wait_for,
 )
-from tests.integration.scripted import ScriptedModel
 from bridge.letta_turns import otid_for
 from bridge.say import build_task
 from vtuber_letta import redis_keys as keys
-from vtuber_letta.letta_api import letta_client
 
 pytestmark = pytest.mark.integration
 
@@ -41,23 +38,6 @@ TEN_SENTENCES = " ".join(f"Sentence number {n} is here." for n in range(1, 11))
 DEFAULTS = dict(VTL_BRIDGE_COALESCE_MAX=8, VTL_BRIDGE_STREAMING=True)
 CRASH_KNOBS = dict(VTL_BRIDGE_LOCK_TTL=8, VTL_BRIDGE_HEARTBEAT_TTL=2, VTL_BRIDGE_HEARTBEAT_INTERVAL=0.5,
                    VTL_BRIDGE_SWEEP_INTERVAL=0.5)
-
-
-@pytest.fixture(scope="module")
-def provisioned(stack, stack_settings):
-    summary = provision(stack_settings, out=lambda _msg: None)
-    assert summary.ok, summary.render()
-    return stack_settings
-
-
-@pytest.fixture(scope="module")
-def scripted(stack, stack_settings) -> ScriptedModel:
-    return ScriptedModel(stack_settings.scripted_model_port)
-
-
-@pytest.fixture(scope="module")
-def client(provisioned):
-    return letta_client(provisioned)
 
 
 @pytest.fixture
