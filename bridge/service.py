@@ -61,7 +61,8 @@ log = logging.getLogger("vtuber_letta.bridge")
 T = TypeVar("T")
 
 MEMORY_PYTHON = "memory-python"
-MAX_BURST_WAIT_S = 1.0  # the longest a mid-burst group waits for more of the burst
+MAX_BURST_WAIT_S = 1.0
+EMPTY_TEXT = "content is empty once control characters are removed"  # the longest a mid-burst group waits for more of the burst
 DEFAULT_ROUTING = {"permanent": "letta", "temporary": MEMORY_PYTHON}
 
 
@@ -409,6 +410,8 @@ class BridgeService:
         except WireError as exc:
             return await self._dead_letter(ctx, token, [raw], exc.reason, "validate", request.task_id, request.user_id)
         head = _Chat(raw, request, compose_turn_text(request, viewer_text))
+        if not head.text:  # e.g. content of control characters only: nothing to send, and no agent made for it
+            return await self._dead_letter(ctx, token, [raw], EMPTY_TEXT, "validate", request.task_id, request.user_id)
         coalesce = True
         while True:
             cancel_point()
@@ -514,7 +517,10 @@ class BridgeService:
                 text = await self._viewer_text(request)
             except WireError:
                 break
-            followers.append(_Chat(raw, request, compose_turn_text(request, text)))
+            chat = _Chat(raw, request, compose_turn_text(request, text))
+            if not chat.text:
+                break  # dead-lettered when it becomes the head
+            followers.append(chat)
         return followers
 
     def _backoff(self, attempt: int) -> float:

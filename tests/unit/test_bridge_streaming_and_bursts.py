@@ -194,3 +194,16 @@ def _word(task_id: str) -> str:
 
 async def _gone(alive) -> bool:
     return not await alive
+
+
+@scenario
+async def test_content_that_is_empty_once_cleaned_is_dead_lettered_and_never_sent(r, url, tmp_path):
+    settings = make_settings(url, tmp_path, VTL_BRIDGE_COALESCE_MAX=8)
+    gateway = FakeGateway()
+    async with Outputs(url) as out, running(settings, gateway):
+        await push(r, task("e-1", content="\x00\x01\x1b\x7f"), task("e-2", content="hi"))
+        await wait_for(out.responses, what="the good task answered")
+        await wait_for(lambda: dead_letters(r), what="the empty one dead-lettered")
+    [letter] = await dead_letters(r)
+    assert letter["task_id"] == "e-1" and letter["stage"] == "validate" and "empty" in letter["reason"]
+    assert [sent.task_ids for sent in gateway.sent] == [("e-2",)] and gateway.agents == {"bilibili:1": "agent-1"}
