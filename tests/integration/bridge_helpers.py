@@ -56,6 +56,12 @@ BRIDGE_KEY_PATTERNS = (
 _FOREIGN_ENV_PREFIXES = ("OPENAI_", "OLLAMA_", "LETTA_", "REDIS_", "VTL_")
 
 
+# A killed replica's viewer is taken over after the lock TTL: 8 s, well after the turn it was
+# running (a few seconds of model delay at most) has finished on the server.
+CRASH_KNOBS = dict(VTL_BRIDGE_LOCK_TTL=8, VTL_BRIDGE_HEARTBEAT_TTL=2, VTL_BRIDGE_HEARTBEAT_INTERVAL=0.5,
+                   VTL_BRIDGE_SWEEP_INTERVAL=0.5)
+
+
 def run_id() -> str:
     """A short random tag so viewer ids and texts of one run never meet those of another."""
     return uuid.uuid4().hex[:8]

@@ -16,6 +16,7 @@ import pytest
 
 from provisioning.provision import provision
 from stack.manager import Stack
+from tests.integration.bridge_helpers import BridgeProcess
 from tests.integration.scripted import ScriptedModel
 from vtuber_letta.letta_api import letta_client
 from stack.processes import free_port
@@ -85,3 +86,28 @@ def scripted(stack, stack_settings) -> ScriptedModel:
 @pytest.fixture(scope="module")
 def client(provisioned):
     return letta_client(provisioned)
+
+
+@pytest.fixture
+def bridge_defaults() -> dict:
+    """Knobs every bridge of a module gets (a module overrides this fixture to change them)."""
+    return {}
+
+
+@pytest.fixture
+def bridges(provisioned, tmp_path, bridge_defaults):
+    """Factory of bridge subprocesses; whatever a test leaves running is stopped afterwards."""
+    started: list[BridgeProcess] = []
+
+    def start(**knobs) -> BridgeProcess:
+        bridge = BridgeProcess(provisioned, tmp_path / "bridge-logs", **{**bridge_defaults, **knobs})
+        started.append(bridge)
+        return bridge.start()
+
+    yield start
+    for bridge in started:
+        if bridge.alive:
+            try:
+                bridge.stop(timeout=30)
+            except AssertionError:
+                bridge.kill()

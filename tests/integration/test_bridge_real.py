@@ -14,7 +14,7 @@ from bridge.letta_turns import otid_for
 from bridge.say import build_task
 from provisioning.viewers import ViewerAgents
 from tests.integration.bridge_helpers import (
-    BridgeProcess,
+    CRASH_KNOBS,
     ChannelRecorder,
     agents_of,
     bridge_leftovers,
@@ -39,12 +39,6 @@ from vtuber_letta.demo import DEMO_RULES
 pytestmark = pytest.mark.integration
 
 DEFAULT_REPLY = "(scripted) I heard: {}"
-# A killed replica's viewer is taken over after the lock TTL: 8 s, well after the turn it was
-# running (2 s of model delay left at most) has finished on the server.
-CRASH_KNOBS = dict(VTL_BRIDGE_LOCK_TTL=8, VTL_BRIDGE_HEARTBEAT_TTL=2, VTL_BRIDGE_HEARTBEAT_INTERVAL=0.5,
-                   VTL_BRIDGE_SWEEP_INTERVAL=0.5)
-
-
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture
@@ -62,25 +56,6 @@ def clean_state(r, scripted):
     yield
     clear_bridge_state(r)
     scripted.reset()
-
-
-@pytest.fixture
-def bridges(provisioned, tmp_path):
-    """Factory of bridge subprocesses; whatever a test leaves running is stopped afterwards."""
-    started: list[BridgeProcess] = []
-
-    def start(**knobs) -> BridgeProcess:
-        bridge = BridgeProcess(provisioned, tmp_path / "bridge-logs", **knobs)
-        started.append(bridge)
-        return bridge.start()
-
-    yield start
-    for bridge in started:
-        if bridge.alive:
-            try:
-                bridge.stop(timeout=30)
-            except AssertionError:
-                bridge.kill()
 
 
 def task(user_id: str, text: str, task_id: str | None = None, **options) -> dict:

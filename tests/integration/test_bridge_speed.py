@@ -15,7 +15,7 @@ import pytest
 
 from provisioning.viewers import ViewerAgents
 from tests.integration.bridge_helpers import (
-    BridgeProcess,
+    CRASH_KNOBS,
     ChannelRecorder,
     agents_of,
     clear_bridge_state,
@@ -36,8 +36,6 @@ pytestmark = pytest.mark.integration
 TEN_SENTENCES = " ".join(f"Sentence number {n} is here." for n in range(1, 11))
 # Whatever the developer's defaults: streaming and coalescing are on unless a test says otherwise.
 DEFAULTS = dict(VTL_BRIDGE_COALESCE_MAX=8, VTL_BRIDGE_STREAMING=True)
-CRASH_KNOBS = dict(VTL_BRIDGE_LOCK_TTL=8, VTL_BRIDGE_HEARTBEAT_TTL=2, VTL_BRIDGE_HEARTBEAT_INTERVAL=0.5,
-                   VTL_BRIDGE_SWEEP_INTERVAL=0.5)
 
 
 @pytest.fixture
@@ -52,21 +50,8 @@ def r(stack, stack_settings, scripted):
 
 
 @pytest.fixture
-def bridges(provisioned, tmp_path):
-    started: list[BridgeProcess] = []
-
-    def start(**knobs) -> BridgeProcess:
-        bridge = BridgeProcess(provisioned, tmp_path / "bridge-logs", **{**DEFAULTS, **knobs})
-        started.append(bridge)
-        return bridge.start()
-
-    yield start
-    for bridge in started:
-        if bridge.alive:
-            try:
-                bridge.stop(timeout=30)
-            except AssertionError:
-                bridge.kill()
+def bridge_defaults() -> dict:
+    return DEFAULTS
 
 
 def task(user_id: str, text: str, task_id: str) -> dict:
