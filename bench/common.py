@@ -1,8 +1,7 @@
 """What every benchmark shares: a real local stack, the bridge subprocess, the two ways to send a
 turn (through the bridge, or straight to Letta), and the statistics and Markdown they report.
 
-A few lines are duplicated from tests/integration (conftest.make_stack_settings, bridge_helpers'
-bridge_env and BridgeProcess): scripts must not import from tests.
+A fresh stack is a private one (stack/private.py, as the integration tests use).
 
 Progress goes to stderr; stdout is only the report (the command, the machine, the tables).
 """
@@ -33,13 +32,12 @@ from bench.published import Published
 from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from stack.manager import Stack
-from stack.processes import free_port
+from stack.private import REPO_ROOT, child_env, private_data_dir, private_stack_settings
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.letta_api import async_letta_client
 from vtuber_letta.redis_api import redis_client
 from vtuber_letta.settings import Settings, load_settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PLAIN_REPLY = "好的，我记住啦。"
 # Every turn: one short plain reply, no tool call (a tool call costs seconds in Letta's sandbox
 # and would drown what we measure). An empty `when` matches every user turn.
@@ -49,8 +47,6 @@ PLAIN_RULE = {"name": "bench-plain", "when": {}, "then": {"reply": PLAIN_REPLY}}
 LETTA_TIMEOUT_S = 300.0
 TURN_WAIT_S = 600.0  # how long the benchmark waits for one bridge reply before counting an error
 SDK_POOL = 100  # letta-client's httpx pool: at most 100 connections per client (DEFAULT_CONNECTION_LIMITS)
-# Whatever the developer's shell holds must not reach a bridge pointed at our own stack.
-_FOREIGN_ENV_PREFIXES = ("OPENAI_", "OLLAMA_", "LETTA_", "REDIS_", "VTL_")
 
 
 def log(message: str) -> None:
@@ -93,28 +89,6 @@ def _module_name() -> str:
 
 # --------------------------------------------------------------------------- the stack
 
-def stack_settings(data_dir: Path) -> Settings:
-    """Settings of a fresh stack on free loopback ports (as tests/integration/conftest.py)."""
-    return Settings(
-        _env_file=None,
-        letta_api_url=f"http://127.0.0.1:{free_port()}",
-        letta_api_key=None,
-        letta_model=None,
-        letta_timeout=LETTA_TIMEOUT_S,
-        redis_url=None,
-        redis_host="127.0.0.1",
-        redis_port=free_port(),
-        redis_password=None,
-        openai_api_key=None,
-        openai_base_url=None,
-        ollama_base_url=None,
-        data_dir=data_dir,
-        letta_server_home=Path(os.environ.get("VTL_LETTA_SERVER_HOME", REPO_ROOT / ".letta-server")),
-        postgres_port=free_port(),
-        scripted_model_port=free_port(),
-    )
-
-
 @contextmanager
 def bench_stack(reuse: bool) -> Iterator[Settings]:
     """A provisioned stack whose model answers every turn plainly; the one we started is stopped."""
@@ -127,10 +101,8 @@ def bench_stack(reuse: bool) -> Iterator[Settings]:
         with _prepared(settings):
             yield settings
         return
-    # Postgres runs as an unprivileged user: the data dir must be reachable (mkdtemp makes it 0700).
-    data_dir = Path(tempfile.mkdtemp(prefix="vtl-bench-"))
-    data_dir.chmod(0o755)
-    settings = stack_settings(data_dir)
+    data_dir = private_data_dir(prefix="vtl-bench-")
+    settings = private_stack_settings(data_dir, letta_timeout=LETTA_TIMEOUT_S)
     stack = Stack(settings, log=lambda msg: log(f"[stack] {msg}"))
     try:
         started = time.perf_counter()
@@ -195,25 +167,12 @@ def ensure_agents(settings: Settings, viewer_ids: Sequence[str], workers: int = 
 
 # --------------------------------------------------------------------------- the bridge process
 
-def child_env(settings: Settings, reuse: bool, **knobs: Any) -> dict[str, str]:
-    """Environment of a child process (the bridge) that must build the same Settings as we did."""
-    if reuse:
-        env = dict(os.environ)  # plus the .env of the repo root, its working directory
-    else:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV_PREFIXES)}
-        host, port = settings.redis_address
-        env.update({
-            "LETTA_API_URL": settings.letta_api_url,
-            "LETTA_API_KEY": settings.letta_password,
-            "REDIS_HOST": host,
-            "REDIS_PORT": str(port),
-            "VTL_DATA_DIR": str(settings.data_dir.resolve()),
-            "VTL_LETTA_SERVER_HOME": str(settings.letta_server_home.resolve()),
-            "VTL_POSTGRES_PORT": str(settings.postgres_port),
-            "VTL_SCRIPTED_MODEL_PORT": str(settings.scripted_model_port),
-            "VTL_PERSONA_CONFIG": str(REPO_ROOT / settings.persona_config),
-        })
-    env.update({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "LETTA_TIMEOUT": str(settings.letta_timeout)})
+def bridge_env(settings: Settings, reuse: bool, **knobs: Any) -> dict[str, str]:
+    """Environment of the bridge: the private stack's (stack/private.py), or with --reuse-stack
+    ours as it is (plus the .env of the repo root, its working directory)."""
+    if not reuse:
+        return child_env(settings, **knobs)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "LETTA_TIMEOUT": str(settings.letta_timeout)}
     env.update({name: str(value) for name, value in knobs.items() if value is not None})
     return env
 
@@ -225,7 +184,7 @@ class Bridge:
     def __init__(self, settings: Settings, reuse: bool, **knobs: Any):
         self.settings = settings
         self.replica_id = f"bench-{run_id()}"
-        self.env = child_env(settings, reuse, VTL_BRIDGE_METRICS_PORT=0, VTL_BRIDGE_REPLICA_ID=self.replica_id, **knobs)
+        self.env = bridge_env(settings, reuse, VTL_BRIDGE_METRICS_PORT=0, VTL_BRIDGE_REPLICA_ID=self.replica_id, **knobs)
         self.cwd = REPO_ROOT if reuse else settings.data_dir.resolve()  # our own stack's data dir has no .env
         # Outside the data dir: our own stack's data dir is deleted at the end, the log is kept.
         self.log_path = Path(tempfile.gettempdir()) / "vtl-bench-logs" / f"{self.replica_id}.log"
@@ -236,7 +195,7 @@ class Bridge:
         others = [k for k in r.scan_iter(match=keys.BRIDGE_HEARTBEAT_PREFIX + "*")]
         if others:
             log(f"WARNING: other bridge replicas are live ({', '.join(others)}): they take tasks too")
-        self._baseline = self._problem_counts()
+        self._baseline = problem_counts(self.settings)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         executable = Path(sys.executable).parent / "vtuber-letta"
         with open(self.log_path, "ab") as out:
@@ -266,23 +225,30 @@ class Bridge:
             self.proc.kill()
             self.proc.wait(timeout=30)
 
-    def _problem_counts(self) -> tuple[int, int]:
-        r = redis_client(self.settings)
-        try:
-            return r.llen(self.settings.bridge_memory_queue), r.llen(keys.BRIDGE_DEAD_LETTERS)
-        finally:
-            r.close()
-
     def problems(self) -> str:
         """What went wrong inside the bridge since it started: fallbacks to memory-python, dead letters."""
-        fallbacks, dead = (now - then for now, then in zip(self._problem_counts(), self._baseline))
-        return f"bridge fallbacks to memory-python: {fallbacks}, dead letters: {dead}"
+        return problems_since(self.settings, self._baseline)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def problem_counts(settings: Settings) -> tuple[int, int]:
+    """(fallbacks to memory-python, dead letters) in Redis now."""
+    r = redis_client(settings)
+    try:
+        return r.llen(settings.bridge_memory_queue), r.llen(keys.BRIDGE_DEAD_LETTERS)
+    finally:
+        r.close()
+
+
+def problems_since(settings: Settings, baseline: tuple[int, int]) -> str:
+    """What went wrong inside the bridge(s) since `baseline` (problem_counts then)."""
+    fallbacks, dead = (now - then for now, then in zip(problem_counts(settings), baseline))
+    return f"bridge fallbacks to memory-python: {fallbacks}, dead letters: {dead}"
 
 
 # --------------------------------------------------------------------------- sending turns

@@ -1,66 +1,165 @@
 """Completed turns per second with many viewers at once: through the bridge vs straight to Letta.
 
-At each concurrency level C, C viewers talk at the same time, each sending M turns one after the
-other (waiting for each reply). Bridge side: the tasks go through a `vtuber-letta bridge`
-subprocess, which runs at most VTL_BRIDGE_CONCURRENCY turns at once. Direct side: one asyncio task
-per viewer doing sequential `messages.create`. Each level runs a bridge round and a direct round
-(alternating which goes first), repeated R times; medians over rounds are reported. The level where
-direct turns/s stops growing is Letta's own saturation point on this machine."""
+At each concurrency level C, C viewers talk without pause, each sending its next turn as soon as
+its reply is in (a closed loop). A block runs one side at one level: it starts every viewer, waits
+until each has had a reply (the pipeline is full), counts the turns of the next `--window` seconds,
+then stops sending and lets the turns in flight finish. Ramp-up and drain never enter the figure.
+
+Sides (`--sides`):
+  bridge             LPUSH on letta_requests -> reply on letta_responses, through a real
+                     `vtuber-letta bridge` with its defaults (streaming on, VTL_BRIDGE_CONCURRENCY)
+  bridge-unstreamed  the same with VTL_BRIDGE_STREAMING=false
+  direct             one asyncio task per viewer, plain `messages.create`
+  direct-streamed    the same with streaming=True, stream_tokens=True
+Each bridge block runs its own bridge process. Each round runs every side once per level, back to
+back, the order rotating from round to round; a ratio is taken within a round (the same minutes of
+the same machine) and the median over rounds is reported. Pairs that make the same Letta call
+(bridge / direct-streamed, bridge-unstreamed / direct) show what the bridge itself costs;
+bridge / direct is what a client switching to the bridge with its defaults sees.
+
+CPU per turn (from /proc, local stack only) says whose work a gap is: Letta's own per-turn cost,
+or something of ours competing with Letta for the cores."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 
 from bench.common import (
-    Bridge, BridgeSender, DirectSender, bench_stack, ensure_agents, log, ms, p50, parse, parser, ratio, report,
-    run_id, table,
+    Bridge, BridgeSender, DirectSender, TURN_WAIT_S, bench_stack, ensure_agents, log, ms, p50, parse, parser,
+    problem_counts, problems_since, report, run_id, table,
 )
+from bench.cpu import CpuMeter
 
-FULL = {"levels": "1,8,32,128", "turns": 3, "rounds": 3, "warmup": 3}
-QUICK = {"levels": "1,4,8", "turns": 2, "rounds": 2, "warmup": 1}
+FULL = {"levels": "1,8,32,128", "window": 30.0, "rounds": 5, "sides": "bridge,bridge-unstreamed,direct,direct-streamed"}
+QUICK = {"levels": "1,4,8", "window": 8.0, "rounds": 2, "sides": "bridge,direct"}
+BRIDGE_KNOBS = {"bridge": {}, "bridge-unstreamed": {"VTL_BRIDGE_STREAMING": "false"}}
+DIRECT_STREAMING = {"direct": False, "direct-streamed": True}
+SIDES = (*BRIDGE_KNOBS, *DIRECT_STREAMING)
+# (side, other, what the ratio means), reported when both sides ran
+PAIRS = (
+    ("bridge", "direct-streamed", "the same Letta call (a token stream): the bridge's own cost"),
+    ("bridge-unstreamed", "direct", "the same Letta call (plain): the bridge's own cost"),
+    ("bridge", "direct", "the bridge's defaults vs plain sends: what a client switching to the bridge sees"),
+)
 PLATEAU = 0.90  # "stops growing": a level within 10 % of the best level's turns/s
+SETTLE_S = 2.0  # Letta finishes a turn's bookkeeping after its reply: let it, before the next block
+CPU_PARTS = ("letta", "postgres", "model", "redis", "bridge", "client")
 
 
-async def one_round(send, viewers: list[str], turns: int, tag: str) -> dict:
-    """All viewers at once, each sending `turns` turns in sequence; wall time of the whole round."""
-    latencies: list[float] = []
+@dataclass
+class Block:
+    """One side at one level: what was counted in the window and what each part's CPU did meanwhile."""
+
+    tps: float
+    turns: float  # turns in the window, counted fractionally (see cycles_between)
+    latencies: list[float]
+    errors: list[str]
+    cpu_ms_per_turn: dict[str, float] = field(default_factory=dict)
+
+
+def cycles_between(arrivals: list[float], start: float, end: float) -> float:
+    """How many of one viewer's turns fall in [start, end], counting the turn in progress at either
+    edge by the part of it that lies inside (its progress taken as linear between two replies).
+
+    Needs a reply at or before `start` and one after `end`. Counting whole replies instead would be
+    quantized: viewers who start together stay in step (Letta serves their turns side by side), so
+    replies come in waves of C, and a window holds a whole number of waves, give or take one."""
+    def progress(t: float) -> float:
+        for k in range(1, len(arrivals)):
+            if arrivals[k] > t:
+                return k - 1 + (t - arrivals[k - 1]) / (arrivals[k] - arrivals[k - 1])
+        raise ValueError("no reply after the window")
+    return progress(end) - progress(start)
+
+
+async def steady_block(send, viewers: list[str], window: float, meter: CpuMeter | None) -> Block:
+    """Every viewer in a closed loop (the next turn as soon as the reply is in); the window starts
+    once every viewer has had a reply, and ends with each viewer's turn then in flight finishing."""
+    arrivals: list[list[tuple[float, float]]] = [[] for _ in viewers]  # per viewer: (arrival, latency)
     errors: list[str] = []
+    window_end: float | None = None
 
     async def viewer(index: int, viewer_id: str) -> None:
-        for m in range(turns):
+        turn = 0
+        # Until a reply after the window's end: the far edge of cycles_between.
+        while window_end is None or not arrivals[index] or arrivals[index][-1][0] <= window_end:
             try:
-                latencies.append(await send(index, viewer_id, f"{tag} 第{m}条：主播晚上好！"))
+                latency = await send(index, viewer_id, f"第{turn}条：主播晚上好！")
+                arrivals[index].append((time.perf_counter(), latency))
             except Exception as exc:  # counted and shown: an error is a result, not a crash
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                if len(errors) > 10 * len(viewers):
+                    raise
+                await asyncio.sleep(1.0)  # a failing side must not spin
+            turn += 1
 
-    started = time.perf_counter()
-    await asyncio.gather(*(viewer(i, v) for i, v in enumerate(viewers)))
-    wall = time.perf_counter() - started
-    return {"tps": len(latencies) / wall, "latencies": latencies, "errors": errors}
+    async def all_replied() -> None:
+        while not all(arrivals):
+            await asyncio.sleep(0.05)
 
-
-async def measure(settings, args, levels: list[int], viewers: dict[str, list[str]], agents: dict[str, str]):
-    direct = DirectSender(settings, concurrency=max(levels), streaming=args.direct_streaming)
-    results = {(side, level): [] for side in ("bridge", "direct") for level in levels}
+    loops = [asyncio.create_task(viewer(i, v)) for i, v in enumerate(viewers)]
     try:
-        async with BridgeSender(settings) as bridge:
-            send = {"bridge": lambda i, v, text: bridge.turn(v, text),
-                    "direct": lambda i, v, text: direct.turn(agents[v], text, slot=i)}
-            for side in send:  # untimed warm-up: connections, caches
-                await one_round(send[side], viewers[side][:1], args.warmup, "warm-up")
+        await asyncio.wait_for(all_replied(), TURN_WAIT_S)
+        before = meter.snapshot() if meter else None
+        started = time.perf_counter()
+        await asyncio.sleep(window)
+        ended = window_end = time.perf_counter()
+        after = meter.snapshot() if meter else None
+        await asyncio.gather(*loops)  # each viewer's turn in flight finishes: the window's far edge
+    finally:
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    turns = sum(cycles_between([t for t, _ in own], started, ended) for own in arrivals)
+    latencies = [latency for own in arrivals for t, latency in own if started <= t < ended]
+    block = Block(tps=turns / (ended - started), turns=turns, latencies=latencies, errors=errors)
+    if before is not None and turns:
+        block.cpu_ms_per_turn = {part: used * 1000 / turns for part, used in CpuMeter.used(before, after).items()}
+    await asyncio.sleep(SETTLE_S)
+    return block
+
+
+async def run_block(settings, args, side: str, level: int, viewers, agents, listener: BridgeSender,
+                    directs: dict[str, DirectSender]) -> Block:
+    """One block; a bridge side gets a bridge process of its own for the block."""
+    if side in directs:
+        direct = directs[side]
+        send = lambda i, v, text: direct.turn(agents[side][v], text, slot=i)  # noqa: E731
+        return await steady_block(send, viewers[side][:level], args.window, CpuMeter(settings))
+    knobs = {"VTL_BRIDGE_CONCURRENCY": args.bridge_concurrency, **BRIDGE_KNOBS[side]}
+    bridge = Bridge(settings, args.reuse_stack, **knobs)
+    await asyncio.to_thread(bridge.__enter__)
+    try:
+        meter = CpuMeter(settings, bridge=bridge.proc.pid)
+        return await steady_block(lambda i, v, text: listener.turn(v, text), viewers[side][:level], args.window, meter)
+    finally:
+        await asyncio.to_thread(bridge.__exit__)
+
+
+async def measure(settings, args, levels, sides, viewers, agents) -> tuple[dict, int]:
+    directs = {side: DirectSender(settings, concurrency=max(levels), streaming=DIRECT_STREAMING[side])
+               for side in sides if side in DIRECT_STREAMING}
+    results: dict[tuple[str, int], list[Block]] = {(side, level): [] for side in sides for level in levels}
+    try:
+        async with BridgeSender(settings) as listener:
             for rnd in range(args.rounds):
                 for li, level in enumerate(levels):
-                    order = ("bridge", "direct") if (rnd + li) % 2 == 0 else ("direct", "bridge")
-                    for side in order:
-                        result = await one_round(send[side], viewers[side][:level], args.turns, f"r{rnd}")
-                        results[side, level].append(result)
-                        log(f"round {rnd + 1}/{args.rounds} level {level:>3} {side:<6}: {result['tps']:.2f} turns/s, "
-                            f"turn p50 {ms(p50(result['latencies']))} ms, max {ms(max(result['latencies'], default=0))} ms, "
-                            f"{len(result['errors'])} errors")
-            unexpected = bridge.unexpected + direct.unexpected
+                    shift = (rnd + li) % len(sides)
+                    order = sides[shift:] + sides[:shift]
+                    for side in (order if rnd % 2 == 0 else order[::-1]):
+                        block = await run_block(settings, args, side, level, viewers, agents, listener, directs)
+                        results[side, level].append(block)
+                        letta = block.cpu_ms_per_turn.get("letta")
+                        log(f"round {rnd + 1}/{args.rounds} level {level:>3} {side:<17}: {block.tps:.2f} turns/s, "
+                            f"turn p50 {ms(p50(block.latencies))} ms, {block.turns:.1f} turns"
+                            + (f", Letta {letta:.0f} ms CPU/turn" if letta is not None else "")
+                            + (f", {len(block.errors)} errors" if block.errors else ""))
+            unexpected = listener.unexpected + sum(d.unexpected for d in directs.values())
     finally:
-        await direct.close()
+        for direct in directs.values():
+            await direct.close()
     return results, unexpected
 
 
@@ -79,43 +178,83 @@ def saturation(levels: list[int], tps: dict[int, float]) -> str:
             "more viewers at once only queue.")
 
 
+def round_ratios(results, side: str, other: str, level: int) -> list[float]:
+    """side/other turns/s within each round (the two blocks ran minutes apart at most)."""
+    return [b.tps / d.tps for b, d in zip(results[side, level], results[other, level]) if d.tps]
+
+
+def tps_table(results, levels, sides) -> str:
+    headers = ["viewers", *(f"{side} turns/s" for side in sides), *(f"{side} p50 turn ms" for side in sides), "errors"]
+    rows = []
+    for level in levels:
+        rows.append([level, *(f"{p50([b.tps for b in results[side, level]]):.2f}" for side in sides),
+                     *(ms(p50([x for b in results[side, level] for x in b.latencies])) for side in sides),
+                     " / ".join(str(sum(len(b.errors) for b in results[side, level])) for side in sides)])
+    return table(headers, rows)
+
+
+def ratio_table(results, levels, sides) -> str | None:
+    pairs = [pair for pair in PAIRS if pair[0] in sides and pair[1] in sides]
+    if not pairs:
+        return None
+    rows = []
+    for side, other, meaning in pairs:
+        for level in levels:
+            ratios = round_ratios(results, side, other, level)
+            rows.append([f"{side} / {other}", level, f"**{p50(ratios):.2f}**" if ratios else "n/a",
+                         f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "n/a",
+                         sum(r >= 0.95 for r in ratios), len(ratios), meaning])
+    return table(["ratio", "viewers", "median of rounds", "range over rounds", "rounds ≥ 0.95", "rounds", "meaning"],
+                 rows)
+
+
+def cpu_table(results, levels, sides) -> str | None:
+    if not any(b.cpu_ms_per_turn for blocks in results.values() for b in blocks):
+        return None
+    rows = []
+    for level in levels:
+        for side in sides:
+            blocks = [b for b in results[side, level] if b.cpu_ms_per_turn]
+            rows.append([level, side, *(ms(p50([b.cpu_ms_per_turn.get(part, 0.0) for b in blocks]) / 1000)
+                                        if blocks else "n/a" for part in CPU_PARTS)])
+    return table(["viewers", "side", *(f"{part} ms" for part in CPU_PARTS)], rows)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--levels", help=f"concurrent viewers, comma separated (default {FULL['levels']}, quick {QUICK['levels']})")
-    p.add_argument("--turns", type=int, help="turns each viewer sends in sequence per round (M)")
-    p.add_argument("--rounds", type=int, help="rounds per level and side (R); medians over rounds")
-    p.add_argument("--warmup", type=int, help="untimed turns per side first")
+    p.add_argument("--window", type=float, help=f"seconds of steady state counted per block (default {FULL['window']:.0f})")
+    p.add_argument("--rounds", type=int, help=f"rounds (each side once per level per round; default {FULL['rounds']})")
+    p.add_argument("--sides", help=f"comma separated, of {', '.join(SIDES)} (default all; quick {QUICK['sides']})")
     p.add_argument("--bridge-concurrency", type=int, help="VTL_BRIDGE_CONCURRENCY of the bridge (default: its own default)")
-    p.add_argument("--direct-streaming", action="store_true",
-                   help="direct sends read the reply as a token stream, as the bridge does by default")
     args = parse(p, FULL, QUICK)
     levels = sorted({int(x) for x in args.levels.split(",")})
+    sides = [side.strip() for side in args.sides.split(",")]
+    if unknown := set(sides) - set(SIDES):
+        p.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))} (of {', '.join(SIDES)})")
     with bench_stack(args.reuse_stack) as settings:
-        concurrency = args.bridge_concurrency or settings.bridge_concurrency
+        args.bridge_concurrency = args.bridge_concurrency or settings.bridge_concurrency
         rid = run_id()
-        viewers = {side: [f"bench:tp-{side}-{rid}-{i}" for i in range(max(levels))] for side in ("bridge", "direct")}
+        viewers = {side: [f"bench:tp-{side}-{rid}-{i}" for i in range(max(levels))] for side in sides}
         started = time.perf_counter()
-        agents = ensure_agents(settings, viewers["bridge"] + viewers["direct"])
-        log(f"{len(agents)} agents ready in {time.perf_counter() - started:.0f}s")
-        with Bridge(settings, args.reuse_stack, VTL_BRIDGE_CONCURRENCY=concurrency) as bridge:
-            results, unexpected = asyncio.run(measure(settings, args, levels, viewers, agents))
-        median = {key: p50([r["tps"] for r in rounds]) for key, rounds in results.items()}
-        rows = []
-        for level in levels:
-            latency = {side: p50([x for r in results[side, level] for x in r["latencies"]]) for side in ("bridge", "direct")}
-            errors = {side: sum(len(r["errors"]) for r in results[side, level]) for side in ("bridge", "direct")}
-            rows.append([level, level * args.turns, f"{median['bridge', level]:.2f}", f"{median['direct', level]:.2f}",
-                         ratio(median["bridge", level], median["direct", level]),
-                         ms(latency["bridge"]), ms(latency["direct"]), f"{errors['bridge']} / {errors['direct']}"])
-        first_errors = [e for rounds in results.values() for r in rounds for e in r["errors"]][:3]
-        direct_kind = "streamed (stream_tokens)" if args.direct_streaming else "plain messages.create"
+        agents = {side: ensure_agents(settings, viewers[side]) for side in sides}
+        log(f"{sum(map(len, agents.values()))} agents ready in {time.perf_counter() - started:.0f}s")
+        problems_before = problem_counts(settings)
+        results, unexpected = asyncio.run(measure(settings, args, levels, sides, viewers, agents))
+        problems = problems_since(settings, problems_before)
+        first_errors = [e for blocks in results.values() for b in blocks for e in b.errors][:3]
+        direct_tps = {level: p50([b.tps for b in results["direct", level]]) for level in levels} if "direct" in sides else None
+        ratios, cpu = ratio_table(results, levels, sides), cpu_table(results, levels, sides)
         report("Throughput: many viewers at once, bridge vs direct", settings, args.reuse_stack, [
-            f"Bridge: VTL_BRIDGE_CONCURRENCY={concurrency}. Direct: one asyncio task per viewer, {direct_kind}. "
-            f"Turns/s = completed turns / wall time of the round; median of {args.rounds} round(s) per cell.",
-            table(["viewers", "turns per round", "bridge turns/s", "direct turns/s", "ratio bridge/direct",
-                   "bridge p50 turn ms", "direct p50 turn ms", "errors bridge / direct"], rows),
-            saturation(levels, {level: median["direct", level] for level in levels}),
-            f"Replies other than the scripted one: {unexpected}. {bridge.problems()}."
+            f"Bridge: a `vtuber-letta bridge` process per block, VTL_BRIDGE_CONCURRENCY={args.bridge_concurrency}. "
+            f"Turns/s: turns completed in a {args.window:.0f} s steady-state window (every viewer already "
+            f"answered once; ramp-up and drain not counted); median of {args.rounds} round(s).",
+            tps_table(results, levels, sides),
+            *([f"Ratios, each taken within one round:\n\n{ratios}"] if ratios else []),
+            *([saturation(levels, direct_tps)] if direct_tps else []),
+            *([f"CPU per completed turn in the window, by part (median of rounds; `client` is this script: the "
+               f"listener on the bridge sides, the letta-client on the direct sides):\n\n{cpu}"] if cpu else []),
+            f"Replies other than the scripted one: {unexpected}. {problems}."
             + (f" First errors: {first_errors}" if first_errors else ""),
         ])
 

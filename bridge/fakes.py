@@ -53,6 +53,8 @@ class FakeGateway:
         self.events: list[tuple[str, VerifiedEvent]] = []
         self.find_calls: list[tuple[str, str]] = []
         self.overlaps = 0
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most sends running at once
         self._busy: set[str] = set()
         self.send_started = asyncio.Event()
         self.pieces_streamed = 0
@@ -76,6 +78,8 @@ class FakeGateway:
         if agent_id in self._busy:
             self.overlaps += 1
         self._busy.add(agent_id)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             viewer = self.viewer_of(agent_id)
             self.sent.append(SentTurn(agent_id, viewer, tuple(m.task_id for m in messages), messages[-1].text, sender_name))
@@ -95,6 +99,7 @@ class FakeGateway:
                 await asyncio.sleep(self.rng.uniform(low, high))
             return result
         finally:
+            self.in_flight -= 1
             self._busy.discard(agent_id)
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:

@@ -89,7 +89,9 @@ class LettaTurns:
     def from_settings(cls, settings: Any) -> "LettaTurns":
         from vtuber_letta.letta_api import async_letta_client
 
-        return cls(async_letta_client(settings, for_messages=True), timeout=settings.letta_timeout)
+        # Each turn in flight holds a connection, and so does each response still being drained.
+        client = async_letta_client(settings, for_messages=True, connections=2 * settings.bridge_concurrency)
+        return cls(client, timeout=settings.letta_timeout)
 
     @staticmethod
     def request_messages(messages: Sequence[TurnMessage], sender_name: str | None) -> list[dict[str, Any]]:

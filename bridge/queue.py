@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import AsyncIterator, Literal, Sequence, TypeVar
 
 from redis.asyncio import Redis
 
 from bridge.wire import MAX_ID_BYTES
 from vtuber_letta import redis_keys as keys
+
+T = TypeVar("T")
 
 # KEYS: staging, triage, pending, ready, request list
 # ARGV: viewer queue prefix, active lock prefix, max payload bytes, max user_id bytes, batch size
@@ -183,19 +185,23 @@ end
 return 0
 """
 
-# KEYS: active lock, viewer queue, pending, ready; ARGV: viewer
-# Returns 1 re-readied, 2 forgotten (empty), 0 nothing to do.
+# KEYS: pending, ready, then (active lock, viewer queue) per viewer; ARGV: the viewers
+# For each viewer: re-ready it if nobody holds its lock and it has work, forget it if its queue is
+# empty. One call per batch of pending viewers (not one per viewer). Returns how many were re-readied.
 _SWEEP = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('LLEN', KEYS[2]) == 0 then
-  redis.call('SREM', KEYS[3], ARGV[1])
-  return 2
+local readied = 0
+for i = 1, #ARGV do
+  local viewer = ARGV[i]
+  if redis.call('EXISTS', KEYS[1 + 2 * i]) == 0 then
+    if redis.call('LLEN', KEYS[2 + 2 * i]) == 0 then
+      redis.call('SREM', KEYS[1], viewer)
+    elseif not redis.call('LPOS', KEYS[2], viewer) then
+      redis.call('RPUSH', KEYS[2], viewer)
+      readied = readied + 1
+    end
+  end
 end
-if not redis.call('LPOS', KEYS[4], ARGV[1]) then
-  redis.call('RPUSH', KEYS[4], ARGV[1])
-  return 1
-end
-return 0
+return readied
 """
 
 # KEYS: triage, dead letters; ARGV: expected oldest raw, entry, max length
@@ -352,16 +358,13 @@ class ViewerQueues:
             )
         )
 
-    async def sweep(self) -> int:
+    async def sweep(self, batch: int = 500) -> int:
         """Re-ready every pending viewer whose worker is gone; returns how many."""
         readied = 0
-        async for member in self.redis.sscan_iter(keys.BRIDGE_PENDING, count=500):
-            viewer = member.decode(errors="surrogateescape")
-            result = await self._sweep(
-                keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING, keys.BRIDGE_READY],
-                args=[viewer],
-            )
-            readied += result == 1
+        async for members in _batched(self.redis.sscan_iter(keys.BRIDGE_PENDING, count=batch), batch):
+            viewers = [member.decode(errors="surrogateescape") for member in members]
+            viewer_keys = [key for viewer in viewers for key in (keys.viewer_active(viewer), keys.viewer_queue(viewer))]
+            readied += int(await self._sweep(keys=[keys.BRIDGE_PENDING, keys.BRIDGE_READY, *viewer_keys], args=viewers))
         return readied
 
     async def is_done(self, task_id: str) -> bool:
@@ -417,6 +420,17 @@ class ViewerQueues:
             "pending_viewers": pending,
             "known_viewers": viewers,
         }
+
+
+async def _batched(items: AsyncIterator[T], size: int) -> AsyncIterator[list[T]]:
+    batch: list[T] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _count_args(task_id: str, ops: Sequence[tuple[str, str, str]]) -> list[str]:

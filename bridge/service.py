@@ -149,9 +149,10 @@ class BridgeService:
         await self._beat()
         background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._sweep_loop())]
         intake = asyncio.create_task(self._intake_loop())
-        workers = [asyncio.create_task(self._worker_loop()) for _ in range(s.bridge_concurrency)]
+        serving: set[asyncio.Task] = set()  # one task per viewer being served
+        dispatcher = asyncio.create_task(self._dispatch_loop(serving))
         log.info(
-            "bridge %s up: %s -> Letta (enabled=%s, fallback=%s, tts_handoff=%s), %d viewer workers",
+            "bridge %s up: %s -> Letta (enabled=%s, fallback=%s, tts_handoff=%s), up to %d viewers at once",
             self.replica_id, s.bridge_request_queue, s.letta_enabled, s.letta_fallback_to_memory,
             s.bridge_tts_handoff, s.bridge_concurrency,
         )
@@ -161,11 +162,15 @@ class BridgeService:
             graceful = True
             log.info("bridge %s stopping: taking no new work, %d task(s) in flight", self.replica_id, self._in_flight)
             self._stopping.set()
-            await asyncio.wait([intake, *workers], timeout=s.bridge_grace_period)
+            deadline = time.monotonic() + s.bridge_grace_period
+            # The dispatcher ends within one poll timeout; after it, no viewer task is added.
+            await asyncio.wait([intake, dispatcher], timeout=s.bridge_grace_period)
+            if serving:
+                await asyncio.wait(set(serving), timeout=max(0.0, deadline - time.monotonic()))
         finally:
             self._stopping.set()
-            everything = [intake, *workers, *background]
-            unfinished = sum(not task.done() for task in workers)
+            everything = [intake, dispatcher, *serving, *background]
+            unfinished = sum(not task.done() for task in serving)
             for task in everything:
                 task.cancel()
             # Bounded: a task that ignored its cancellation must not keep the process alive.
@@ -176,7 +181,7 @@ class BridgeService:
                 with suppress(RedisError, OSError):
                     await self.redis.delete(keys.bridge_heartbeat(self.replica_id))
                 if unfinished:
-                    log.warning("bridge %s: grace period over, %d worker(s) cancelled", self.replica_id, unfinished)
+                    log.warning("bridge %s: grace period over, %d viewer task(s) cancelled", self.replica_id, unfinished)
                 log.info("bridge %s stopped", self.replica_id)
             self.metrics.close()
 
@@ -265,24 +270,43 @@ class BridgeService:
                     task_id or "-", loggable(reason),
                 )
 
-    # ------------------------------------------------------------------ viewer workers
-    async def _worker_loop(self) -> None:
+    # ------------------------------------------------------------------ viewers
+    async def _dispatch_loop(self, serving: set[asyncio.Task]) -> None:
+        """Hand each ready viewer to a task of its own, at most VTL_BRIDGE_CONCURRENCY at once.
+        One BLPOP waits on the ready list, and only while a slot is free (not one poll per idle slot)."""
+        s = self.settings
         while not self._stopping.is_set():
             cancel_point()
+            if len(serving) >= s.bridge_concurrency:
+                await asyncio.wait(set(serving), timeout=s.bridge_poll_timeout, return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
-                viewer = await self.queues.next_ready(self.settings.bridge_poll_timeout)
-                if viewer is None:
-                    continue
-                token = secrets.token_hex(16)
-                queued = await self.queues.claim(viewer, token, self._lock_ttl_ms, peek=self._peek)
-                if queued is not None:
-                    await self._serve_viewer(viewer, token, queued)
+                viewer = await self.queues.next_ready(s.bridge_poll_timeout)
             except (RedisError, OSError) as exc:
-                log.warning("bridge %s: worker: %s", self.replica_id, describe_error(exc))
+                log.warning("bridge %s: dispatcher: %s", self.replica_id, describe_error(exc))
                 await self._pause(1.0)
-            except Exception:  # never let one bad moment end a worker for good
-                log.exception("bridge %s: worker error", self.replica_id)
+                continue
+            except Exception:  # a bug must not end the dispatcher: this replica would serve no one
+                log.exception("bridge %s: dispatcher error", self.replica_id)
                 await self._pause(1.0)
+                continue
+            if viewer is not None:  # even when stopping: its task hands the viewer back at once
+                task = asyncio.create_task(self._serve_ready_viewer(viewer))
+                serving.add(task)
+                task.add_done_callback(serving.discard)
+
+    async def _serve_ready_viewer(self, viewer: str) -> None:
+        try:
+            token = secrets.token_hex(16)
+            queued = await self.queues.claim(viewer, token, self._lock_ttl_ms, peek=self._peek)
+            if queued is not None:  # None: another worker holds the viewer and will see its new task
+                await self._serve_viewer(viewer, token, queued)
+        except (RedisError, OSError) as exc:
+            log.warning("bridge %s: viewer %s: %s", self.replica_id, loggable(viewer), describe_error(exc))
+            await self._pause(1.0)  # keeps the slot a moment: Redis is in trouble
+        except Exception:  # a bug: logged, and the viewer's lock expires for the sweeper to hand on
+            log.exception("bridge %s: error serving viewer %s", self.replica_id, loggable(viewer))
+            await self._pause(1.0)
 
     async def _keep_lock(self, viewer: str, token: str, lost: asyncio.Event) -> None:
         while True:
@@ -427,7 +451,7 @@ class BridgeService:
             try:
                 result, outcome, stream = await self._letta_turn(batch, stats, now, check_history=max(attempts) > 1)
             except RedisError:
-                raise  # our own store failed, not Letta: handled (and logged) by the worker
+                raise  # our own store failed, not Letta: handled (and logged) by _serve_ready_viewer
             except Exception as exc:  # every Letta failure is classified; none is swallowed silently
                 disposition = classify_error(exc)
                 reason = describe_error(exc)

@@ -105,7 +105,11 @@ class LettaServer:
             # Letta's default is a new Postgres connection per query (NullPool). Measured here: a
             # connect now and then stalled for asyncpg's 60 s connect timeout, stalling the agent's
             # turn with it. A pool makes turns steady (and saves a SCRAM handshake per query).
+            # Its size: a turn holds a session and Letta starts background writes beside it, so with
+            # 8+ turns in flight a pool of 10 overflowed, opening and closing connections all the
+            # time (0.07-0.32 new sessions per turn) and now and then a connect timed out (HTTP 500).
+            # 40 covers the bridge's default 32 turns in flight (docs/LETTA_NOTES.md).
             "LETTA_DISABLE_SQLALCHEMY_POOLING": "false",
-            "LETTA_PG_POOL_SIZE": "10",
+            "LETTA_PG_POOL_SIZE": "40",
             **self.model_env,
         }

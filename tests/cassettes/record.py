@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from stack.manager import Stack  # noqa: E402
 from stack.processes import port_open  # noqa: E402
-from tests.integration.conftest import make_stack_settings, stack_data_dir  # noqa: E402
+from stack.private import private_data_dir, private_stack_settings  # noqa: E402
 
 TEST_MODULE = "tests/unit/test_provisioning_cassettes.py"
 CASSETTE_DIR = REPO_ROOT / "tests" / "cassettes" / "provisioning"
@@ -45,8 +45,8 @@ def main(argv: list[str]) -> int:
         print(f"record: port(s) {taken} are in use (a recording stack left running?); not recording", file=sys.stderr)
         return 2
 
-    data_dir = stack_data_dir()
-    settings = make_stack_settings(
+    data_dir = private_data_dir()
+    settings = private_stack_settings(
         data_dir,
         letta_api_url=LETTA_URL,
         letta_api_key=PASSWORD,

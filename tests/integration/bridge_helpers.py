@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,10 +25,10 @@ import redis
 
 from bridge.letta_turns import otid_for
 from provisioning.naming import viewer_tag
+from stack.private import child_env
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 # Host lists and every bridge key (never vtl:viewer_agents: the viewer -> agent map must survive).
@@ -51,9 +50,6 @@ BRIDGE_KEY_PATTERNS = (
     keys.VIEWER_ACTIVE_PREFIX + "*",
     keys.BRIDGE_HEARTBEAT_PREFIX + "*",
 )
-
-# Whatever the developer's shell holds must not leak into the bridge (a real model key above all).
-_FOREIGN_ENV_PREFIXES = ("OPENAI_", "OLLAMA_", "LETTA_", "REDIS_", "VTL_")
 
 
 # A killed replica's viewer is taken over after the lock TTL: 8 s, well after the turn it was
@@ -81,39 +77,24 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 
 # --------------------------------------------------------------------------- the bridge process
 
+# Test-friendly timings; each test may override them.
+TEST_KNOBS = dict(
+    VTL_LOG_LEVEL="INFO",
+    VTL_BRIDGE_METRICS_PORT=0,
+    VTL_BRIDGE_POLL_TIMEOUT=0.5,
+    VTL_BRIDGE_SWEEP_INTERVAL=1,
+    VTL_BRIDGE_HEARTBEAT_INTERVAL=0.5,
+    VTL_BRIDGE_HEARTBEAT_TTL=3,
+    VTL_BRIDGE_GRACE_PERIOD=30,
+    # One turn per task: these tests follow every task to its own reply on tts_requests. Burst
+    # coalescing (on by default) is tested against the real stack in test_bridge_speed.py.
+    VTL_BRIDGE_COALESCE_MAX=1,
+)
+
+
 def bridge_env(settings: Settings, **knobs: Any) -> dict[str, str]:
     """The environment of a bridge (or `--check`) pointed at the stack of `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV_PREFIXES)}
-    host, port = settings.redis_address
-    persona = settings.persona_config if settings.persona_config.is_absolute() else REPO_ROOT / settings.persona_config
-    env.update({
-        "PYTHONPATH": str(REPO_ROOT),
-        "PYTHONUNBUFFERED": "1",
-        "LETTA_API_URL": settings.letta_api_url,
-        "LETTA_API_KEY": settings.letta_password,
-        "REDIS_HOST": host,
-        "REDIS_PORT": str(port),
-        "VTL_DATA_DIR": str(settings.data_dir.resolve()),
-        "VTL_LETTA_SERVER_HOME": str(settings.letta_server_home.resolve()),
-        "VTL_POSTGRES_PORT": str(settings.postgres_port),
-        "VTL_SCRIPTED_MODEL_PORT": str(settings.scripted_model_port),
-        "VTL_TEMPLATE": settings.template_name,
-        "VTL_PERSONA_CONFIG": str(persona),
-        "VTL_LOG_LEVEL": "INFO",
-        # Test-friendly timings; each test may override them.
-        "VTL_BRIDGE_METRICS_PORT": "0",
-        "VTL_BRIDGE_POLL_TIMEOUT": "0.5",
-        "VTL_BRIDGE_SWEEP_INTERVAL": "1",
-        "VTL_BRIDGE_HEARTBEAT_INTERVAL": "0.5",
-        "VTL_BRIDGE_HEARTBEAT_TTL": "3",
-        "VTL_BRIDGE_GRACE_PERIOD": "30",
-        # One turn per task: these tests follow every task to its own reply on tts_requests. Burst
-        # coalescing (on by default) is tested against the real stack in test_bridge_speed.py.
-        "VTL_BRIDGE_COALESCE_MAX": "1",
-    })
-    for name, value in knobs.items():
-        env[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    return env
+    return child_env(settings, **{**TEST_KNOBS, **knobs})
 
 
 class BridgeProcess:

@@ -7,10 +7,7 @@ fails if any of its processes is still alive afterwards.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -18,44 +15,14 @@ from provisioning.provision import provision
 from stack.manager import Stack
 from tests.integration.bridge_helpers import BridgeProcess
 from tests.integration.scripted import ScriptedModel
+from stack.private import private_data_dir, private_stack_settings
 from vtuber_letta.letta_api import letta_client
-from stack.processes import free_port
 from vtuber_letta.settings import Settings
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_stack_settings(data_dir: Path, **overrides) -> Settings:
-    values = dict(
-        letta_api_url=f"http://127.0.0.1:{free_port()}",
-        letta_api_key=None,
-        letta_model=None,
-        redis_url=None,
-        redis_host="127.0.0.1",
-        redis_port=free_port(),
-        openai_api_key=None,
-        openai_base_url=None,
-        ollama_base_url=None,
-        data_dir=data_dir,
-        letta_server_home=Path(os.environ.get("VTL_LETTA_SERVER_HOME", REPO_ROOT / ".letta-server")),
-        postgres_port=free_port(),
-        scripted_model_port=free_port(),
-    )
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
-
-
-def stack_data_dir() -> Path:
-    """A fresh data dir that Postgres' unprivileged user can reach (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="vtl-stack-"))
-    path.chmod(0o755)
-    return path
-
 
 @pytest.fixture(scope="session")
 def stack_settings() -> Settings:
-    data_dir = stack_data_dir()
-    yield make_stack_settings(data_dir)
+    data_dir = private_data_dir()
+    yield private_stack_settings(data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -81,6 +48,14 @@ def provisioned(stack, stack_settings):
 @pytest.fixture(scope="module")
 def scripted(stack, stack_settings) -> ScriptedModel:
     return ScriptedModel(stack_settings.scripted_model_port)
+
+
+@pytest.fixture
+def fresh_rules(scripted):
+    """No rule of an earlier test is left on the scripted model, and none of this one after it."""
+    scripted.reset()
+    yield
+    scripted.reset()
 
 
 @pytest.fixture(scope="module")

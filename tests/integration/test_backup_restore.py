@@ -29,7 +29,7 @@ from provisioning.provision import find_shared_block, provision
 from provisioning.viewers import ViewerAgents
 from stack.install import LETTA_VERSION
 from stack.manager import Stack
-from tests.integration.conftest import REPO_ROOT, make_stack_settings, stack_data_dir
+from stack.private import REPO_ROOT, private_data_dir, private_stack_settings
 from tests.integration.scripted import ScriptedModel, request_text
 from vtuber_letta import redis_keys
 from vtuber_letta.demo import DEMO_RULES
@@ -48,14 +48,14 @@ class PrivateStack:
     """A second stack of our own, on its own ports and data dir; `stack` is replaced after a wipe."""
 
     def __init__(self):
-        self.data_dir = stack_data_dir()
+        self.data_dir = private_data_dir()
         self.persona_config = self.data_dir / "config" / "persona.yaml"
         self.persona_config.parent.mkdir(parents=True)
         sample = (REPO_ROOT / "data" / "config" / "persona.sample.yaml").read_text(encoding="utf-8")
         self.persona_config.write_text(f"{CONFIG_MARKER}\n{sample}", encoding="utf-8")
         # An explicit server password: the backup holds none (it is not in the database), and the
         # wiped stack must come back with the one the clients use.
-        self.settings = make_stack_settings(self.data_dir, letta_api_key=secrets.token_urlsafe(24),
+        self.settings = private_stack_settings(self.data_dir, letta_api_key=secrets.token_urlsafe(24),
                                             persona_config=self.persona_config, bridge_metrics_port=0)
         self.stack = self.new_stack()
 

@@ -44,8 +44,8 @@ from tests.hostile.cases import (
     interleave,
     sample_context,
 )
+from stack.private import REPO_ROOT
 from tests.integration.bridge_helpers import (
-    REPO_ROOT,
     BridgeProcess,
     ChannelRecorder,
     agents_of,

@@ -23,12 +23,12 @@ from letta_client import NotFoundError
 from provisioning.naming import agent_name, viewer_tag
 from provisioning.provision import find_shared_block, load_blueprint, provision
 from provisioning.viewers import ViewerAgents
-from tests.integration.scripted import ScriptedModel
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.redis_api import redis_client
 
-pytestmark = pytest.mark.integration
+# Every test starts with no rule on the scripted model (conftest.fresh_rules).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLI = REPO_ROOT / ".venv" / "bin" / "vtuber-letta"
@@ -84,15 +84,8 @@ def viewers(stack, provisioned):
 
 
 @pytest.fixture(scope="module")
-def model(stack):
-    return ScriptedModel(stack.settings.scripted_model_port)
-
-
-@pytest.fixture(autouse=True)
-def fresh_rules(model):
-    model.reset()
-    yield
-    model.reset()
+def model(scripted):
+    return scripted
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import redis
 from bridge.service import check_bridge, redis_client as bridge_redis_client
 from stack.processes import free_port
 from stack.redis_server import RedisServer
-from tests.integration.conftest import make_stack_settings, stack_data_dir
+from stack.private import private_data_dir, private_stack_settings
 from vtuber_letta.redis_api import redis_client
 
 pytestmark = pytest.mark.integration
@@ -21,12 +21,12 @@ PASSWORD = "redis-secret-for-test-7d1c"
 
 @pytest.fixture
 def secured_redis():
-    data_dir = stack_data_dir()
+    data_dir = private_data_dir()
     port = free_port()
     server = RedisServer(data_dir, "127.0.0.1", port, PASSWORD)
     server.start(log=lambda _msg: None)
     try:
-        yield make_stack_settings(data_dir, redis_port=port, redis_password=PASSWORD), server
+        yield private_stack_settings(data_dir, redis_port=port, redis_password=PASSWORD), server
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

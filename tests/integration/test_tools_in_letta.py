@@ -19,7 +19,8 @@ from tests.integration.scripted import ScriptedModel, request_text
 from tools.human_block import add_fact, parse_facts, parse_fields
 from vtuber_letta.letta_api import letta_client
 
-pytestmark = pytest.mark.integration
+# Every test starts with no rule on the scripted model (conftest.fresh_rules).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
 RUN = uuid.uuid4().hex[:6]
 TURN_TIMEOUT_S = 180
@@ -54,15 +55,8 @@ def viewers(settings, provisioned):
 
 
 @pytest.fixture(scope="module")
-def model(settings):
-    return ScriptedModel(settings.scripted_model_port)
-
-
-@pytest.fixture(autouse=True)
-def fresh_rules(model):
-    model.reset()
-    yield
-    model.reset()
+def model(scripted):
+    return scripted
 
 
 @pytest.fixture(scope="module")

@@ -391,6 +391,35 @@ async def test_graceful_stop_finishes_the_turn_in_flight_and_takes_no_more(r, ur
 
 
 @scenario
+async def test_at_most_concurrency_viewers_are_served_at_once_and_all_are_answered(r, url, tmp_path):
+    settings = make_settings(url, tmp_path, VTL_BRIDGE_CONCURRENCY=3)
+    gateway = FakeGateway(delay=(0.05, 0.1))
+    tasks = [task(f"t-{v}-{n}", user_id=f"bilibili:{v}") for n in range(2) for v in range(10)]
+    async with Outputs(url) as out, running(settings, gateway):
+        await push(r, *tasks)
+        await wait_for(lambda: len(out.responses()) == len(tasks), what="every answer")
+    assert gateway.max_in_flight == 3  # the cap is reached (10 viewers wait) and never passed
+    assert gateway.overlaps == 0
+    for v in range(10):
+        assert [x["task_id"] for x in out.responses() if x["user_id"] == f"bilibili:{v}"] == [f"t-{v}-0", f"t-{v}-1"]
+
+
+@scenario
+async def test_an_idle_bridge_polls_the_ready_list_once_per_timeout_not_once_per_slot(r, url, tmp_path):
+    settings = make_settings(url, tmp_path, VTL_BRIDGE_CONCURRENCY=8)
+    poll = settings.bridge_poll_timeout
+
+    async def blpop_calls() -> int:
+        return int((await r.info("commandstats")).get("cmdstat_blpop", {}).get("calls", 0))
+
+    async with running(settings, FakeGateway()):
+        before = await blpop_calls()
+        await asyncio.sleep(20 * poll)
+        polls = await blpop_calls() - before
+    assert 10 <= polls <= 30, polls  # ~20 with one waiting BLPOP; 8 idle slots polling would make ~160
+
+
+@scenario
 async def test_metrics_endpoint(r, url, tmp_path):
     import socket
 
