@@ -138,13 +138,21 @@ async def run_block(settings, args, side: str, level: int, viewers, agents, list
         await asyncio.to_thread(bridge.__exit__)
 
 
-async def measure(settings, args, levels, sides, viewers, agents) -> tuple[dict, int]:
+async def measure(settings, args, levels, sides) -> tuple[dict, int]:
     directs = {side: DirectSender(settings, concurrency=max(levels), streaming=DIRECT_STREAMING[side])
                for side in sides if side in DIRECT_STREAMING}
     results: dict[tuple[str, int], list[Block]] = {(side, level): [] for side in sides for level in levels}
+    rid = run_id()
     try:
         async with BridgeSender(settings) as listener:
             for rnd in range(args.rounds):
+                # Fresh agents every round: Letta's cost per turn grows with an agent's history (the
+                # one viewer of level 1 alone gets ~100 turns a block), so rounds stay comparable.
+                viewers = {side: [f"bench:tp-{side}-{rid}-r{rnd}-{i}" for i in range(max(levels))] for side in sides}
+                started = time.perf_counter()
+                agents = {side: await asyncio.to_thread(ensure_agents, settings, viewers[side]) for side in sides}
+                log(f"round {rnd + 1}/{args.rounds}: {sum(map(len, agents.values()))} agents ready in "
+                    f"{time.perf_counter() - started:.0f}s")
                 for li, level in enumerate(levels):
                     shift = (rnd + li) % len(sides)
                     order = sides[shift:] + sides[:shift]
@@ -234,13 +242,8 @@ def main() -> None:
         p.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))} (of {', '.join(SIDES)})")
     with bench_stack(args.reuse_stack) as settings:
         args.bridge_concurrency = args.bridge_concurrency or settings.bridge_concurrency
-        rid = run_id()
-        viewers = {side: [f"bench:tp-{side}-{rid}-{i}" for i in range(max(levels))] for side in sides}
-        started = time.perf_counter()
-        agents = {side: ensure_agents(settings, viewers[side]) for side in sides}
-        log(f"{sum(map(len, agents.values()))} agents ready in {time.perf_counter() - started:.0f}s")
         problems_before = problem_counts(settings)
-        results, unexpected = asyncio.run(measure(settings, args, levels, sides, viewers, agents))
+        results, unexpected = asyncio.run(measure(settings, args, levels, sides))
         problems = problems_since(settings, problems_before)
         first_errors = [e for blocks in results.values() for b in blocks for e in b.errors][:3]
         direct_tps = {level: p50([b.tps for b in results["direct", level]]) for level in levels} if "direct" in sides else None
@@ -248,7 +251,8 @@ def main() -> None:
         report("Throughput: many viewers at once, bridge vs direct", settings, args.reuse_stack, [
             f"Bridge: a `vtuber-letta bridge` process per block, VTL_BRIDGE_CONCURRENCY={args.bridge_concurrency}. "
             f"Turns/s: turns completed in a {args.window:.0f} s steady-state window (every viewer already "
-            f"answered once; ramp-up and drain not counted); median of {args.rounds} round(s).",
+            f"answered once; ramp-up and drain not counted); median of {args.rounds} round(s), each with agents "
+            "of its own (new ones every round, so that histories stay short alike).",
             tps_table(results, levels, sides),
             *([f"Ratios, each taken within one round:\n\n{ratios}"] if ratios else []),
             *([saturation(levels, direct_tps)] if direct_tps else []),
