@@ -32,7 +32,7 @@ from bench.published import Published
 from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from stack.manager import Stack
-from stack.private import REPO_ROOT, child_env, private_data_dir, private_stack_settings
+from stack.private import REPO_ROOT, child_env, env_values, private_data_dir, private_stack_settings
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.letta_api import async_letta_client
 from vtuber_letta.redis_api import redis_client
@@ -173,8 +173,7 @@ def bridge_env(settings: Settings, reuse: bool, **knobs: Any) -> dict[str, str]:
     if not reuse:
         return child_env(settings, **knobs)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "LETTA_TIMEOUT": str(settings.letta_timeout)}
-    env.update({name: str(value) for name, value in knobs.items() if value is not None})
-    return env
+    return {**env, **env_values(knobs)}
 
 
 class Bridge:

@@ -73,7 +73,11 @@ def child_env(settings: Settings, **knobs: Any) -> dict[str, str]:
     })
     if settings.redis_password:
         env["REDIS_PASSWORD"] = settings.redis_password.get_secret_value()
-    for name, value in knobs.items():
-        if value is not None:
-            env[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    env.update(env_values(knobs))
     return env
+
+
+def env_values(knobs: dict[str, Any]) -> dict[str, str]:
+    """Settings as environment variables: booleans as true/false, None left out."""
+    return {name: ("true" if value else "false") if isinstance(value, bool) else str(value)
+            for name, value in knobs.items() if value is not None}

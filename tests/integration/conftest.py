@@ -13,9 +13,9 @@ import pytest
 
 from provisioning.provision import provision
 from stack.manager import Stack
+from stack.private import private_data_dir, private_stack_settings
 from tests.integration.bridge_helpers import BridgeProcess
 from tests.integration.scripted import ScriptedModel
-from stack.private import private_data_dir, private_stack_settings
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.settings import Settings
 

@@ -23,6 +23,7 @@ from letta_client import NotFoundError
 from provisioning.naming import agent_name, viewer_tag
 from provisioning.provision import find_shared_block, load_blueprint, provision
 from provisioning.viewers import ViewerAgents
+from stack.private import REPO_ROOT
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.redis_api import redis_client
@@ -30,7 +31,6 @@ from vtuber_letta.redis_api import redis_client
 # Every test starts with no rule on the scripted model (conftest.fresh_rules).
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CLI = REPO_ROOT / ".venv" / "bin" / "vtuber-letta"
 LETTA_NAME = re.compile(r"^[\w '\-]+$")  # what Letta 0.16.8 accepts as an agent name
 RUN = uuid.uuid4().hex[:6]  # keeps this module's viewers apart from other modules' ones
