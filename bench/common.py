@@ -169,11 +169,17 @@ def ensure_agents(settings: Settings, viewer_ids: Sequence[str], workers: int = 
 
 def bridge_env(settings: Settings, reuse: bool, **knobs: Any) -> dict[str, str]:
     """Environment of the bridge: the private stack's (stack/private.py), or with --reuse-stack
-    ours as it is (plus the .env of the repo root, its working directory)."""
+    ours as it is (plus the .env of its working directory, see bridge_cwd)."""
     if not reuse:
         return child_env(settings, **knobs)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "LETTA_TIMEOUT": str(settings.letta_timeout)}
     return {**env, **env_values(knobs)}
+
+
+def bridge_cwd(settings: Settings, reuse: bool) -> Path:
+    """Working directory of a child that builds Settings: with --reuse-stack ours, so that it reads
+    the same `.env` as we did; otherwise our own stack's data dir, which has none."""
+    return Path.cwd() if reuse else settings.data_dir.resolve()
 
 
 class Bridge:
@@ -184,7 +190,7 @@ class Bridge:
         self.settings = settings
         self.replica_id = f"bench-{run_id()}"
         self.env = bridge_env(settings, reuse, VTL_BRIDGE_METRICS_PORT=0, VTL_BRIDGE_REPLICA_ID=self.replica_id, **knobs)
-        self.cwd = REPO_ROOT if reuse else settings.data_dir.resolve()  # our own stack's data dir has no .env
+        self.cwd = bridge_cwd(settings, reuse)
         # Outside the data dir: our own stack's data dir is deleted at the end, the log is kept.
         self.log_path = Path(tempfile.gettempdir()) / "vtl-bench-logs" / f"{self.replica_id}.log"
         self.proc: subprocess.Popen | None = None

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import cycle
 
 from bench.common import (
-    REPO_ROOT, bench_stack, bridge_env, log, ms, p50, p95, parse, parser, report, run_id, table,
+    bench_stack, bridge_cwd, bridge_env, log, ms, p50, p95, parse, parser, report, run_id, table,
 )
 from provisioning.viewers import ViewerAgents
 from vtuber_letta import redis_keys as keys
@@ -82,7 +82,7 @@ def clear_map(settings, prefix: str, count: int) -> None:
 def run_child(settings, reuse: bool, mode: str, prefix: str, count: int) -> dict:
     done = subprocess.run(
         [sys.executable, "-m", "bench.scale", "--memory-child", mode, "--prefix", prefix, "--known", str(count)],
-        env=bridge_env(settings, reuse), cwd=REPO_ROOT if reuse else settings.data_dir.resolve(),
+        env=bridge_env(settings, reuse), cwd=bridge_cwd(settings, reuse),
         capture_output=True, text=True, timeout=600,
     )
     if done.returncode != 0:
