@@ -7,7 +7,8 @@ Standard library only, so any interpreter can run it:
     python -m stack.scripted_model --host 127.0.0.1 --port 8399 [--rules rules.json]
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (plain and SSE), POST /v1/embeddings,
-GET /health, and a JSON control API under /_script/ (rules, reset, request log).
+GET /health, and a JSON control API under /_script/: rules (GET, PUT replaces, POST prepends),
+reset, requests (the request log, ?limit=N) and stats (request counts since the last reset).
 
 Rules are evaluated in list order and the first match wins; POST /_script/rules PREPENDS,
 so the newest rule wins. A rule (exact shape, all `when` keys optional):
@@ -19,12 +20,54 @@ so the newest rule wins. A rule (exact shape, all `when` keys optional):
      "then": {"reply": "Hello {who}! You said {user}"}
           or {"call_tool": "save_fact", "arguments": {"fact": "{who}"}}
           or {"reply_from_block": "human", "line_regex": "likes (?P<thing>.+)",
-              "template": "You like {thing} ({line}; whole block: {block})"},
-          plus optionally "tokens_per_second": 50.0, "delay_ms": 100}
+              "template": "You like {thing} ({line}; whole block: {block})"}
+          or {"tool_calls": [{"name": "save_fact", "arguments": {"fact": "{who}"}},
+                             {"name": "set_expression", "arguments": {"expression": "happy"}}]}
+          or {"reply": "Nice to meet you, {who}!", "tool_calls": [...], "text_position": "after"}
+          or {"reply_from_block": "human", ..., "tool_calls": [...]}
+          or {"fail": {"status": 429, "message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+          plus optionally "tokens_per_second": 50.0, "delay_ms": 100 (or its alias "stall_ms": 100),
+          "cut_after_chunks": 3 (not with fail, which takes only delay_ms/stall_ms)}
+
+Actions. Exactly one of reply, call_tool, reply_from_block, tool_calls, fail; tool_calls may
+also go with reply or reply_from_block: one response with text AND tool calls, as real models
+send. `call_tool` is the original one-call form and keeps its exact shape (arguments streamed in
+16-character fragments, never paced). `tool_calls` is one or more calls (arguments rendered like
+call_tool's), ids unique per response, finish_reason "tool_calls"; streamed, each call's first
+delta carries index/id/type/function.name and its arguments follow in token-sized pieces, calls
+one after another by index. "text_position": "before" (default) streams the text before the
+tool-call deltas, "after" streams the tool-call deltas first (some providers do). A call to a
+tool the request did not offer turns the whole answer into the text
+"(scripted model) tool NAME not offered". The rule decides how many calls come back:
+`parallel_tool_calls` in the request is only logged, as many providers ignore it.
+
+Pacing. tokens_per_second paces text tokens and tool_calls argument pieces (streamed: one wait
+before each; plain: one wait for them all). delay_ms waits before anything of the response is
+sent, headers included; stall_ms is the same thing under the name fault tests use (an alias:
+give one of them), both happen after the request is logged, so a test can see a stalled request.
+
+Faults. "fail": {"status": S} answers HTTP S, streamed or not, with an OpenAI-style JSON error
+body {"error": {"message", "type", "param", "code"}}; message/type/code default per status
+(FAULT_STATUSES; 401 is invalid_request_error/invalid_api_key, 429 adds "Retry-After: 1") and
+may be overridden (e.g. "code": "context_length_exceeded"); the message is a template.
+"cut_after_chunks": N on a streamed request sends at most N SSE chunks (never the finish chunk,
+the usage chunk or [DONE]) and hangs up mid-body; on a plain request it hangs up without an
+answer. "times" limits faults like any other rule. Clients retry some faults by themselves (the
+openai SDK retries 408/409/429/5xx and broken connections twice by default), so count requests
+in the log or /_script/stats, not turns.
 
 A rule without `after_tool` never matches right after a tool result, so a scripted tool call
 cannot loop. Templates replace {user}, {name}, {tool_result}, named regex groups and, for
-reply_from_block, {block} and {line}; unknown fields render empty, {{ and }} are literal braces.
+reply_from_block (its template and the arguments of tool_calls going with it), {block}, {line}
+and line_regex groups; unknown fields render empty, {{ and }} are literal braces.
+
+Every chat request is logged (GET /_script/requests): seq, time, model, stream, messages,
+message_count, tools (names offered), tool_choice, parallel_tool_calls_sent and
+parallel_tool_calls (its value, None when not sent), rule (name, "(default)" when none
+matched), fault (the rule's fail/stall_ms/cut_after_chunks, None without) and response (what was
+planned: {"reply"}, {"tool_call", "id", "arguments"} for call_tool, {"reply", "tool_calls":
+[{"name", "id", "arguments"}]} for tool_calls, {"fail": {...}}). GET /_script/stats counts
+without the log's 500-entry limit: {"chat_requests", "streamed", "by_rule", "by_fault"}.
 """
 
 from __future__ import annotations
@@ -36,6 +79,7 @@ import hashlib
 import json
 import math
 import re
+import socket
 import struct
 import sys
 import threading
@@ -52,8 +96,26 @@ DEFAULT_EMBEDDING_DIM = 1536
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
 WHEN_KEYS = {"user_contains", "user_regex", "system_contains", "after_tool", "tools_offered"}
-ACTION_KEYS = {"reply": (), "call_tool": ("arguments",), "reply_from_block": ("line_regex", "template")}
-PACING_KEYS = ("tokens_per_second", "delay_ms")
+# What a rule answers with -> the keys that only make sense together with it.
+ACTION_KEYS = {"reply": (), "call_tool": ("arguments",), "reply_from_block": ("line_regex", "template"),
+               "tool_calls": ("text_position",), "fail": ()}
+# The only actions that go together: text plus tool calls in one response, as real models answer.
+ACTION_PAIRS = ({"reply", "tool_calls"}, {"reply_from_block", "tool_calls"})
+PACING_KEYS = ("tokens_per_second", "delay_ms", "stall_ms", "cut_after_chunks")
+FAIL_PACING_KEYS = ("delay_ms", "stall_ms")  # an error can be slow to come, but has no tokens or chunks to cut
+# HTTP status -> (error type, error code, message) as OpenAI answers them; a fail rule may override each.
+FAULT_STATUSES = {
+    400: ("invalid_request_error", None, "Invalid request (scripted fault)."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided (scripted fault)."),
+    402: ("insufficient_quota", "insufficient_quota", "You exceeded your current quota (scripted fault)."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Permission denied (scripted fault)."),
+    404: ("invalid_request_error", "model_not_found", "The model does not exist (scripted fault)."),
+    413: ("invalid_request_error", None, "Request too large (scripted fault)."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached (scripted fault). Please try again in 1s."),
+    500: ("server_error", None, "The server had an error while processing your request (scripted fault)."),
+    502: ("server_error", None, "Bad gateway (scripted fault)."),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later (scripted fault)."),
+}
 
 
 class RuleError(ValueError):
@@ -66,20 +128,37 @@ def _is_text(value: object) -> bool:
     return isinstance(value, str) and value != ""
 
 
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
 # Field path -> (test, what the value must be); every `when` condition is a non-empty string.
 FIELD_CHECKS = {f"when.{key}": (_is_text, "a non-empty string") for key in WHEN_KEYS} | {
     "name": (_is_text, "a non-empty string"),
-    "times": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+    "times": (_is_count, "a non-negative integer"),
     "then.reply": (lambda v: isinstance(v, str), "a string"),
     "then.call_tool": (_is_text, "a non-empty string"),
     "then.reply_from_block": (_is_text, "a non-empty string (a block label)"),
     "then.arguments": (lambda v: isinstance(v, dict), "an object"),
     "then.line_regex": (lambda v: isinstance(v, str), "a string"),
     "then.template": (lambda v: isinstance(v, str), "a string"),
+    "then.tool_calls": (lambda v: isinstance(v, list) and v != [],
+                        'a non-empty list of {"name": ..., "arguments": {...}} objects'),
+    "then.text_position": (lambda v: v in ("before", "after"), '"before" or "after"'),
+    "then.fail": (lambda v: isinstance(v, dict), 'an object like {"status": 500, "message": "..."}'),
     "then.tokens_per_second": (lambda v: type(v) in (int, float) and v > 0, "a positive number"),
-    "then.delay_ms": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+    "then.delay_ms": (_is_count, "a non-negative integer"),
+    "then.stall_ms": (_is_count, "a non-negative integer"),
+    "then.cut_after_chunks": (_is_count, "a non-negative integer"),
 }
 REGEX_FIELDS = ("when.user_regex", "then.line_regex")
+# The objects inside then.tool_calls[i] and then.fail: key -> (test, what), and the keys they need.
+TOOL_CALL_CHECKS = {"name": (_is_text, "a non-empty string (a tool name)"),
+                    "arguments": (lambda v: isinstance(v, dict), "an object")}
+FAIL_CHECKS = {"status": (lambda v: type(v) is int and v in FAULT_STATUSES, f"one of {sorted(FAULT_STATUSES)}"),
+               "message": (lambda v: isinstance(v, str), "a string"),
+               "type": (_is_text, "a non-empty string"),
+               "code": (lambda v: v is None or _is_text(v), "a non-empty string or null")}
 
 
 def validate_rules(rules: object) -> list[dict]:
@@ -97,24 +176,39 @@ def _validate_rule(rule: object, where: str) -> None:
     def fail(path: str, why: str):
         raise RuleError(f"{where}.{path}: {why}" if path else f"{where}: {why}")
 
+    def check_object(value: dict, path: str, checks: dict, required: tuple) -> None:
+        for key in required:
+            if key not in value:
+                fail(f"{path}.{key}", "is required")
+        for key, item in value.items():
+            if key not in checks:
+                fail(f"{path}.{key}", f"unknown key (allowed: {', '.join(checks)})")
+            test, what = checks[key]
+            if not test(item):
+                fail(f"{path}.{key}", f"must be {what}")
+
     if not isinstance(rule, dict):
         fail("", "must be an object")
     if not isinstance(rule.get("when", {}), dict):
         fail("when", "must be an object")
     if not isinstance(rule.get("then"), dict):
         fail("then", "must be an object")
-    actions = [key for key in ACTION_KEYS if key in rule["then"]]
-    if len(actions) != 1:
-        fail("then", f"needs exactly one of {sorted(ACTION_KEYS)}")
+    then = rule["then"]
+    actions = [key for key in ACTION_KEYS if key in then]
+    if len(actions) != 1 and set(actions) not in ACTION_PAIRS:
+        fail("then", f"needs exactly one of {sorted(ACTION_KEYS)} (tool_calls may also go with reply or reply_from_block)")
+    label = "+".join(actions)
     allowed = {"name", "times"} | {f"when.{key}" for key in WHEN_KEYS}
-    allowed |= {f"then.{key}" for key in (actions[0], *ACTION_KEYS[actions[0]], *PACING_KEYS)}
+    pacing = FAIL_PACING_KEYS if "fail" in actions else PACING_KEYS
+    allowed |= {f"then.{key}" for action in actions for key in (action, *ACTION_KEYS[action])}
+    allowed |= {f"then.{key}" for key in pacing}
     fields = {key: value for key, value in rule.items() if key not in ("when", "then")}
     fields.update({f"when.{key}": value for key, value in rule.get("when", {}).items()})
-    fields.update({f"then.{key}": value for key, value in rule["then"].items()})
+    fields.update({f"then.{key}": value for key, value in then.items()})
     fields.setdefault("name", None)
     for path, value in fields.items():
         if path not in allowed:
-            fail(path, "unknown key" if path not in FIELD_CHECKS else f"not used with {actions[0]}")
+            fail(path, "unknown key" if path not in FIELD_CHECKS else f"not used with {label}")
         test, what = FIELD_CHECKS[path]
         if not test(value):
             fail(path, f"must be {what}")
@@ -123,6 +217,16 @@ def _validate_rule(rule: object, where: str) -> None:
                 re.compile(value)
             except re.error as exc:
                 fail(path, f"invalid regex: {exc}")
+    if "text_position" in then and actions == ["tool_calls"]:
+        fail("then.text_position", "only used when tool_calls goes with reply or reply_from_block")
+    if "delay_ms" in then and "stall_ms" in then:
+        fail("then.stall_ms", "is an alias of delay_ms: give one of them")
+    for index, call in enumerate(then.get("tool_calls", [])):
+        if not isinstance(call, dict):
+            fail(f"then.tool_calls[{index}]", 'must be an object like {"name": "save_fact", "arguments": {...}}')
+        check_object(call, f"then.tool_calls[{index}]", TOOL_CALL_CHECKS, ("name",))
+    if "fail" in then:
+        check_object(then["fail"], "then.fail", FAIL_CHECKS, ("status",))
 
 
 # ---------------------------------------------------------------- reading a request
@@ -202,13 +306,26 @@ def _tool_name_for(result: dict, messages: list) -> str | None:
 # ---------------------------------------------------------------- matching and answering
 
 @dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+    id: str = ""  # given when the response is built, so ids follow the order responses go out
+
+
+@dataclass
 class Answer:
     rule: str  # matched rule name, "(default)" when none matched
     text: str | None = None
-    tool: str | None = None
-    arguments: dict | None = None
+    calls: list[ToolCall] = field(default_factory=list)
+    text_after_calls: bool = False  # "text_position": "after": stream the tool-call deltas first
+    # The call_tool form: its stream keeps the shape it always had (16-character argument
+    # fragments, unpaced), so everything scripted before this form existed sees the same bytes.
+    call_tool_form: bool = False
     tokens_per_second: float | None = None
     delay_ms: int = 0
+    fail: dict | None = None  # {"status", "message", "type", "code"} of a scripted HTTP error
+    cut_after_chunks: int | None = None
+    fault: dict | None = None  # the rule's fault keys, for the request log
 
 
 def rule_variables(rule: dict, convo: Conversation) -> dict | None:
@@ -273,11 +390,13 @@ def find_block(system: str, label: str) -> str | None:
     return plain.group(1) if plain else None
 
 
-def _answer_from_block(then: dict, convo: Conversation, variables: dict) -> str:
+def _answer_from_block(then: dict, convo: Conversation, variables: dict) -> tuple[str, dict]:
+    """The reply text, and the variables extended by {block}, {line} and line_regex groups
+    (tool_calls going with reply_from_block render their arguments with them)."""
     label = then["reply_from_block"]
     block = find_block(convo.system, label)
     if block is None:
-        return f"(scripted model) no block {label} in my prompt"
+        return f"(scripted model) no block {label} in my prompt", variables
     variables = dict(variables, block=block, line="")
     if "line_regex" in then:
         for line in block.splitlines():
@@ -286,8 +405,8 @@ def _answer_from_block(then: dict, convo: Conversation, variables: dict) -> str:
                 variables.update({k: v or "" for k, v in match.groupdict().items()}, line=line)
                 break
         else:
-            return f"(scripted model) no line matching {then['line_regex']} in block {label}"
-    return render(then.get("template") or ("{line}" if "line_regex" in then else "{block}"), variables)
+            return f"(scripted model) no line matching {then['line_regex']} in block {label}", variables
+    return render(then.get("template") or ("{line}" if "line_regex" in then else "{block}"), variables), variables
 
 
 def plan_answer(rule: dict | None, variables: dict | None, convo: Conversation) -> Answer:
@@ -295,17 +414,38 @@ def plan_answer(rule: dict | None, variables: dict | None, convo: Conversation) 
         text = "(scripted) ok" if convo.after_tool is not None else f"(scripted) I heard: {convo.user}"
         return Answer(rule="(default)", text=text)
     then = rule["then"]
-    answer = Answer(rule=rule["name"], tokens_per_second=then.get("tokens_per_second"), delay_ms=then.get("delay_ms", 0))
+    fault = {key: then[key] for key in ("fail", "stall_ms", "cut_after_chunks") if key in then}
+    answer = Answer(rule=rule["name"], tokens_per_second=then.get("tokens_per_second"),
+                    delay_ms=then.get("delay_ms", then.get("stall_ms", 0)),
+                    cut_after_chunks=then.get("cut_after_chunks"), fault=fault or None)
+    if "fail" in then:
+        answer.fail = fault_error(then["fail"], variables)
+        return answer
     if "reply" in then:
         answer.text = render(then["reply"], variables)
     elif "reply_from_block" in then:
-        answer.text = _answer_from_block(then, convo, variables)
-    elif then["call_tool"] not in convo.tools:
-        answer.text = f"(scripted model) tool {then['call_tool']} not offered"
-    else:
-        answer.tool = then["call_tool"]
-        answer.arguments = _render_arguments(then.get("arguments", {}), variables)
+        answer.text, variables = _answer_from_block(then, convo, variables)
+    if "call_tool" in then:
+        if then["call_tool"] not in convo.tools:
+            answer.text = f"(scripted model) tool {then['call_tool']} not offered"
+        else:
+            answer.calls = [ToolCall(then["call_tool"], _render_arguments(then.get("arguments", {}), variables))]
+            answer.call_tool_form = True
+    elif "tool_calls" in then:
+        missing = list(dict.fromkeys(c["name"] for c in then["tool_calls"] if c["name"] not in convo.tools))
+        if missing:
+            answer.text = f"(scripted model) tool {', '.join(missing)} not offered"
+        else:
+            answer.calls = [ToolCall(c["name"], _render_arguments(c.get("arguments", {}), variables))
+                            for c in then["tool_calls"]]
+            answer.text_after_calls = then.get("text_position") == "after"
     return answer
+
+
+def fault_error(fail: dict, variables: dict) -> dict:
+    kind, code, message = FAULT_STATUSES[fail["status"]]
+    return {"status": fail["status"], "message": render(fail.get("message", message), variables),
+            "type": fail.get("type", kind), "code": fail.get("code", code)}
 
 
 # ---------------------------------------------------------------- shared state
@@ -319,6 +459,7 @@ class ScriptState:
         self._rules: list[list] = []  # [rule, times_used]
         self._log: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self._counters = {"request": 0, "call": 0}
+        self._stats: dict = {}
         # Letta 0.16.8 drops a tool result whose tool_call_id already occurs in the agent's context
         # (Message.dedupe_tool_messages_for_llm_api), so ids must not repeat across server restarts.
         self.call_prefix = f"call_{hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:8]}_"
@@ -329,6 +470,8 @@ class ScriptState:
         with self._lock:
             self._rules = [[rule, 0] for rule in json.loads(json.dumps(self._initial))]
             self._log.clear()
+            self._stats = {"chat_requests": 0, "streamed": 0, "by_rule": collections.Counter(),
+                           "by_fault": collections.Counter()}
 
     def rules(self) -> dict:
         with self._lock:
@@ -366,6 +509,17 @@ class ScriptState:
     def record(self, entry: dict) -> None:
         with self._lock:
             self._log.append(entry)
+            self._stats["chat_requests"] += 1
+            self._stats["streamed"] += bool(entry["stream"])
+            self._stats["by_rule"][entry["rule"]] += 1
+            for kind, value in (entry["fault"] or {}).items():
+                self._stats["by_fault"][f"fail_{value['status']}" if kind == "fail" else kind] += 1
+
+    def stats(self) -> dict:
+        """Counts since the last reset, kept apart from the log so its size limit does not cap them."""
+        with self._lock:
+            return {key: dict(value) if isinstance(value, collections.Counter) else value
+                    for key, value in self._stats.items()}
 
     def requests(self, limit: int | None) -> list[dict]:
         with self._lock:
@@ -379,25 +533,50 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text)  # joins back to exactly `text`
 
 
+# Token-sized pieces of a JSON string, roughly as a tokenizer cuts it: a word (at most 8
+# characters) or a run of up to 3 punctuation characters, each with the spaces before it.
+# Pieces may split an escape such as \u00e9; clients join the pieces before parsing.
+_ARGUMENT_PIECE = re.compile(r"\s*(?:\w{1,8}|[^\w\s]{1,3})|\s+")
+
+
+def argument_pieces(arguments: str) -> list[str]:
+    return _ARGUMENT_PIECE.findall(arguments)  # joins back to exactly `arguments`
+
+
+def _pieces_for(answer: Answer, arguments: str) -> list[str]:
+    if answer.call_tool_form:
+        return [arguments[start:start + 16] for start in range(0, len(arguments), 16)]
+    return argument_pieces(arguments)
+
+
+def paced_units(answer: Answer) -> int:
+    """How many waits of 1/tokens_per_second the answer takes: text tokens and argument pieces."""
+    units = len(_tokens(answer.text or ""))
+    if not answer.call_tool_form:
+        units += sum(len(argument_pieces(json.dumps(call.arguments))) for call in answer.calls)
+    return units
+
+
 def usage_for(convo: Conversation, answer: Answer) -> dict:
     prompt = max(1, len(json.dumps(convo.messages)) // 4)
-    output = answer.text if answer.tool is None else json.dumps(answer.arguments) + answer.tool
+    output = (answer.text or "") + "".join(json.dumps(call.arguments) + call.name for call in answer.calls)
     completion = max(1, len(output) // 4)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_body(answer: Answer, call_id: str, model: str, convo: Conversation, seq: int) -> dict:
+def completion_body(answer: Answer, model: str, convo: Conversation, seq: int) -> dict:
     message: dict = {"role": "assistant", "content": answer.text, "refusal": None}
-    if answer.tool is not None:
-        message["tool_calls"] = [{"id": call_id, "type": "function",
-                                  "function": {"name": answer.tool, "arguments": json.dumps(answer.arguments)}}]
-    finish = "tool_calls" if answer.tool is not None else "stop"
+    if answer.calls:
+        message["tool_calls"] = [{"id": call.id, "type": "function",
+                                  "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+                                 for call in answer.calls]
+    finish = "tool_calls" if answer.calls else "stop"
     return {"id": f"chatcmpl-scripted-{seq}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage_for(convo, answer)}
 
 
-def stream_chunks(answer: Answer, call_id: str, model: str, convo: Conversation, seq: int, include_usage: bool):
+def stream_chunks(answer: Answer, model: str, convo: Conversation, seq: int, include_usage: bool):
     """Yields (seconds_to_wait_first, chunk) in the OpenAI chat.completion.chunk shape."""
     base = {"id": f"chatcmpl-scripted-{seq}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": model}
@@ -406,20 +585,44 @@ def stream_chunks(answer: Answer, call_id: str, model: str, convo: Conversation,
         return dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
     pace = 1.0 / answer.tokens_per_second if answer.tokens_per_second else 0.0
-    if answer.tool is None:
-        yield 0.0, chunk({"role": "assistant", "content": ""})
-        for token in _tokens(answer.text):
+
+    def text_chunks():
+        for token in _tokens(answer.text or ""):
             yield pace, chunk({"content": token})
-    else:
-        yield 0.0, chunk({"role": "assistant", "content": None})
-        yield 0.0, chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
-                                          "function": {"name": answer.tool, "arguments": ""}}]})
-        arguments = json.dumps(answer.arguments)
-        for start in range(0, len(arguments), 16):  # several fragments, as real servers send
-            yield 0.0, chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[start:start + 16]}}]})
-    yield 0.0, chunk({}, "tool_calls" if answer.tool is not None else "stop")
+
+    def call_chunks():
+        piece_pace = 0.0 if answer.call_tool_form else pace
+        for index, call in enumerate(answer.calls):
+            yield 0.0, chunk({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                              "function": {"name": call.name, "arguments": ""}}]})
+            for piece in _pieces_for(answer, json.dumps(call.arguments)):  # several fragments, as real servers send
+                yield piece_pace, chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+
+    yield 0.0, chunk({"role": "assistant", "content": "" if answer.text is not None else None})
+    parts = (call_chunks, text_chunks) if answer.text_after_calls else (text_chunks, call_chunks)
+    for part in parts:
+        yield from part()
+    yield 0.0, chunk({}, "tool_calls" if answer.calls else "stop")
     if include_usage:
         yield 0.0, dict(base, choices=[], usage=usage_for(convo, answer))
+
+
+def is_closing_chunk(chunk: dict) -> bool:
+    """The finish chunk or the usage chunk: what a cut stream must never reach."""
+    return not chunk["choices"] or chunk["choices"][0]["finish_reason"] is not None
+
+
+def response_summary(answer: Answer) -> dict:
+    """What the request log says was answered."""
+    if answer.fail is not None:
+        return {"fail": answer.fail}
+    if answer.call_tool_form:
+        (call,) = answer.calls
+        return {"tool_call": call.name, "id": call.id, "arguments": call.arguments}
+    if not answer.calls:
+        return {"reply": answer.text}
+    return {"reply": answer.text,
+            "tool_calls": [{"name": call.name, "id": call.id, "arguments": call.arguments} for call in answer.calls]}
 
 
 def embedding_vector(text: str, dimensions: int) -> list[float]:
@@ -529,6 +732,8 @@ class ScriptedModelHandler(BaseHTTPRequestHandler):
             if not limit.isdigit():
                 raise BadRequest("limit must be a non-negative integer")
             self._send_json({"requests": state.requests(int(limit))})
+        elif route == ("GET", "/_script/stats"):
+            self._send_json(state.stats())
         else:
             self._read_body()
             self._send_error(404, f"no route for {method} {self.path}", code="not_found")
@@ -539,24 +744,52 @@ class ScriptedModelHandler(BaseHTTPRequestHandler):
         answer = state.choose(convo)
         self.rule = answer.rule
         seq = state.next_id("request")
-        call_id = f"{state.call_prefix}{state.next_id('call')}" if answer.tool is not None else ""
-        summary = ({"reply": answer.text} if answer.tool is None
-                   else {"tool_call": answer.tool, "id": call_id, "arguments": answer.arguments})
-        state.record({"seq": seq, "time": time.time(), "model": self.model, "stream": bool(body.get("stream")),
-                      "messages": convo.messages, "tools": convo.tools, "rule": answer.rule, "response": summary})
+        for call in answer.calls:
+            call.id = f"{state.call_prefix}{state.next_id('call')}"
+        streamed = bool(body.get("stream"))
+        state.record({"seq": seq, "time": time.time(), "model": self.model, "stream": streamed,
+                      "messages": convo.messages, "message_count": len(convo.messages), "tools": convo.tools,
+                      "tool_choice": body.get("tool_choice"),
+                      "parallel_tool_calls_sent": "parallel_tool_calls" in body,
+                      "parallel_tool_calls": body.get("parallel_tool_calls"),
+                      "rule": answer.rule, "fault": answer.fault, "response": response_summary(answer)})
         time.sleep(answer.delay_ms / 1000.0)
-        if not body.get("stream"):
-            if answer.tokens_per_second and answer.text:
-                time.sleep(len(_tokens(answer.text)) / answer.tokens_per_second)
-            self._send_json(completion_body(answer, call_id, self.model, convo, seq))
+        if answer.fail is not None:
+            self._send_fault(answer.fail)
+            return
+        if not streamed:
+            if answer.cut_after_chunks is not None:
+                self._hang_up("before the response")
+                return
+            if answer.tokens_per_second:
+                time.sleep(paced_units(answer) / answer.tokens_per_second)
+            self._send_json(completion_body(answer, self.model, convo, seq))
             return
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self._start_stream()
-        for wait, chunk in stream_chunks(answer, call_id, self.model, convo, seq, include_usage):
+        for sent, (wait, chunk) in enumerate(stream_chunks(answer, self.model, convo, seq, include_usage)):
+            if answer.cut_after_chunks is not None and (sent >= answer.cut_after_chunks or is_closing_chunk(chunk)):
+                self._hang_up(f"after {sent} chunks")
+                return
             time.sleep(wait)
             self._write_chunk(f"data: {json.dumps(chunk)}\n\n".encode())
         self._write_chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
+
+    def _send_fault(self, fail: dict) -> None:
+        # OpenAI sends the error as plain JSON even when a stream was asked for; the SDK raises on the status.
+        headers = {"Retry-After": "1"} if fail["status"] == 429 else {}
+        self._send_error(fail["status"], fail["message"], fail["type"], fail["code"], headers)
+
+    def _hang_up(self, when: str) -> None:
+        """Drops the connection with no more bytes: a stream without finish_reason or [DONE], or no answer."""
+        sys.stderr.write(f"scripted-model {self.command} {urlsplit(self.path).path} "
+                         f"model={self.model} rule={self.rule} hung up {when}\n")
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the client is gone already: same outcome
 
     # -- bodies in and out
 
@@ -580,16 +813,19 @@ class ScriptedModelHandler(BaseHTTPRequestHandler):
             raise BadRequest("request body must be a JSON object")
         return body
 
-    def _send_json(self, payload: object, status: int = 200) -> None:
+    def _send_json(self, payload: object, status: int = 200, headers: dict | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_error(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        self._send_json({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    def _send_error(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                    headers: dict | None = None):
+        self._send_json({"error": {"message": message, "type": kind, "param": None, "code": code}}, status, headers)
 
     def _start_stream(self) -> None:
         # Chunked transfer keeps the connection reusable for httpx and flushes every event.

@@ -486,3 +486,427 @@ def test_openai_sdk_round_trip(base):
 
 def test_module_constant_name_is_stable():
     assert scripted_model.SCRIPTED_MODEL_ID == "scripted-vtuber"
+
+
+# ---------------------------------------------------------------- text and tool calls in one response
+
+EXPRESSION_TOOL = {"type": "function", "function": {"name": "set_expression", "description": "Change the face.",
+                                                    "parameters": {"type": "object", "properties": {
+                                                        "expression": {"type": "string"}}}}}
+BOTH_TOOLS = [SAVE_FACT_TOOL, EXPRESSION_TOOL]
+TWO_CALLS = [{"name": "save_fact", "arguments": {"fact": "{name} likes {thing}", "tags": ["{thing}", 2]}},
+             {"name": "set_expression", "arguments": {"expression": "happy"}}]
+CALL_ID = re.compile(r"call_[0-9a-f]{8}_\d+")
+
+
+def text_and_calls_rule(text_position=None, **then):
+    then = {"reply": "Oh, {thing}? Noted, {name}!", "tool_calls": TWO_CALLS, **then}
+    if text_position:
+        then["text_position"] = text_position
+    return {"name": "both", "when": {"user_regex": r"I like (?P<thing>.+)"}, "then": then}
+
+
+def assemble(events):
+    """Re-assembles chat.completion.chunk events the way OpenAI clients do (openai's
+    ChatCompletionStreamState): content deltas joined, tool-call deltas merged by index,
+    id/type/name taken from the delta that carries them, argument pieces joined."""
+    content, calls, finish = None, {}, None
+    for event in events:
+        if event == "[DONE]" or not event["choices"]:
+            continue
+        (choice,) = event["choices"]
+        delta = choice["delta"]
+        if delta.get("content") is not None:
+            content = (content or "") + delta["content"]
+        for part in delta.get("tool_calls") or []:
+            call = calls.setdefault(part["index"], {"id": None, "type": None, "name": "", "arguments": ""})
+            call["id"] = part.get("id") or call["id"]
+            call["type"] = part.get("type") or call["type"]
+            call["name"] += (part.get("function") or {}).get("name") or ""
+            call["arguments"] += (part.get("function") or {}).get("arguments") or ""
+        finish = choice["finish_reason"] or finish
+    return {"content": content, "tool_calls": [calls[index] for index in sorted(calls)], "finish_reason": finish}
+
+
+def delta_kinds(events):
+    """'text' / 'call' per chunk that carries content or tool-call deltas, in stream order."""
+    kinds = []
+    for event in events:
+        if event != "[DONE]" and event["choices"]:
+            delta = event["choices"][0]["delta"]
+            kinds += ["text"] * bool(delta.get("content")) + ["call"] * bool(delta.get("tool_calls"))
+    return kinds
+
+
+def test_reply_with_tool_calls_non_streaming(base):
+    put_rules(base, [text_and_calls_rule()])
+    payload = chat(base, [system(), user("I like tea", name="kenji")], tools=BOTH_TOOLS)
+    (choice,) = payload["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Oh, tea? Noted, kenji!"
+    first, second = choice["message"]["tool_calls"]
+    assert CALL_ID.fullmatch(first["id"]) and CALL_ID.fullmatch(second["id"]) and first["id"] != second["id"]
+    assert (first["type"], first["function"]["name"], second["function"]["name"]) == ("function", "save_fact", "set_expression")
+    assert json.loads(first["function"]["arguments"]) == {"fact": "kenji likes tea", "tags": ["tea", 2]}
+    assert json.loads(second["function"]["arguments"]) == {"expression": "happy"}
+    (logged,) = call(base, "GET", "/_script/requests")[1]["requests"]
+    assert logged["response"] == {"reply": "Oh, tea? Noted, kenji!", "tool_calls": [
+        {"name": "save_fact", "id": first["id"], "arguments": {"fact": "kenji likes tea", "tags": ["tea", 2]}},
+        {"name": "set_expression", "id": second["id"], "arguments": {"expression": "happy"}}]}
+
+
+@pytest.mark.parametrize("text_position, order", [(None, ["text", "call"]), ("before", ["text", "call"]),
+                                                  ("after", ["call", "text"])])
+def test_reply_with_tool_calls_streamed(base, text_position, order):
+    put_rules(base, [text_and_calls_rule(text_position)])
+    events = stream(base, [system(), user("I like green tea", name="kenji")], tools=BOTH_TOOLS,
+                    stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"]["total_tokens"] > 0
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    kinds = delta_kinds(events)
+    assert [kind for i, kind in enumerate(kinds) if i == 0 or kinds[i - 1] != kind] == order  # two runs, in order
+    assert kinds.count("text") == len("Oh, green tea? Noted, kenji!".split())
+    whole = assemble(events)
+    assert whole["content"] == "Oh, green tea? Noted, kenji!" and whole["finish_reason"] == "tool_calls"
+    saved, face = whole["tool_calls"]
+    assert (saved["name"], face["name"]) == ("save_fact", "set_expression")
+    assert saved["type"] == face["type"] == "function" and saved["id"] != face["id"]
+    assert json.loads(saved["arguments"]) == {"fact": "kenji likes green tea", "tags": ["green tea", 2]}
+    assert json.loads(face["arguments"]) == {"expression": "happy"}
+    parts = [tc for e in events[:-2] for tc in e["choices"][0]["delta"].get("tool_calls", [])]
+    for index, assembled in enumerate(whole["tool_calls"]):
+        own = [tc for tc in parts if tc["index"] == index]
+        assert own[0] == {"index": index, "id": assembled["id"], "type": "function",
+                          "function": {"name": assembled["name"], "arguments": ""}}
+        assert len(own) > 3 and all(set(tc) == {"index", "function"} for tc in own[1:])  # pieces, unnamed
+    assert [tc["index"] for tc in parts] == sorted(tc["index"] for tc in parts)  # one call after the other
+
+
+def test_tool_calls_without_text(base):
+    put_rules(base, [{"name": "calls", "when": {}, "then": {"tool_calls": TWO_CALLS}}])
+    message = chat(base, [user("I like tea")], tools=BOTH_TOOLS)["choices"][0]["message"]
+    assert message["content"] is None and len(message["tool_calls"]) == 2
+    events = stream(base, [user("I like tea")], tools=BOTH_TOOLS)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    assert "text" not in delta_kinds(events)
+    whole = assemble(events)
+    assert whole["content"] is None and [c["name"] for c in whole["tool_calls"]] == ["save_fact", "set_expression"]
+    single = {"name": "one", "when": {}, "then": {"tool_calls": [{"name": "set_expression"}]}}
+    put_rules(base, [single])
+    (only,) = chat(base, [user("x")], tools=BOTH_TOOLS)["choices"][0]["message"]["tool_calls"]
+    assert json.loads(only["function"]["arguments"]) == {}
+
+
+def test_reply_from_block_with_tool_calls(base):
+    put_rules(base, [{"name": "block-and-call", "when": {}, "then": {
+        "reply_from_block": "human", "line_regex": r"pet: (?P<pet>.+)", "template": "Say hi to {pet}!",
+        "tool_calls": [{"name": "set_expression", "arguments": {"expression": "{pet}"}}]}}])
+    message = chat(base, [system(), user("hello")], tools=BOTH_TOOLS)["choices"][0]["message"]
+    assert message["content"] == "Say hi to a cat called Mochi!"
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"expression": "a cat called Mochi"}
+
+
+def test_tool_calls_for_tools_not_offered_become_text(base):
+    put_rules(base, [text_and_calls_rule()])
+    payload = chat(base, [user("I like tea")], tools=[EXPRESSION_TOOL])
+    assert reply_text(payload) == "(scripted model) tool save_fact not offered"
+    assert payload["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in payload["choices"][0]["message"]
+
+
+def test_call_tool_stream_keeps_its_shape(base):
+    # The original form: 16-character fragments, unpaced even with tokens_per_second.
+    put_rules(base, [dict(CALL_RULE, then=dict(CALL_RULE["then"], tokens_per_second=1))])
+    started = time.monotonic()
+    events = stream(base, [user("remember " + "x" * 40)], tools=[SAVE_FACT_TOOL])
+    assert time.monotonic() - started < 2
+    pieces = [tc["function"]["arguments"] for e in events[:-1] for tc in e["choices"][0]["delta"].get("tool_calls", [])]
+    arguments = json.dumps({"fact": "x" * 40, "n": 3, "tags": [""]})
+    assert pieces == [""] + [arguments[i:i + 16] for i in range(0, len(arguments), 16)]
+
+
+def test_tokens_per_second_paces_text_and_argument_pieces(base):
+    put_rules(base, [text_and_calls_rule(tokens_per_second=100)])
+    units = len("Oh, tea? Noted, kenji!".split()) + sum(
+        len(scripted_model.argument_pieces(json.dumps(a)))
+        for a in ({"fact": "kenji likes tea", "tags": ["tea", 2]}, {"expression": "happy"}))
+    assert units > 15
+    for send in (chat, stream):
+        started = time.monotonic()
+        send(base, [user("I like tea", name="kenji")], tools=BOTH_TOOLS)
+        elapsed = time.monotonic() - started
+        assert 0.9 * units / 100 <= elapsed < units / 100 + 2, (send.__name__, elapsed)
+
+
+@pytest.mark.parametrize("arguments", [
+    '{"fact": "kenji likes tea", "n": 3}', '{"a":"b"}', "{}", '{"fact": "caf\\u00e9 \\"quoted\\" \\\\ back"}',
+    json.dumps({"long": "x" * 50, "nested": {"list": [1, 2.5, None, True]}, "spaces": "a   b\n"}),
+])
+def test_argument_pieces_are_token_sized_and_join_back(arguments):
+    pieces = scripted_model.argument_pieces(arguments)
+    assert "".join(pieces) == arguments and all(pieces)
+    assert len(pieces) >= min(2, len(arguments) - 2) and max(len(p.strip()) for p in pieces) <= 8
+
+
+# ---------------------------------------------------------------- faults
+
+def raw_chat(base, body, timeout=10):
+    """(response, connection) for one chat request over http.client, so headers and broken reads show."""
+    host, port = base.rsplit("/", 1)[-1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    connection.request("POST", "/v1/chat/completions", json.dumps({"model": SCRIPTED_MODEL_ID, **body}),
+                       {"Content-Type": "application/json"})
+    return connection.getresponse(), connection
+
+
+@pytest.mark.parametrize("status, kind, code", [
+    (400, "invalid_request_error", None), (401, "invalid_request_error", "invalid_api_key"),
+    (429, "requests", "rate_limit_exceeded"), (500, "server_error", None), (503, "server_error", None)])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_fail_answers_openai_style_errors(base, status, kind, code, streamed):
+    put_rules(base, [{"name": "down", "when": {}, "then": {"fail": {"status": status, "message": "no, {name}"}}}])
+    response, connection = raw_chat(base, {"messages": [user("hi", name="kenji")], "stream": streamed})
+    body = json.loads(response.read())
+    assert response.status == status and response.getheader("Content-Type") == "application/json"
+    assert body == {"error": {"message": "no, kenji", "type": kind, "param": None, "code": code}}
+    assert response.getheader("Retry-After") == ("1" if status == 429 else None)
+    connection.request("GET", "/health")  # an error is an answer: the connection stays usable
+    assert json.loads(connection.getresponse().read()) == {"status": "ok"}
+    connection.close()
+
+
+def test_fail_defaults_overrides_and_times(base):
+    put_rules(base, [{"name": "full", "times": 1, "when": {}, "then": {"fail": {"status": 400, "code": "context_length_exceeded"}}},
+                     {"name": "auth", "times": 2, "when": {}, "then": {"fail": {"status": 401}}}])
+    status, payload = call(base, "POST", "/v1/chat/completions", {"model": SCRIPTED_MODEL_ID, "messages": [user("a")]})
+    assert status == 400 and payload["error"]["code"] == "context_length_exceeded"
+    assert payload["error"]["type"] == "invalid_request_error" and "scripted fault" in payload["error"]["message"]
+    for _ in range(2):
+        status, payload = call(base, "POST", "/v1/chat/completions", {"model": SCRIPTED_MODEL_ID, "messages": [user("a")]})
+        assert (status, payload["error"]["code"]) == (401, "invalid_api_key")
+    assert reply_text(chat(base, [user("a")])) == "(scripted) I heard: a"  # times used up: back to normal
+    assert call(base, "GET", "/_script/rules")[1]["used"] == [1, 2]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_stall_ms_holds_back_even_the_headers(base, streamed):
+    put_rules(base, [{"name": "stall", "when": {}, "then": {"reply": "late", "stall_ms": 400}}])
+    started = time.monotonic()
+    response, connection = raw_chat(base, {"messages": [user("hi")], "stream": streamed})
+    headers_after = time.monotonic() - started
+    data = response.read()
+    connection.close()
+    assert 0.38 <= headers_after < 3, headers_after
+    assert b"late" in data
+    assert call(base, "GET", "/_script/requests")[1]["requests"][0]["fault"] == {"stall_ms": 400}
+
+
+def test_stalled_request_is_logged_while_it_waits(base):
+    put_rules(base, [{"name": "stall", "when": {}, "then": {"fail": {"status": 503}, "stall_ms": 1500}}])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(call, base, "POST", "/v1/chat/completions", {"model": SCRIPTED_MODEL_ID, "messages": [user("a")]})
+        deadline = time.monotonic() + 1.0
+        while not call(base, "GET", "/_script/requests")[1]["requests"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert call(base, "GET", "/_script/requests")[1]["requests"] and not pending.done()
+        assert pending.result(timeout=10)[0] == 503
+
+
+def read_cut_stream(response):
+    """The SSE data events a cut stream delivered before the read broke, and whether it broke."""
+    data, broken = b"", False
+    try:
+        while chunk := response.read1(65536):
+            data += chunk
+    except http.client.IncompleteRead as exc:
+        data, broken = data + exc.partial, True
+    events = [line for line in data.split(b"\n\n") if line.strip()]
+    return [json.loads(line[6:]) if line != b"data: [DONE]" else "[DONE]" for line in events], broken
+
+
+@pytest.mark.parametrize("cut, expected_chunks", [(0, 0), (3, 3), (1000, None)])
+def test_cut_after_chunks_breaks_the_stream(base, cut, expected_chunks):
+    put_rules(base, [{"name": "cut", "when": {}, "then": {"reply": "one two three four five six", "cut_after_chunks": cut}}])
+    response, connection = raw_chat(base, {"messages": [user("hi")], "stream": True,
+                                           "stream_options": {"include_usage": True}})
+    assert response.status == 200 and response.getheader("Transfer-Encoding") == "chunked"
+    events, broken = read_cut_stream(response)
+    connection.close()
+    assert broken, "the client must see an incomplete chunked body"
+    assert "[DONE]" not in events and all(e["choices"] and e["choices"][0]["finish_reason"] is None for e in events)
+    assert len(events) == (expected_chunks if expected_chunks is not None else 1 + 6)  # role chunk + 6 tokens
+    assert assemble(events)["finish_reason"] is None  # what an OpenAI client joins is no finished answer
+
+
+def test_cut_stream_of_tool_calls_leaves_arguments_unfinished(base):
+    put_rules(base, [{"name": "cut", "when": {}, "then": {"tool_calls": TWO_CALLS, "cut_after_chunks": 4}}])
+    response, connection = raw_chat(base, {"messages": [user("I like tea")], "tools": BOTH_TOOLS, "stream": True})
+    events, broken = read_cut_stream(response)
+    connection.close()
+    assert broken and len(events) == 4
+    (partial,) = assemble(events)["tool_calls"]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(partial["arguments"])
+
+
+def test_cut_plain_request_gets_no_answer(base):
+    put_rules(base, [{"name": "cut", "times": 1, "when": {}, "then": {"reply": "never", "cut_after_chunks": 2}}])
+    with pytest.raises(http.client.RemoteDisconnected):
+        raw_chat(base, {"messages": [user("hi")]})
+    assert reply_text(chat(base, [user("again")])) == "(scripted) I heard: again"
+
+
+# ---------------------------------------------------------------- counting at the endpoint
+
+def test_request_log_and_stats_count_model_calls(base):
+    put_rules(base, [{"name": "down", "times": 1, "when": {"user_contains": "fail"}, "then": {"fail": {"status": 429}}},
+                     {"name": "cut", "times": 1, "when": {"user_contains": "cut"}, "then": {"reply": "x", "cut_after_chunks": 1}},
+                     text_and_calls_rule()])
+    assert call(base, "GET", "/_script/stats")[1] == {"chat_requests": 0, "streamed": 0, "by_rule": {}, "by_fault": {}}
+    chat(base, [system(), user("I like tea")], tools=BOTH_TOOLS, parallel_tool_calls=False, tool_choice="auto")
+    stream(base, [user("hello")], parallel_tool_calls=True)
+    assert call(base, "POST", "/v1/chat/completions", {"model": SCRIPTED_MODEL_ID, "messages": [user("fail")]})[0] == 429
+    response, connection = raw_chat(base, {"messages": [user("cut")], "stream": True})
+    assert read_cut_stream(response)[1]
+    connection.close()
+    first, second, third, fourth = call(base, "GET", "/_script/requests")[1]["requests"]
+    assert (first["rule"], first["stream"], first["message_count"], first["tools"]) == ("both", False, 2, ["save_fact", "set_expression"])
+    assert (first["parallel_tool_calls_sent"], first["parallel_tool_calls"], first["tool_choice"]) == (True, False, "auto")
+    assert first["fault"] is None
+    assert (second["rule"], second["stream"], second["message_count"], second["tools"]) == ("(default)", True, 1, [])
+    assert (second["parallel_tool_calls_sent"], second["parallel_tool_calls"]) == (True, True)
+    assert (third["parallel_tool_calls_sent"], third["parallel_tool_calls"]) == (False, None)
+    assert third["fault"] == {"fail": {"status": 429}} and third["response"]["fail"]["status"] == 429
+    assert fourth["fault"] == {"cut_after_chunks": 1} and fourth["stream"] is True
+    assert call(base, "GET", "/_script/stats")[1] == {
+        "chat_requests": 4, "streamed": 2, "by_rule": {"both": 1, "(default)": 1, "down": 1, "cut": 1},
+        "by_fault": {"fail_429": 1, "cut_after_chunks": 1}}
+    put_rules(base, [])  # replacing rules does not forget what was counted
+    assert call(base, "GET", "/_script/stats")[1]["chat_requests"] == 4
+    call(base, "POST", "/_script/reset", {})
+    assert call(base, "GET", "/_script/stats")[1] == {"chat_requests": 0, "streamed": 0, "by_rule": {}, "by_fault": {}}
+
+
+def test_bad_chat_requests_are_not_counted(base):
+    assert call(base, "POST", "/v1/chat/completions", {"model": "m"})[0] == 400
+    assert call(base, "GET", "/_script/stats")[1]["chat_requests"] == 0
+
+
+# ---------------------------------------------------------------- validation of the new forms
+
+@pytest.mark.parametrize("then, fragment", [
+    ({"reply": "r", "tool_calls": []}, "rule[0].then.tool_calls: must be a non-empty list"),
+    ({"tool_calls": {"name": "t"}}, "rule[0].then.tool_calls: must be a non-empty list"),
+    ({"tool_calls": ["save_fact"]}, "rule[0].then.tool_calls[0]: must be an object"),
+    ({"tool_calls": [{"name": "a"}, {"arguments": {}}]}, "rule[0].then.tool_calls[1].name: is required"),
+    ({"tool_calls": [{"name": ""}]}, "rule[0].then.tool_calls[0].name: must be a non-empty string"),
+    ({"tool_calls": [{"name": "a", "arguments": "{}"}]}, "rule[0].then.tool_calls[0].arguments: must be an object"),
+    ({"tool_calls": [{"name": "a", "args": {}}]}, "rule[0].then.tool_calls[0].args: unknown key"),
+    ({"call_tool": "a", "tool_calls": [{"name": "a"}]}, "exactly one"),
+    ({"reply": "r", "reply_from_block": "human", "tool_calls": [{"name": "a"}]}, "exactly one"),
+    ({"reply": "r", "fail": {"status": 500}}, "exactly one"),
+    ({"call_tool": "a", "text_position": "after"}, "rule[0].then.text_position: not used with call_tool"),
+    ({"tool_calls": [{"name": "a"}], "text_position": "after"}, "rule[0].then.text_position: only used when"),
+    ({"reply": "r", "tool_calls": [{"name": "a"}], "text_position": "middle"}, 'must be "before" or "after"'),
+    ({"reply": "r", "tool_calls": [{"name": "a"}], "template": "t"}, "rule[0].then.template: not used with reply+tool_calls"),
+    ({"fail": 500}, "rule[0].then.fail: must be an object"),
+    ({"fail": {}}, "rule[0].then.fail.status: is required"),
+    ({"fail": {"status": 418}}, "rule[0].then.fail.status: must be one of [400, 401"),
+    ({"fail": {"status": "500"}}, "rule[0].then.fail.status: must be one of"),
+    ({"fail": {"status": 500, "message": 1}}, "rule[0].then.fail.message: must be a string"),
+    ({"fail": {"status": 500, "retry": True}}, "rule[0].then.fail.retry: unknown key"),
+    ({"fail": {"status": 500}, "cut_after_chunks": 1}, "rule[0].then.cut_after_chunks: not used with fail"),
+    ({"fail": {"status": 500}, "tokens_per_second": 5}, "rule[0].then.tokens_per_second: not used with fail"),
+    ({"reply": "r", "stall_ms": -1}, "rule[0].then.stall_ms: must be a non-negative integer"),
+    ({"reply": "r", "stall_ms": 1.5}, "rule[0].then.stall_ms: must be a non-negative integer"),
+    ({"reply": "r", "stall_ms": 10, "delay_ms": 10}, "rule[0].then.stall_ms: is an alias of delay_ms"),
+    ({"reply": "r", "cut_after_chunks": True}, "rule[0].then.cut_after_chunks: must be a non-negative integer"),
+])
+def test_bad_new_rule_forms_rejected_with_reason(base, then, fragment):
+    status, payload = call(base, "PUT", "/_script/rules", [{"name": "x", "then": then}])
+    assert status == 400 and fragment in payload["error"]["message"], payload
+    assert [r["name"] for r in call(base, "GET", "/_script/rules")[1]["rules"]] == ["initial"]
+
+
+def test_new_forms_accepted():
+    rules = validate_rules([
+        {"name": "a", "then": {"tool_calls": [{"name": "t", "arguments": {"x": 1}}], "tokens_per_second": 5,
+                               "stall_ms": 0, "cut_after_chunks": 2}},
+        {"name": "b", "then": {"reply": "", "tool_calls": [{"name": "t"}], "text_position": "before"}},
+        {"name": "c", "times": 3, "then": {"fail": {"status": 503, "message": "", "type": "x", "code": None}, "delay_ms": 5}},
+        {"name": "d", "then": {"reply_from_block": "human", "line_regex": "x", "tool_calls": [{"name": "t"}]}}])
+    assert [r["name"] for r in rules] == ["a", "b", "c", "d"]
+
+
+# ---------------------------------------------------------------- the test-side client
+
+def test_scripted_client_helpers(server, base):
+    from tests.integration.scripted import ScriptedModel, ScriptedModelError, fail_rule, tool_calls_rule
+
+    model = ScriptedModel(server.server_address[1])
+    model.set_rules()
+    assert model.reply_with_tools("both", "Hi {who}!", ("save_fact", {"fact": "name is {who}"}),
+                                  {"name": "set_expression", "arguments": {"expression": "happy"}},
+                                  when={"user_regex": r"I am (?P<who>\w+)"}, text_position="after") == 1
+    message = chat(base, [user("I am Kenji")], tools=BOTH_TOOLS)["choices"][0]["message"]
+    assert message["content"] == "Hi Kenji!"
+    assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [{"fact": "name is Kenji"},
+                                                                                         {"expression": "happy"}]
+    assert delta_kinds(stream(base, [user("I am Kenji")], tools=BOTH_TOOLS))[0] == "call"  # text after
+    model.fail("down", 503, "try later")
+    status, payload = call(base, "POST", "/v1/chat/completions", {"model": SCRIPTED_MODEL_ID, "messages": [user("x")]})
+    assert (status, payload["error"]["message"]) == (503, "try later")
+    assert reply_text(chat(base, [user("y")])) == "(scripted) I heard: y"  # fail is once by default
+    model.cut_stream("cut", 2, {"reply": "a b c d"})
+    response, connection = raw_chat(base, {"messages": [user("z")], "stream": True})
+    events, broken = read_cut_stream(response)
+    connection.close()
+    assert broken and len(events) == 2
+    assert model.chat_requests() == 5 and model.chat_requests("both") == 2 and model.chat_requests("nope") == 0
+    assert model.stats()["by_fault"] == {"fail_503": 1, "cut_after_chunks": 1}
+    assert tool_calls_rule("t", None, ("a", {})) == {"name": "t", "when": {}, "then": {"tool_calls": [{"name": "a", "arguments": {}}]}}
+    assert fail_rule("f", 429, times=None, code="insufficient_quota", stall_ms=5) == {
+        "name": "f", "when": {}, "then": {"fail": {"status": 429, "code": "insufficient_quota"}, "stall_ms": 5}}
+    with pytest.raises(ScriptedModelError, match="text_position: only used when"):
+        model.reply_with_tools("bad", None, ("a", {}), text_position="after")
+    with pytest.raises(ValueError):
+        tool_calls_rule("none", "text")
+
+
+# ---------------------------------------------------------------- the real client, new forms
+
+def test_openai_sdk_parses_new_forms(base):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="not-a-secret", max_retries=0)
+    messages = [user("I like tea", name="kenji")]
+    for position in ("before", "after"):
+        put_rules(base, [text_and_calls_rule(position)])
+        completion = client.chat.completions.create(model=SCRIPTED_MODEL_ID, messages=messages, tools=BOTH_TOOLS)
+        message = completion.choices[0].message
+        assert message.content == "Oh, tea? Noted, kenji!" and completion.choices[0].finish_reason == "tool_calls"
+        assert [c.function.name for c in message.tool_calls] == ["save_fact", "set_expression"]
+        with client.chat.completions.stream(model=SCRIPTED_MODEL_ID, messages=messages, tools=BOTH_TOOLS) as events:
+            for _ in events:
+                pass
+            final = events.get_final_completion()
+        streamed = final.choices[0].message
+        assert streamed.content == "Oh, tea? Noted, kenji!" and final.choices[0].finish_reason == "tool_calls"
+        assert [json.loads(c.function.arguments) for c in streamed.tool_calls] == [
+            {"fact": "kenji likes tea", "tags": ["tea", 2]}, {"expression": "happy"}]
+        assert len({c.id for c in streamed.tool_calls}) == 2
+    for status, error in ((400, openai.BadRequestError), (401, openai.AuthenticationError),
+                          (429, openai.RateLimitError), (500, openai.InternalServerError), (503, openai.InternalServerError)):
+        put_rules(base, [{"name": "down", "when": {}, "then": {"fail": {"status": status}}}])
+        for stream_flag in (False, True):
+            with pytest.raises(error) as raised:
+                client.chat.completions.create(model=SCRIPTED_MODEL_ID, messages=messages, stream=stream_flag)
+            assert raised.value.status_code == status and raised.value.body["type"] == FAULT_TYPES[status]
+    put_rules(base, [{"name": "cut", "when": {}, "then": {"reply": "one two three", "cut_after_chunks": 2}}])
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model=SCRIPTED_MODEL_ID, messages=messages)
+    with pytest.raises(Exception) as raised:  # httpx.RemoteProtocolError, which Letta maps to LLMConnectionError
+        list(client.chat.completions.create(model=SCRIPTED_MODEL_ID, messages=messages, stream=True))
+    assert "incomplete chunked read" in str(raised.value)
+
+
+FAULT_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests", 500: "server_error",
+               503: "server_error"}
