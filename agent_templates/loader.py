@@ -306,6 +306,7 @@ class AgentTemplate(BaseModel):
     include_base_tools: bool = False
     include_base_tool_rules: bool = False
     tool_rules: list[ToolRuleSpec] = Field(default_factory=list)
+    parallel_tool_calls: bool = False
     model: str | None = None
     embedding: str | None = None
     context_window_limit: int | None = Field(default=None, gt=0)

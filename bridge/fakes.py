@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
-
 from dataclasses import replace
+from typing import Callable, Sequence
 
 from bridge.gateway import LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent
 
@@ -35,6 +34,11 @@ def echo_reply(viewer_id: str, message: TurnMessage) -> TurnResult:
     return TurnResult(reply_text=f"echo: {message.text}")
 
 
+def continued_reply(so_far: TurnResult) -> TurnResult:
+    """The step after a tool-only one: the tools' effects kept, and words at last."""
+    return replace(so_far, reply_text="(after the tools)", silent=False, unfinished=False, steps=so_far.steps + 1)
+
+
 @dataclass
 class FakeGateway:
     reply: Callable[[str, TurnMessage], TurnResult] = echo_reply
@@ -44,6 +48,7 @@ class FakeGateway:
     failures: list[Exception] = field(default_factory=list)  # raised by the next sends, in order
     hold: asyncio.Event | None = None  # when set: sends store the turn, then wait for this event
     piece_chars: int = 3  # a streamed reply is handed to on_text in pieces of this many characters
+    continuation: Callable[[TurnResult], TurnResult] = continued_reply
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -52,6 +57,7 @@ class FakeGateway:
         self.history: dict[str, dict[str, TurnResult]] = {}
         self.events: list[tuple[str, VerifiedEvent]] = []
         self.find_calls: list[tuple[str, str]] = []
+        self.continued: list[tuple[str, str]] = []
         self.overlaps = 0
         self.in_flight = 0
         self.max_in_flight = 0  # the most sends running at once
@@ -101,6 +107,18 @@ class FakeGateway:
         finally:
             self.in_flight -= 1
             self._busy.discard(agent_id)
+
+    async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
+                            on_text: TextSink | None = None) -> TurnResult:
+        """The agent's next step after a tool-only one: `continuation` (default: it says "…")."""
+        self._check_up()
+        self.continued.append((agent_id, task_id))
+        step = self.continuation(so_far)
+        if on_text is not None and not step.silent:
+            for piece in stream_pieces(step.reply_text, self.piece_chars):
+                await on_text(piece)
+        self.history.setdefault(agent_id, {})[task_id] = replace(step, answered=so_far.answered or (task_id,))
+        return step
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         self._check_up()

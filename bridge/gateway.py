@@ -57,6 +57,8 @@ class TurnResult:
     memory_updated  True when a memory tool succeeded during the turn
     message_ids     Letta message ids of the reply (for tracing)
     answered        from find_answered: the asked task ids this turn carried
+    unfinished      the agent's last step called tools and said nothing yet: it needs another step
+    steps           model steps (requests) the turn has taken so far
     """
 
     reply_text: str
@@ -65,6 +67,8 @@ class TurnResult:
     memory_updated: bool = False
     message_ids: tuple[str, ...] = ()
     answered: tuple[str, ...] = ()
+    unfinished: bool = False
+    steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,13 @@ class LettaGateway(Protocol):
         findable afterwards by its task id (`find_answered`). With on_text, the reply is streamed:
         on_text gets each new piece of the reply text as it is generated (an exception it raises
         is passed through unchanged); the result still carries the whole reply."""
+        ...
+
+    async def continue_turn(
+        self, agent_id: str, task_id: str, so_far: TurnResult, *, on_text: TextSink | None = None
+    ) -> TurnResult:
+        """Finish a turn whose last step called tools without speaking (`so_far.unfinished`, e.g. one
+        find_answered found half done after a crash): the agent's next steps, merged into so_far."""
         ...
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:

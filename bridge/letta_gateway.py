@@ -10,7 +10,7 @@ is dropped and the task retried, which re-creates the agent through `ensure`.
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from typing import Awaitable, Sequence
 
 from letta_client import AsyncLetta, NotFoundError
 
@@ -47,8 +47,16 @@ class RealLettaGateway:
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
                         on_text: TextSink | None = None) -> TurnResult:
+        return await self._turn(agent_id, self._turns.send_turn(agent_id, messages, sender_name=sender_name,
+                                                                on_text=on_text))
+
+    async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
+                            on_text: TextSink | None = None) -> TurnResult:
+        return await self._turn(agent_id, self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text))
+
+    async def _turn(self, agent_id: str, call: Awaitable[TurnResult]) -> TurnResult:
         try:
-            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text)
+            return await call
         except LettaError as exc:
             if isinstance(exc.__cause__, NotFoundError):
                 await self._forget_stale(agent_id)

@@ -34,11 +34,17 @@ from bridge.gateway import (
     TurnMessage,
     TurnResult,
 )
-from bridge.replies import content_text, field_of, parse_letta_response, parse_messages
+from bridge.replies import content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")
 MAX_NAME_CHARS = 64
+# A turn asks for at most this many model steps: the first, plus continuations after steps that
+# only called tools (a memory write, then a search, then the reply is 3).
+MAX_STEPS_PER_TURN = 4
+# What the agent reads before a step the bridge asks for (a system message, persisted in history).
+CONTINUE_NOTE = ("[turn continues] Your tool calls above have run. The viewer is still waiting: "
+                 "now say your spoken reply (or call stay_silent).")
 # OpenAI-style models drop a `name` with whitespace or any of <|\/> (LETTA_FACTS.md).
 _NAME_UNSAFE = re.compile(r"[\s<|\\/>]+")
 
@@ -114,16 +120,48 @@ class LettaTurns:
         on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> TurnResult:
         """One turn. With `on_text`, the reply is streamed token by token (Letta's `stream_tokens`)
-        and every piece of assistant text is handed to on_text as it arrives."""
+        and every piece of assistant text is handed to on_text as it arrives.
+
+        One model step per request (`max_steps=1`): a step that speaks (with or without tool calls
+        in the same response) ends the turn, so an avatar cue or a memory write written beside the
+        reply costs no model call of its own. A step that only called tools gets one more step
+        (`continue_turn`), up to MAX_STEPS_PER_TURN; stay_silent ends the turn."""
         if not messages:
             raise ValueError("a turn needs at least one message")
-        body = self.request_messages(messages, sender_name)
+        result = await self._step(agent_id, self.request_messages(messages, sender_name), on_text)
+        if result.unfinished:
+            result = await self.continue_turn(agent_id, messages[-1].task_id, result, on_text=on_text)
+        return result
+
+    async def continue_turn(
+        self,
+        agent_id: str,
+        task_id: str,
+        so_far: TurnResult,
+        *,
+        on_text: Callable[[str], Awaitable[None]] | None = None,
+    ) -> TurnResult:
+        """Ask the agent for its next step after a step that called tools without speaking (also a
+        turn found half done in the history after a crash). Each step's request carries one system
+        note (Letta refuses an empty request), with an otid derived from the task, so the whole turn
+        stays findable from the task's user message."""
+        result = so_far
+        for step in range(so_far.steps, MAX_STEPS_PER_TURN):
+            note = {"role": "system", "content": CONTINUE_NOTE, "otid": otid_for(f"{task_id}#step-{step + 1}")}
+            result = merge_steps(result, await self._step(agent_id, [note], on_text))
+            if not result.unfinished:
+                return result
+        return replace(result, unfinished=False, silent=not result.reply_text)
+
+    async def _step(
+        self, agent_id: str, body: list[dict[str, Any]], on_text: Callable[[str], Awaitable[None]] | None
+    ) -> TurnResult:
         try:
             if on_text is None:
-                response = await self._client.agents.messages.create(agent_id, messages=body)
+                response = await self._client.agents.messages.create(agent_id, messages=body, max_steps=1)
                 return parse_letta_response(response)
             stream = await self._client.agents.messages.create(
-                agent_id, messages=body, streaming=True, stream_tokens=True
+                agent_id, messages=body, max_steps=1, streaming=True, stream_tokens=True
             )
             turn = StreamedTurn()
             # Letta sends "[DONE]" and then goes on working (~0.1 s here) before it ends the body. The
@@ -305,22 +343,30 @@ def chronological(messages: Sequence[Any]) -> list[Any]:
 
 def answer_of_run(newer: list[Any], user_message: Any) -> tuple[TurnResult, set[str]] | None:
     """The reply to user_message, from the messages newer than it (newest first), and the otids
-    of the user messages that run carried (user_message's own included).
+    of the user messages that turn carried (user_message's own included).
 
-    Messages of the same run (`run_id`) are the reply; without a run id, the messages up to the
-    next user message. A run that produced nothing (it failed after storing the input) is not
-    an answer: None, so the task is sent again.
+    The turn is every message after it up to the next user message of another run: the reply of
+    its own run and of the steps the bridge asked for after tool-only steps (continue_turn). A
+    turn that produced nothing (it failed after storing the input) is not an answer: None, so the
+    task is sent again. One found half done (tools ran, nothing said yet) comes back `unfinished`.
     """
     run_id = field_of(user_message, "run_id")
     otids = {field_of(user_message, "otid")}
-    if run_id:
-        reply = [m for m in reversed(newer) if field_of(m, "run_id") == run_id]
-        otids |= {field_of(m, "otid") for m in reply if field_of(m, "message_type") == "user_message"}
-    else:
-        reply = []
-        for message in reversed(newer):
-            if field_of(message, "message_type") == "user_message":
-                break
+    runs = {run_id}
+    reply = []
+    for message in reversed(newer):
+        kind, run = field_of(message, "message_type"), field_of(message, "run_id")
+        if kind == "user_message":
+            if run_id and run == run_id:
+                otids.add(field_of(message, "otid"))
+                continue
+            break
+        if kind == "system_message" and content_text(field_of(message, "content")).startswith(CONTINUE_NOTE):
+            runs.add(run)  # a step the bridge asked for: part of this turn
+            continue
+        if run_id is None or run in runs:
             reply.append(message)
     parsed = parse_messages(reply)
-    return (parsed.result, otids) if parsed.produced else None
+    if not parsed.produced:
+        return None
+    return replace(parsed.result, steps=min(len(runs), MAX_STEPS_PER_TURN)), otids

@@ -13,7 +13,7 @@ then usually `assistant_message` (letta_v1_agent answers in plain assistant text
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from bridge.gateway import AvatarCall, LettaPermanentError, LettaRetryable, LettaUnavailable, TurnResult
@@ -119,8 +119,22 @@ def parse_messages(messages: Iterable[Any]) -> ParsedTurn:
         silent=silent,
         memory_updated=any(name in MEMORY_TOOLS for name, _ in ok_calls),
         message_ids=tuple(ids),
+        # Tools ran and nothing was said (nor silence chosen): the viewer still waits for words.
+        unfinished=bool(calls) and not reply and not silent_called,
     )
     return ParsedTurn(result=result, produced=bool(texts or calls))
+
+
+def merge_steps(earlier: TurnResult, step: TurnResult) -> TurnResult:
+    """One turn out of a step that only called tools (earlier) and the agent's next step."""
+    return replace(
+        step,
+        avatar_calls=earlier.avatar_calls + step.avatar_calls,
+        memory_updated=earlier.memory_updated or step.memory_updated,
+        message_ids=earlier.message_ids + step.message_ids,
+        answered=earlier.answered,
+        steps=earlier.steps + 1,
+    )
 
 
 def parse_letta_response(response: Any) -> TurnResult:
@@ -131,6 +145,10 @@ def parse_letta_response(response: Any) -> TurnResult:
     """
     parsed = parse_messages(field_of(response, "messages") or [])
     stop = field_of(field_of(response, "stop_reason"), "stop_reason")
+    if parsed.result.unfinished and stop in _RETRY_STOPS | _UNAVAILABLE_STOPS:
+        # The step's tools ran but the run then failed: asking for the next step is still right
+        # (the calls are in the history); an error with nothing produced is raised below.
+        return parsed.result
     if not parsed.produced and stop is not None:
         if stop in _UNAVAILABLE_STOPS:
             raise LettaUnavailable(f"turn stopped: {stop}")

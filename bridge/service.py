@@ -593,22 +593,31 @@ class BridgeService:
         if check_history:
             # An earlier attempt may have reached the agent before failing or dying: never a 2nd turn.
             found = await self._timed("find_answered", self.gateway.find_answered(agent_id, task_ids))
-            if found is not None:
+            if found is not None and not found.unfinished:
                 return replace(found, memory_updated=found.memory_updated or recorded), "replayed", None
+        else:
+            found = None
         stream = None
         if self.settings.bridge_streaming:
             stream = ReplyStream(self.redis, self.settings, task_id=task_ids[-1], user_id=viewer, clock=self.clock)
-        result = await self._timed(
-            "send_turn",
-            self.gateway.send_turn(
-                agent_id, [TurnMessage(chat.task_id, chat.text) for chat in batch],
-                sender_name=self._sender_name(request), on_text=stream.feed if stream else None,
-            ),
-        )
+        if found is not None:
+            # The earlier attempt's tools ran but it died before the agent spoke: finish that turn
+            # (its next step), never send the message again. It answers the tasks it carried.
+            result = await self._timed("continue_turn", self.gateway.continue_turn(
+                agent_id, task_ids[0], found, on_text=stream.feed if stream else None))
+        else:
+            result = await self._timed(
+                "send_turn",
+                self.gateway.send_turn(
+                    agent_id, [TurnMessage(chat.task_id, chat.text) for chat in batch],
+                    sender_name=self._sender_name(request), on_text=stream.feed if stream else None,
+                ),
+            )
         if stream is not None and not result.silent:
             stream.tail = stream.close()
         outcome = "silent" if result.silent else "answered"
-        return replace(result, memory_updated=result.memory_updated or recorded, answered=()), outcome, stream
+        answered = result.answered if found is not None else ()
+        return replace(result, memory_updated=result.memory_updated or recorded, answered=answered), outcome, stream
 
     @staticmethod
     def _sender_name(request: LettaRequest) -> str:

@@ -29,6 +29,8 @@ from provisioning.naming import (
     viewer_tags,
 )
 from provisioning.provision import Blueprint, ProvisioningError, find_shared_block, load_blueprint
+from tools.memory_client import GATE_TOKEN_ENV as MEMORY_TOKEN_ENV
+from tools.memory_gate import memory_token
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.redis_api import redis_client
@@ -107,7 +109,7 @@ class ViewerAgents:
         human = bp.template.block("human")
         metadata = {"viewer_id": viewer_id, "display_name": display_name or viewer_id,
                     "platform": platform or _platform_of(viewer_id), "template": bp.template.name}
-        return self.client.agents.create(
+        agent = self.client.agents.create(
             name=agent_name(viewer_id),
             memory_blocks=[{
                 "label": human.label,
@@ -120,6 +122,14 @@ class ViewerAgents:
             metadata=metadata,
             **self._shared_create_kwargs(),
         )
+        # The memory tools' token is bound to the agent id, known only now (tools/memory_gate.py).
+        self.client.agents.update(agent.id, secrets=self.agent_secrets(agent.id))
+        return agent
+
+    def agent_secrets(self, agent_id: str) -> dict[str, str]:
+        """The agent's whole tool environment (an update replaces the set): avatar names, memory token."""
+        return {**avatar_secrets(self.blueprint.config),
+                MEMORY_TOKEN_ENV: memory_token(self.settings.memory_gate_secret, agent_id)}
 
     def _shared_create_kwargs(self) -> dict:
         """Everything every viewer's agent gets alike, looked up once per process."""
@@ -145,10 +155,10 @@ class ViewerAgents:
                 include_base_tools=bp.template.include_base_tools,
                 include_base_tool_rules=bp.template.include_base_tool_rules,
                 tool_rules=bp.template.letta_tool_rules(),
+                parallel_tool_calls=bp.template.parallel_tool_calls,
                 model=bp.model,
                 embedding=bp.embedding,
                 context_window_limit=bp.template.context_window_limit,
-                secrets=avatar_secrets(bp.config),
             )
         return self._create_kwargs
 

@@ -25,6 +25,7 @@ import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 
+from stack import tool_sandbox
 from stack.processes import StackError, run_checked
 
 LETTA_VERSION = "0.16.8"
@@ -42,6 +43,8 @@ class LettaInstall:
         self.sdist_dir = self.home / f"letta-{LETTA_VERSION}"
         self.constraints = self.home / "constraints.txt"
         self.marker = self.home / "installed.json"
+        # Letta's TOOL_EXEC_DIR: the slim environment our tools run in (stack/tool_sandbox.py).
+        self.tool_sandbox = self.home / "tool-sandbox"
 
     @property
     def python(self) -> Path:
@@ -72,27 +75,35 @@ class LettaInstall:
     def ensure(self, log=print) -> bool:
         """Install if needed; returns True when something was installed."""
         with _exclusive(self.home / ".install.lock"):
-            if self.is_installed():
-                return False
-            self.home.mkdir(parents=True, exist_ok=True)
-            if not (self.sdist_dir / "uv.lock").exists():
-                log(f"letta server: downloading the letta {LETTA_VERSION} sdist (migrations + lock file)")
-                self._download_sdist()
-            pins = constraints_from_uv_lock(self.sdist_dir / "uv.lock")
-            self.constraints.write_text("\n".join(pins) + "\n")
-            if not self.python.exists():
-                run_checked([sys.executable, "-m", "venv", str(self.venv)], what="creating the Letta server venv")
-            log(f"letta server: installing {LETTA_REQUIREMENT} with {len(pins)} pinned constraints (a few minutes)")
-            run_checked(
-                [str(self.python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                 LETTA_REQUIREMENT, f"pgserver=={PGSERVER_VERSION}", "-c", str(self.constraints)],
-                what="installing the Letta server", timeout=3600,
-            )
-            self.marker.write_text(json.dumps({
-                "letta": LETTA_VERSION, "pgserver": PGSERVER_VERSION,
-                "constraints_sha256": hashlib.sha256(self.constraints.read_bytes()).hexdigest(),
-            }, indent=2))
-            return True
+            installed = self._ensure_server(log)
+            if not tool_sandbox.is_built(self.tool_sandbox):
+                log(f"tool sandbox: building {self.tool_sandbox} (standard library only, no letta)")
+                tool_sandbox.build(self.tool_sandbox, user=tool_sandbox.ensure_tool_user(tool_sandbox.TOOL_USER))
+                installed = True
+            return installed
+
+    def _ensure_server(self, log) -> bool:
+        if self.is_installed():
+            return False
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not (self.sdist_dir / "uv.lock").exists():
+            log(f"letta server: downloading the letta {LETTA_VERSION} sdist (migrations + lock file)")
+            self._download_sdist()
+        pins = constraints_from_uv_lock(self.sdist_dir / "uv.lock")
+        self.constraints.write_text("\n".join(pins) + "\n")
+        if not self.python.exists():
+            run_checked([sys.executable, "-m", "venv", str(self.venv)], what="creating the Letta server venv")
+        log(f"letta server: installing {LETTA_REQUIREMENT} with {len(pins)} pinned constraints (a few minutes)")
+        run_checked(
+            [str(self.python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+             LETTA_REQUIREMENT, f"pgserver=={PGSERVER_VERSION}", "-c", str(self.constraints)],
+            what="installing the Letta server", timeout=3600,
+        )
+        self.marker.write_text(json.dumps({
+            "letta": LETTA_VERSION, "pgserver": PGSERVER_VERSION,
+            "constraints_sha256": hashlib.sha256(self.constraints.read_bytes()).hexdigest(),
+        }, indent=2))
+        return True
 
     def _download_sdist(self) -> None:
         download_dir = self.home / "download"

@@ -17,18 +17,20 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from stack.install import LettaInstall
+from stack.tool_sandbox import server_env as tool_sandbox_env
 from stack.processes import ManagedProcess, StackError, run_checked, wait_until
 
 
 class LettaServer:
     def __init__(self, install: LettaInstall, data_dir: Path, port: int, password: str,
-                 pg_uri: str, model_env: dict[str, str]):
+                 pg_uri: str, model_env: dict[str, str], memory_gate_url: str):
         self.install = install
         self.letta_dir = data_dir.resolve() / "letta"
         self.port = port
         self.password = password
         self.pg_uri = pg_uri
         self.model_env = model_env
+        self.memory_gate_url = memory_gate_url
         self.process = ManagedProcess(
             name="letta",
             pid_file=self.letta_dir / "run" / "letta.pid",
@@ -97,8 +99,10 @@ class LettaServer:
             "LANG": "C.UTF-8",
             "LETTA_SERVER_SECURE": "true",
             "LETTA_SERVER_PASSWORD": self.password,
-            # The memory tools read a block's current value from this server (tools/human_block.py).
-            "VTL_LETTA_SELF_URL": self.url,
+            # Our tools run in the slim sandbox (stack/tool_sandbox.py): stdlib only, and only the
+            # variables they read cross into it; the memory tools ask the gate at this URL.
+            **tool_sandbox_env(self.install.tool_sandbox),
+            "VTL_MEMORY_GATE_URL": self.memory_gate_url,
             # Measured here: with provider traces on, every model call waited up to 60 s on the
             # trace insert into Postgres before timing out. The trace is only a debugging aid.
             "LETTA_TRACK_PROVIDER_TRACE": "false",

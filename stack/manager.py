@@ -1,7 +1,8 @@
 """`vtuber-letta stack up | status | down`: the whole local stack, on loopback.
 
 Parts, in start order: Redis, PostgreSQL+pgvector, the model endpoint (the
-scripted stand-in unless a real one is configured), the Letta server. `up` is
+scripted stand-in unless a real one is configured), the Letta server, and the
+memory gate that the memory tools write through (tools/memory_gate.py). `up` is
 idempotent (a healthy part is left alone) and returns only once every part is
 healthy; `down` stops, in reverse order, only processes that `up` started.
 A Letta or Redis address that is not loopback is someone else's server: the
@@ -77,6 +78,57 @@ class ScriptedModelProcess:
         return self.process.stop(timeout=10)
 
 
+class MemoryGateProcess:
+    """The memory gate (tools/memory_gate.py), run with the project's own interpreter."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.host, self.port = settings.memory_gate_address
+        data = settings.data_dir.resolve()
+        self.process = ManagedProcess(
+            name="memory-gate",
+            pid_file=data / "letta" / "run" / "memory-gate.pid",
+            log_file=data / "letta" / "logs" / "memory-gate.log",
+            marker=f"vtuber_letta.cli memory-gate --port {self.port}",
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def healthy(self) -> bool:
+        if self.process.pid() is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=2) as resp:
+                return json.loads(resp.read()).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
+
+    def start(self, log=print) -> bool:
+        if self.process.pid() is not None:
+            return False
+        if port_open(self.host, self.port):
+            raise StackError(f"port {self.port} is taken by another program: set VTL_MEMORY_GATE_URL")
+        s = self.settings
+        repo_root = Path(__file__).resolve().parent.parent
+        # Only what the gate needs; it runs in the data dir so no stray .env is read.
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root), "LANG": "C.UTF-8",
+               "VTL_DATA_DIR": str(s.data_dir.resolve()), "LETTA_API_URL": s.letta_api_url,
+               "LETTA_API_KEY": s.letta_password, "VTL_MEMORY_GATE_URL": s.memory_gate_url,
+               "VTL_MEMORY_GATE_SECRET": s.memory_gate_secret, "VTL_LOG_LEVEL": s.log_level}
+        if s.memory_gate_listen:
+            env["VTL_MEMORY_GATE_LISTEN"] = s.memory_gate_listen
+        self.process.start([sys.executable, "-m", "vtuber_letta.cli", "memory-gate", "--port", str(self.port)],
+                           env=env, cwd=s.data_dir.resolve())
+        if not wait_until(self.healthy, 30):
+            raise StackError(f"memory gate did not start on {self.address}:\n{self.process.log_tail()}")
+        return True
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=10)
+
+
 class Stack:
     def __init__(self, settings: Settings, log=print):
         self.settings = settings
@@ -90,13 +142,15 @@ class Stack:
                                  settings.redis_password.get_secret_value() if settings.redis_password else None)
         self.postgres = Postgres(self.install, data, settings.postgres_port, run_as=None)
         self.model = None if settings.uses_real_model else ScriptedModelProcess(data, settings.scripted_model_port)
+        self.memory_gate = MemoryGateProcess(settings)
         self._letta: LettaServer | None = None
 
     @property
     def letta(self) -> LettaServer:
         if self._letta is None:
             self._letta = LettaServer(self.install, self.settings.data_dir, self.settings.letta_port,
-                                      self.settings.letta_password, self.postgres.uri, self._model_env())
+                                      self.settings.letta_password, self.postgres.uri, self._model_env(),
+                                      self.settings.memory_gate_url)
         return self._letta
 
     def _model_env(self) -> dict[str, str]:
@@ -127,6 +181,8 @@ class Stack:
                 started.append("scripted-model")
             if self.letta.start(self.log):
                 started.append("letta")
+            if self.memory_gate.start(self.log):
+                started.append("memory-gate")
         self.log("started: " + (", ".join(started) if started else "nothing (already up)"))
         statuses = self.status()
         bad = [s for s in statuses if s.state not in ("healthy", "external")]
@@ -136,7 +192,8 @@ class Stack:
 
     def down(self) -> list[str]:
         stopped = []
-        for name, part in (("letta", self.letta if self.manages_letta else None), ("scripted-model", self.model),
+        for name, part in (("memory-gate", self.memory_gate if self.manages_letta else None),
+                           ("letta", self.letta if self.manages_letta else None), ("scripted-model", self.model),
                            ("postgres", self.postgres if self.manages_letta else None),
                            ("redis", self.redis if self.manages_redis else None)):
             if part is not None and part.stop():
@@ -167,6 +224,7 @@ class Stack:
         version = self.letta.version() if self.letta.process.pid() else None
         out.append(self._status("letta", self.letta, self.letta.address,
                                 f"Letta {version}, password required" if version else ""))
+        out.append(self._status("gate", self.memory_gate, self.memory_gate.address, "memory gate for the memory tools"))
         return out
 
     @staticmethod

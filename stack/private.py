@@ -44,6 +44,7 @@ def private_stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         letta_server_home=Path(os.environ.get("VTL_LETTA_SERVER_HOME", REPO_ROOT / ".letta-server")),
         postgres_port=free_port(),
         scripted_model_port=free_port(),
+        memory_gate_url=f"http://127.0.0.1:{free_port()}",
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -68,6 +69,7 @@ def child_env(settings: Settings, **knobs: Any) -> dict[str, str]:
         "VTL_LETTA_SERVER_HOME": str(settings.letta_server_home.resolve()),
         "VTL_POSTGRES_PORT": str(settings.postgres_port),
         "VTL_SCRIPTED_MODEL_PORT": str(settings.scripted_model_port),
+        "VTL_MEMORY_GATE_URL": settings.memory_gate_url,
         "VTL_TEMPLATE": settings.template_name,
         "VTL_PERSONA_CONFIG": str(persona),
     })

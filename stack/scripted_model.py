@@ -286,7 +286,12 @@ def read_conversation(body: dict) -> Conversation:
         if text is not None:
             convo.user, convo.name = text, str(message.get("name") or packed_name)
             break
-    last = messages[-1]
+    # A system note after the tool results (the bridge asks for the next step that way) still
+    # leaves the model answering those results.
+    end = len(messages)
+    while end > 1 and messages[end - 1].get("role") in ("system", "developer"):
+        end -= 1
+    last = messages[end - 1]
     if last.get("role") in ("tool", "function"):
         convo.tool_result = content_text(last.get("content"))
         convo.after_tool = _tool_name_for(last, messages) or ""

@@ -3,17 +3,18 @@
 One module per tool, in Letta's house style (see letta/functions/function_sets/base.py).
 Letta 0.16.8 receives a tool as *source code* (`client.tools.upsert(source_code=...)`),
 derives the schema from the LAST function in it without running it, and runs that
-source in a sandbox where none of our packages exist. `tool_source` builds that
-source: the helper modules a tool uses (tools/human_block.py, tools/avatar_names.py),
-then the tool function itself, last.
+source in the slim sandbox of stack/tool_sandbox.py: standard library only, no `letta`, only
+the environment variables the tools read. `tool_source` builds that source: the helper modules
+a tool uses (tools/memory_client.py, tools/avatar_names.py), then the tool function, last.
+
+No tool takes `agent_state`: it would import all of `letta` into every call (seconds) and make
+Letta write a start-of-step copy of the agent's memory back afterwards, shared blocks included.
 
 Guarantees the tools keep (tests/unit/test_tools.py checks them as the sandbox runs them):
-- the memory tools read and write only the block labelled `human` of the calling agent,
-  and only when it is a viewer profile in the tools/human_block.py format;
-- they never exceed the block's `limit` and keep the platform-verified section byte for byte
-  (Letta's `agent_state` path ignores read_only and limits, so the tools enforce both);
-- they edit the block as the Letta server has it NOW (human_block.current_human_block), not the
-  start-of-turn copy Letta passes, so every memory-tool call of a turn persists;
+- the memory tools change only the block labelled `human` of the calling agent, through the
+  memory gate (tools/memory_gate.py), which applies the tools/human_block.py rules to the block
+  as the server has it at that moment (format, limit, the verified section byte for byte), and
+  accepts only the calling agent's own token;
 - the avatar tools and stay_silent change no memory at all.
 """
 
@@ -24,7 +25,7 @@ import textwrap
 from collections.abc import Callable
 from types import CodeType, ModuleType
 
-from tools import avatar_names, human_block
+from tools import avatar_names, memory_client
 from tools.avatar_names import AVATAR_EXPRESSIONS_ENV, AVATAR_MOTIONS_ENV
 from tools.forget_viewer_fact import forget_viewer_fact
 from tools.play_motion import play_motion
@@ -50,8 +51,8 @@ TOOL_METADATA: dict[str, dict] = {
 }
 
 # Modules whose whole source may be shipped ahead of a tool; each obeys the sandbox
-# rules written at the top of tools/human_block.py.
-HELPER_MODULES: tuple[ModuleType, ...] = (human_block, avatar_names)
+# rules written at the top of tools/memory_client.py.
+HELPER_MODULES: tuple[ModuleType, ...] = (memory_client, avatar_names)
 
 __all__ = [
     "AVATAR_EXPRESSIONS_ENV",

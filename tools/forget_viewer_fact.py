@@ -1,9 +1,9 @@
 """Tool: remove one fact about the current viewer from their `human` block."""
 
-from tools.human_block import HUMAN_LABEL, HumanBlockError, current_human_block, remove_fact
+from tools.memory_client import ask_memory_gate
 
 
-def forget_viewer_fact(agent_state: "AgentState", fact: str) -> str:  # noqa: F821 (Letta injects AgentState)
+def forget_viewer_fact(fact: str) -> str:
     """
     Delete one fact about the viewer from your memory of them.
 
@@ -19,17 +19,4 @@ def forget_viewer_fact(agent_state: "AgentState", fact: str) -> str:  # noqa: F8
     Returns:
         str: "Forgot (category): fact", or "Error: ..." listing the candidates or the stored facts.
     """
-    try:
-        block = agent_state.memory.get_block(HUMAN_LABEL)
-    except (KeyError, ValueError):
-        return "Error: this agent has no human block, so there is nothing to forget."
-    if getattr(block, "label", HUMAN_LABEL) != HUMAN_LABEL:
-        return "Error: the memory returned a block that is not the human block; nothing was changed."
-    # The block as the server has it now: Letta's copy is from the start of the turn.
-    value, _limit = current_human_block(agent_state, block)
-    try:
-        new_value, message = remove_fact(value, fact)
-    except HumanBlockError as exc:
-        return f"Error: {exc}"
-    agent_state.memory.update_block_value(label=HUMAN_LABEL, value=new_value)
-    return message
+    return ask_memory_gate("forget", {"fact": str(fact)})

@@ -1,25 +1,9 @@
 """The one text format of a viewer's `human` memory block: parse, format, edit.
 
-This module is uploaded to Letta as part of the tools that edit the block
-(see `tools.tool_source`): its whole source is placed before the tool function
-and runs at module level in the tool sandbox. So it must stay:
-- standard library only (the sandbox has no project packages);
-- no `from __future__` import (the sandbox puts the source mid-file);
-- plain top-level functions and constants, no nested `def` and no methods:
-  Letta picks the tool as the LAST FunctionDef in `ast.walk` order, which is
-  breadth-first, so any nested def would be taken for the tool;
-- no top-level name that a tool argument or the sandbox script uses
-  (`fact`, `category`, `agent_state`, `client`, `os`, ...): the sandbox assigns
-  the arguments as globals *before* this source runs.
-
-Why the tools read the block from the server: Letta 0.16.8 hands every sandboxed call a
-copy of the agent's memory as it was at the START of the turn and writes the copy back
-after the call (sandbox_tool_executor.py, _create_agent_state_copy and
-update_memory_if_changed_async). With two memory-tool calls in one turn, the second would
-edit the stale copy and undo the first. So current_human_block fetches the block's value
-now (GET BLOCK_ROUTE on VTL_LETTA_SELF_URL with the server password) and puts it into the
-copy before the tool edits it; without that variable, or when the server does not answer,
-it falls back to the copy Letta passed (tests, other deployments).
+Pure functions, standard library only. The memory gate (tools/memory_gate.py) applies them to
+the block as the Letta server has it when a memory tool is called; the bridge and provisioning
+use them for the sections they own. (The module also keeps the old sandbox rules — top-level
+functions and constants only, no `from __future__` — so it could still be shipped as tool source.)
 
 The block has three sections. Only the middle one is ever written by the agent's
 tools; the other two belong to the bridge/provisioning and are kept byte for byte:
@@ -48,13 +32,6 @@ import unicodedata
 
 HUMAN_LABEL = "human"
 DEFAULT_HUMAN_LIMIT = 4000
-
-# Reading the block's CURRENT value from the Letta server (see current_human_block).
-SELF_URL_ENV = "VTL_LETTA_SELF_URL"  # the server's own loopback base URL, set in the server's environment
-PASSWORD_ENV = "LETTA_SERVER_PASSWORD"  # the server's password; the sandbox inherits the server's environment
-AGENT_ID_ENV = "LETTA_AGENT_ID"  # set by Letta for every sandboxed tool call
-BLOCK_ROUTE = "/v1/agents/{agent_id}/core-memory/blocks/{label}"  # Letta 0.16.8: retrieve_core_memory_block
-SERVER_READ_TIMEOUT_S = 5
 
 VIEWER_HEADING = "## Viewer"
 FACTS_HEADING_KEY = "## What they told me"
@@ -417,79 +394,3 @@ def remove_fact(text, old_fact):
         slug: [item for item in values if not (slug == name and item == value)] for slug, values in facts.items()
     }
     return replace_facts(text, remaining), f"Forgot ({name}): {value}"
-
-
-def note_fallback(reason):
-    """Say on stderr (the sandbox log, never the model) why the copy Letta passed is used."""
-    import sys
-
-    print(f"vtuber-letta: using the human block Letta passed to the tool: {reason}", file=sys.stderr)
-
-
-def server_human_block(agent_id):
-    """The agent's human block as the Letta server has it now ({"value", "limit", ...}), or None.
-
-    None when VTL_LETTA_SELF_URL or the agent id is missing, or when the server does not give
-    a human block within SERVER_READ_TIMEOUT_S; the caller then uses Letta's copy.
-    """
-    import json
-    import os
-    import urllib.parse
-    import urllib.request
-
-    base = os.environ.get(SELF_URL_ENV, "").strip().rstrip("/")
-    agent_id = str(agent_id or "").strip()
-    if not base or not agent_id:
-        return None
-    if not base.startswith(("http://", "https://")):
-        note_fallback(f"{SELF_URL_ENV} is not an http(s) URL")
-        return None
-    url = base + BLOCK_ROUTE.format(agent_id=urllib.parse.quote(agent_id, safe=""), label=HUMAN_LABEL)
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    password = os.environ.get(PASSWORD_ENV, "")
-    if password:
-        # Unredirected: a redirect never carries the password elsewhere.
-        request.add_unredirected_header("Authorization", f"Bearer {password}")
-    # No proxy: the request is for this machine's own server and carries its password.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=SERVER_READ_TIMEOUT_S) as response:
-            body = json.loads(response.read().decode("utf-8"))
-    except Exception as exc:  # any failure: fall back to the copy (the reason never holds the password)
-        status = getattr(exc, "code", None)  # the HTTP status of an HTTPError
-        note_fallback(f"GET {BLOCK_ROUTE} failed: {type(exc).__name__} {status or ''}".rstrip())
-        return None
-    if not isinstance(body, dict) or body.get("label") != HUMAN_LABEL or not isinstance(body.get("value"), str):
-        note_fallback(f"GET {BLOCK_ROUTE} did not return the human block")
-        return None
-    return body
-
-
-def sandbox_agent_id():
-    """The calling agent's id, as Letta puts it in every sandboxed call's environment."""
-    import os
-
-    return os.environ.get(AGENT_ID_ENV, "")
-
-
-def current_human_block(state, block):
-    """(value, limit) of the human block to edit: the server's current one, else block's (Letta's copy).
-
-    When the server's value differs from the copy, the copy is set to it first: Letta writes the
-    copy back after the call even when the tool changes nothing, which would undo an earlier call
-    of the same turn.
-    """
-    copy_limit = getattr(block, "limit", None)
-    fresh = server_human_block(getattr(state, "id", None) or sandbox_agent_id())
-    if fresh is None:
-        return block.value, copy_limit
-    if getattr(block, "id", None) and fresh.get("id") and fresh["id"] != block.id:
-        # Letta writes the copy back by block id: never mix the values of two different blocks.
-        note_fallback("the server's human block is not the block in the copy")
-        return block.value, copy_limit
-    limit = fresh.get("limit")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        limit = copy_limit
-    if fresh["value"] != block.value:
-        state.memory.update_block_value(label=HUMAN_LABEL, value=fresh["value"])
-    return fresh["value"], limit

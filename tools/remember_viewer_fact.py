@@ -1,9 +1,9 @@
 """Tool: store one lasting fact about the current viewer in their `human` block."""
 
-from tools.human_block import HUMAN_LABEL, HumanBlockError, add_fact, current_human_block
+from tools.memory_client import ask_memory_gate
 
 
-def remember_viewer_fact(agent_state: "AgentState", fact: str, category: str) -> str:  # noqa: F821 (Letta injects it)
+def remember_viewer_fact(fact: str, category: str) -> str:
     """
     Save one lasting fact the viewer told you about themselves, so you still know it in future streams.
 
@@ -23,18 +23,4 @@ def remember_viewer_fact(agent_state: "AgentState", fact: str, category: str) ->
     Returns:
         str: "Remembered (category): fact", "Already known (category): fact", or "Error: ..." with what to do.
     """
-    try:
-        block = agent_state.memory.get_block(HUMAN_LABEL)
-    except (KeyError, ValueError):
-        return "Error: this agent has no human block, so nothing can be remembered. Reply without saving."
-    if getattr(block, "label", HUMAN_LABEL) != HUMAN_LABEL:
-        return "Error: the memory returned a block that is not the human block; nothing was saved."
-    # The block as the server has it now: Letta's copy is from the start of the turn.
-    value, limit = current_human_block(agent_state, block)
-    try:
-        new_value, message = add_fact(value, fact, category, limit)
-    except HumanBlockError as exc:
-        return f"Error: {exc}"
-    if new_value != value:
-        agent_state.memory.update_block_value(label=HUMAN_LABEL, value=new_value)
-    return message
+    return ask_memory_gate("remember", {"fact": str(fact), "category": str(category)})

@@ -5,6 +5,7 @@
     vtuber-letta agent ensure|list|show|export|forget ...
     vtuber-letta stream set --title ... --topic ...
     vtuber-letta bridge [--check]               Redis in, Letta, Redis out
+    vtuber-letta memory-gate [--port N]         the service the memory tools write through
     vtuber-letta say USER_ID "text"             one viewer message through the bridge
     vtuber-letta backup DIR | restore DIR [--force]   everything the VTuber remembers
     vtuber-letta demo                           the main job: stack up + a short scripted conversation
@@ -129,6 +130,15 @@ def _say_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.response is not None else 1
 
 
+def _memory_gate_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from tools.memory_gate import run_memory_gate
+
+    if args.port is not None:
+        host, _ = settings.memory_gate_address
+        settings = settings.model_copy(update={"memory_gate_listen": f"{host}:{args.port}"})
+    return run_memory_gate(settings)
+
+
 def _backup_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
@@ -186,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.add_argument("--check", action="store_true", help="exit 0 only while a live bridge heartbeats")
     bridge.add_argument("--replica-id", help="this replica's id (default: host-pid-random)")
     bridge.set_defaults(handler=_bridge_cmd)
+
+    gate = sub.add_parser("memory-gate", help="run the memory gate the memory tools write through")
+    gate.add_argument("--port", type=int, help="listen on this port (default: from VTL_MEMORY_GATE_URL)")
+    gate.set_defaults(handler=_memory_gate_cmd)
 
     say_cmd = sub.add_parser("say", help="push one viewer message through the bridge and print the reply")
     say_cmd.add_argument("user_id")

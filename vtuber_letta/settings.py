@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     stack_user: str = Field("vtuber-letta", alias="VTL_STACK_USER")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="VTL_LOG_LEVEL")
 
+    # --- the memory gate (tools/memory_gate.py): the only writer of a viewer's human block on a
+    # memory tool's behalf. Letta hands the URL to the tools; the secret signs each agent's token.
+    memory_gate_url: str = Field("http://127.0.0.1:8285", alias="VTL_MEMORY_GATE_URL")
+    memory_gate_listen: str | None = Field(None, alias="VTL_MEMORY_GATE_LISTEN", pattern=r"^[\w.\-]*:[0-9]{1,5}$")  # host:port; default: the URL's
+    memory_gate_secret_value: SecretStr | None = Field(None, alias="VTL_MEMORY_GATE_SECRET")
+
     # --- the agent template and the persona it is rendered from (provisioning) ---
     template_name: str = Field("vtuber", alias="VTL_TEMPLATE", pattern=r"^[a-z][a-z0-9_-]{0,49}$")
     persona_config: Path = Field(Path("data/config/persona.yaml"), alias="VTL_PERSONA_CONFIG")
@@ -135,7 +141,7 @@ class Settings(BaseSettings):
     )
     # ===================== end of bridge section =====================
 
-    @field_validator("letta_api_url", "openai_base_url", "ollama_base_url")
+    @field_validator("letta_api_url", "openai_base_url", "ollama_base_url", "memory_gate_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -229,14 +235,23 @@ class Settings(BaseSettings):
         """
         if self.letta_api_key:
             return self.letta_api_key.get_secret_value()
-        path = self.password_file
-        if path.exists():
-            return path.read_text().strip()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(24)
-        path.touch(mode=0o600)
-        path.write_text(value + "\n")
-        return value
+        return _generated_secret(self.password_file)
+
+    @property
+    def memory_gate_address(self) -> tuple[str, int]:
+        """Where the gate listens: VTL_MEMORY_GATE_LISTEN (e.g. 0.0.0.0:8285 in a container), else the URL's."""
+        if self.memory_gate_listen:
+            host, _, port = self.memory_gate_listen.rpartition(":")
+            return host or "127.0.0.1", int(port)
+        parts = urlsplit(self.memory_gate_url)
+        return parts.hostname or "127.0.0.1", parts.port or 80
+
+    @cached_property
+    def memory_gate_secret(self) -> str:
+        """VTL_MEMORY_GATE_SECRET, else one generated once (mode 0600) beside the Letta password."""
+        if self.memory_gate_secret_value:
+            return self.memory_gate_secret_value.get_secret_value()
+        return _generated_secret(self.letta_dir / "config" / "memory-gate-secret")
 
     def resolved_model_handle(self) -> str:
         if self.letta_model:
@@ -251,6 +266,17 @@ class Settings(BaseSettings):
 
     def resolved_embedding_handle(self) -> str:
         return self.letta_embedding or "openai/text-embedding-3-small"
+
+
+def _generated_secret(path: Path) -> str:
+    """The secret kept in path, generated (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(value + "\n")
+    return value
 
 
 def load_settings(**overrides) -> Settings:

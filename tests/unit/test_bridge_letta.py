@@ -24,7 +24,16 @@ from bridge.gateway import (
     ViewerTotals,
     format_support,
 )
-from bridge.letta_turns import LettaTurns, StreamedTurn, answer_of_run, otid_for, safe_sender_name, sse_events
+from bridge.letta_turns import (
+    CONTINUE_NOTE,
+    MAX_STEPS_PER_TURN,
+    LettaTurns,
+    StreamedTurn,
+    answer_of_run,
+    otid_for,
+    safe_sender_name,
+    sse_events,
+)
 from bridge.replies import content_text, parse_letta_response, parse_messages
 
 REQ = httpx.Request("POST", "http://letta.test/v1/agents/agent-1/messages")
@@ -172,6 +181,7 @@ class FakeLettaHttp:
         self.requests: list[httpx.Request] = []
         self.create_status = 200
         self.history: list[dict] = []  # oldest first, each with a later date than the one before
+        self.tool_only_steps = 0  # the next N sends: the step only calls a tool (stop: max_steps)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -186,13 +196,19 @@ class FakeLettaHttp:
                 msg("tool_return_message", tool_call_id="c1", status="success", tool_return="Expression set: happy", run_id=run),
                 msg("assistant_message", id=f"m-{run}", content=f"reply to {users[-1]['content']}. Bye!", run_id=run),
             ]
-            stored = [msg("user_message", content=u["content"], otid=u["otid"], run_id=run) for u in users]
+            stop = "end_turn"
+            if self.tool_only_steps:
+                self.tool_only_steps -= 1
+                reply, stop = reply[:2], "max_steps"
+            kinds = {"user": "user_message", "system": "system_message"}
+            stored = [msg(kinds[u["role"]], content=u["content"], otid=u["otid"], run_id=run) for u in users]
             for message in [*stored, *reply]:
                 message["date"] = f"2025-08-29T00:00:{len(self.history):02d}Z"
                 self.history.append(message)
             if body.get("streaming"):
-                return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(token_chunks(reply)))
-            return httpx.Response(200, json={"messages": reply, "stop_reason": {"stop_reason": "end_turn"}, "usage": {}})
+                return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                      content=sse(token_chunks(reply, stop)))
+            return httpx.Response(200, json={"messages": reply, "stop_reason": {"stop_reason": stop}, "usage": {}})
         # As Letta 0.16.8 really answers ?order=desc&limit=N: the NEWEST N messages, listed OLDEST first
         # (letta/server/server.py get_agent_recall_async reverses the page again).
         assert request.url.params.get("order") == "desc"
@@ -200,7 +216,7 @@ class FakeLettaHttp:
         return httpx.Response(200, json=self.history[-limit:])
 
 
-def token_chunks(reply: list[dict]) -> list[dict]:
+def token_chunks(reply: list[dict], stop: str = "end_turn") -> list[dict]:
     """The reply as Letta 0.16.8 streams it with stream_tokens=True (shapes seen on a real server):
     a ping, tool-call arguments in pieces, assistant text a few characters per chunk under one id."""
     chunks = [{"id": "ping-1", "message_type": "ping", "date": "2025-08-29T00:00:00Z"}]
@@ -215,7 +231,7 @@ def token_chunks(reply: list[dict]) -> list[dict]:
             chunks += [{**message, "content": text[i:i + 3]} for i in range(0, len(text), 3)]
         else:
             chunks.append(message)
-    return chunks + [{"message_type": "stop_reason", "stop_reason": "end_turn"},
+    return chunks + [{"message_type": "stop_reason", "stop_reason": stop},
                      {"message_type": "usage_statistics", "completion_tokens": 9}]
 
 
@@ -245,8 +261,56 @@ def test_send_turn_body_and_reply():
     assert request.url.path == "/v1/agents/agent-1/messages"
     assert request.headers["authorization"] == "Bearer secret"
     assert json.loads(request.content) == {
-        "messages": [{"role": "user", "content": "你好", "otid": otid_for("t-1"), "name": "Alice_Smith@twitch"}]
+        "messages": [{"role": "user", "content": "你好", "otid": otid_for("t-1"), "name": "Alice_Smith@twitch"}],
+        "max_steps": 1,  # one model step per request: a reply beside its tool calls ends the turn
     }
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_step_that_only_called_tools_gets_one_more_step_and_one_turn_comes_back(streamed):
+    http = FakeLettaHttp()
+    http.tool_only_steps = 1
+    pieces: list[str] = []
+
+    async def on_text(piece: str) -> None:
+        pieces.append(piece)
+
+    async def scenario():
+        return await turns_with(http).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None,
+                                                on_text=on_text if streamed else None)
+
+    result = asyncio.run(scenario())
+    posts = [json.loads(r.content) for r in http.requests if r.method == "POST"]
+    assert len(posts) == 2 and all(p["max_steps"] == 1 for p in posts)
+    assert posts[1]["messages"] == [{"role": "system", "content": CONTINUE_NOTE, "otid": otid_for("t-1#step-2")}]
+    assert result.reply_text == f"reply to {CONTINUE_NOTE}. Bye!" and not result.silent and not result.unfinished
+    assert len(result.avatar_calls) == 2 and result.steps == 2  # the cue of the tool-only step is kept
+    if streamed:
+        assert "".join(pieces) == result.reply_text
+
+
+def test_a_turn_that_only_ever_calls_tools_stops_after_the_step_limit_without_words():
+    http = FakeLettaHttp()
+    http.tool_only_steps = 99
+    result = asyncio.run(turns_with(http).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None))
+    assert len([r for r in http.requests if r.method == "POST"]) == MAX_STEPS_PER_TURN
+    assert result.silent and result.reply_text == "" and not result.unfinished
+
+
+def test_a_turn_found_half_done_in_the_history_is_finished_not_replayed_as_silence():
+    http = FakeLettaHttp()
+    http.tool_only_steps = 1
+    asyncio.run(turns_with(http).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None))
+    # Cut the history after the first step, as a crash between the two requests would leave it.
+    http.history = [m for m in http.history if m["run_id"] == "run-1"]
+    turns = turns_with(http)
+    found = asyncio.run(turns.find_answered("agent-1", ["t-1"]))
+    assert found is not None and found.unfinished and found.reply_text == "" and found.steps == 1
+    done = asyncio.run(turns.continue_turn("agent-1", "t-1", found))
+    assert done.reply_text.startswith("reply to ") and not done.unfinished and done.answered == ("t-1",)
+    # And the whole turn, found again, is complete: both runs belong to it.
+    again = asyncio.run(turns_with(http).find_answered("agent-1", ["t-1"]))
+    assert not again.unfinished and again.reply_text == done.reply_text and again.steps == 2
 
 
 def test_send_turn_never_retries_by_itself_and_maps_errors():

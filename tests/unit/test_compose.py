@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.human_block import SELF_URL_ENV
+from tools.memory_client import GATE_URL_ENV
 from stack.install import LETTA_VERSION
 from vtuber_letta.cli import build_parser
 from vtuber_letta.settings import Settings
@@ -39,7 +39,12 @@ LETTA_SERVER_VARIABLES = {
     "OPENAI_API_KEY": ("letta/settings.py", "    openai_api_key: Optional[str]"),
     "OPENAI_BASE_URL": ("letta/settings.py", 'AliasChoices("OPENAI_BASE_URL"'),
     "OLLAMA_BASE_URL": ("letta/settings.py", "    ollama_base_url: Optional[str]"),
+    # Set in stack/letta.Dockerfile (ToolSettings has no env prefix): our slim tool sandbox.
+    "TOOL_EXEC_DIR": ("letta/settings.py", "    tool_exec_dir: Optional[str]"),
+    "TOOL_EXEC_VENV_NAME": ("letta/settings.py", "    tool_exec_venv_name: Optional[str]"),
+    "TOOL_EXEC_AUTORELOAD_VENV": ("letta/settings.py", "    tool_exec_autoreload_venv: bool"),
 }
+LETTA_DOCKERFILE = REPO / "stack" / "letta.Dockerfile"
 # Read by the Python interpreter of our image, not by our settings.
 PYTHON_VARIABLES = {"PYTHONPATH"}
 # What the letta/letta image keeps where (pgvector base image's PGDATA; Letta's LETTA_DIR and its logs).
@@ -100,8 +105,21 @@ def test_required_variables_stop_compose_with_a_message(tmp_path):
 # --------------------------------------------------------------------------- images and variables
 
 def test_letta_image_is_the_version_the_stack_installs(config):
-    assert config["services"]["letta"]["image"] == f"letta/letta:{LETTA_VERSION}"
+    letta = config["services"]["letta"]
+    assert Path(letta["build"]["context"]) / letta["build"]["dockerfile"] == LETTA_DOCKERFILE
+    dockerfile = LETTA_DOCKERFILE.read_text()
+    assert re.findall(r"^FROM (\S+)", dockerfile, flags=re.M) == [f"letta/letta:{LETTA_VERSION}"]
+    assert letta["image"].endswith(f":{LETTA_VERSION}")
     assert config["services"]["redis"]["image"].split(":")[1].split(".")[0] == "7"
+
+
+def test_the_letta_image_runs_tools_in_the_slim_sandbox_the_local_stack_builds():
+    from stack.tool_sandbox import server_env
+
+    dockerfile = LETTA_DOCKERFILE.read_text()
+    assert "COPY stack/tool_sandbox.py " in dockerfile and "tool_sandbox.py /opt/vtl-tool-sandbox" in dockerfile
+    declared = dict(re.findall(r"(TOOL_EXEC_[A-Z_]+)=(\S+)", dockerfile))
+    assert declared == {k: v for k, v in server_env(Path("/opt/vtl-tool-sandbox")).items()}
 
 
 def _interpolated(path: Path) -> set[str]:
@@ -135,7 +153,7 @@ def test_every_container_variable_is_read_by_its_program(config):
     for name, service in config["services"].items():
         env = set(service.get("environment") or {})
         if name == "letta":
-            unknown = env - set(LETTA_SERVER_VARIABLES) - {SELF_URL_ENV}  # read by our tools inside Letta's sandbox
+            unknown = env - set(LETTA_SERVER_VARIABLES) - {GATE_URL_ENV}  # read by our tools inside Letta's sandbox
             assert not unknown, f"letta gets {sorted(unknown)}: not Letta server variables we know it reads"
         else:
             unknown = env - SETTINGS_VARIABLES - PYTHON_VARIABLES
@@ -186,7 +204,7 @@ def test_env_example_is_valid_as_is_and_with_every_line_uncommented(tmp_path):
 
 def test_every_service_is_used_and_starts_in_order(config):
     services = config["services"]
-    assert set(services) == {"redis", "letta", "provision", "bridge"}
+    assert set(services) == {"redis", "letta", "memory-gate", "provision", "bridge"}
     needed = {dep for s in services.values() for dep in (s.get("depends_on") or {})}
     assert set(services) - needed == {"bridge"}, "every service but the bridge is something another waits for"
     assert services["provision"]["depends_on"] == {"letta": {"condition": "service_healthy"},
@@ -196,7 +214,7 @@ def test_every_service_is_used_and_starts_in_order(config):
 
 
 def test_the_commands_are_vtuber_letta_subcommands(config):
-    for name in ("provision", "bridge"):
+    for name in ("provision", "bridge", "memory-gate"):
         command = config["services"][name]["command"]
         args = command[1:] if command[0] == "vtuber-letta" else command[3:]
         assert command[0] == "vtuber-letta" or command[:3] == ["python", "-m", "vtuber_letta.cli"], command
@@ -226,7 +244,7 @@ def test_every_volume_is_used(config):
 def test_redis_persists_and_everything_has_a_healthcheck(config):
     services = config["services"]
     assert "--appendonly" in services["redis"]["command"]
-    for name in ("redis", "letta", "bridge"):
+    for name in ("redis", "letta", "memory-gate", "bridge"):
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
     assert services["bridge"]["healthcheck"]["test"][1:] == ["vtuber-letta", "bridge", "--check"]
     assert services["letta"]["healthcheck"]["test"][-1].endswith("/v1/health/")

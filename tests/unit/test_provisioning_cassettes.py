@@ -34,6 +34,7 @@ from provisioning.naming import VIEWER_TAG, agent_name, viewer_tag
 from provisioning.provision import ProvisioningError, load_blueprint, provision, shared_block_tags
 from provisioning.stream import set_stream
 from provisioning.viewers import ViewerAgents
+from tools.memory_gate import memory_token
 from stack.scripted_model import SCRIPTED_MODEL_ID
 from tools import upsert_kwargs
 from vtuber_letta import redis_keys
@@ -98,6 +99,8 @@ def settings(tmp_path) -> Settings:
         _env_file=None,
         letta_api_url=RECORDING_URL,
         letta_api_key=RECORDING_PASSWORD,
+        # Fixed, like the password: each agent's memory token (in its secrets) is derived from it.
+        memory_gate_secret_value="cassette-recording-gate-secret",
         letta_model=None,
         letta_embedding=None,
         letta_retry_attempts=0,  # a request missing from the cassette fails at once, not after back-off
@@ -248,7 +251,12 @@ def test_ensure_creates_one_agent_for_an_awkward_viewer_id_and_finds_it_again_by
     (human,) = create["memory_blocks"]
     assert human["label"] == "human" and AWKWARD_VIEWER in human["value"] and "2025-01-02T03:04:05Z" in human["value"]
     assert len(create["block_ids"]) == 2 and len(create["tool_ids"]) == len(TOOL_NAMES)
-    assert mutating(before) == ["POST /v1/agents/"]
+    # Then its tool environment: the avatar names and the memory token bound to the new agent's id.
+    assert mutating(before) == ["POST /v1/agents/", f"PATCH /v1/agents/{first.agent_id}"]
+    secrets = body(calls(before, "PATCH", f"/v1/agents/{first.agent_id}")[0])["secrets"]
+    assert secrets["VTL_MEMORY_TOKEN"] == memory_token("cassette-recording-gate-secret", first.agent_id)
+    assert secrets["VTL_AVATAR_EXPRESSIONS"] and secrets["VTL_AVATAR_MOTIONS"]
+    assert "secrets" not in create  # the create cannot know the id the token is bound to
 
     # Redis lost the map: a fresh process finds the same agent in Letta by its tag.
     redis_conn.delete(redis_keys.VIEWER_AGENTS)

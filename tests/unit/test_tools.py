@@ -1,13 +1,12 @@
 """The custom Letta tools, run two ways: as plain functions and as Letta's sandbox runs them.
 
 "sandbox" mode takes `tools.tool_source(func)` alone, writes a script in the order Letta
-0.16.8's sandbox writes it (typing imports, agent_state, the arguments as globals, the
-tool source, then a call of the LAST function by name), and runs it in a fresh
-`python -I -S` in an empty directory: standard library only, none of our packages.
+0.16.8's sandbox writes it (typing imports, the arguments as globals, the tool source, then a
+call of the LAST function by name), and runs it in a fresh `python -I -S` in an empty directory:
+standard library only, none of our packages — as in stack/tool_sandbox.py's venv.
 
-The memory tools read the human block's current value from the Letta server named by
-VTL_LETTA_SELF_URL; here a tiny local HTTP server (FakeLettaBlocks) stands in for that route.
-Without the variable they use the copy in agent_state, as every test not using it does.
+The memory tools change the human block through the memory gate (tools/memory_gate.py); here a
+real gate runs on loopback over an in-memory block store, with the agent's real token.
 """
 
 from __future__ import annotations
@@ -22,18 +21,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import tools
-from tools import human_block
+from tools import human_block, memory_client
 from tools.human_block import (
-    AGENT_ID_ENV,
     FACTS_HEADING,
-    PASSWORD_ENV,
-    SELF_URL_ENV,
     VERIFIED_HEADING,
     VIEWER_HEADING,
     add_fact,
@@ -43,43 +37,12 @@ from tools.human_block import (
     remove_fact,
     set_fields,
 )
+from tools.memory_gate import HumanBlock, MemoryGate, StoreUnavailable, memory_token, serve
 
 EXPRESSIONS = "neutral,happy,Surprised,shy"
 MOTIONS = "wave,bow,nod"
-
-# One fake of Letta's AgentState, used in-process and pasted into the sandbox script.
-FAKE_STATE_SOURCE = textwrap.dedent(
-    '''
-    class _FakeBlock:
-        def __init__(self, label, value, limit, id=None):
-            self.label, self.value, self.limit, self.id = label, value, limit, id
-
-    class _FakeMemory:
-        def __init__(self, blocks):
-            self.blocks = blocks
-            self.writes = []
-
-        def get_block(self, label):
-            for block in self.blocks:
-                if block.label == label:
-                    return block
-            raise KeyError(f"Block field {label} does not exist")
-
-        def update_block_value(self, label, value):
-            if not isinstance(value, str):
-                raise ValueError("Provided value must be a string")
-            for block in self.blocks:
-                if block.label == label:
-                    self.writes.append(label)
-                    block.value = value
-                    return
-            raise ValueError(f"Block with label {label} does not exist")
-
-    class _FakeAgentState:
-        def __init__(self, blocks):
-            self.memory = _FakeMemory([_FakeBlock(label, *spec) for label, spec in blocks.items()])
-    '''
-)
+AGENT = "agent-test"
+SECRET = "unit-test-gate-secret"
 
 SANDBOX_NAMES = {"agent_state", "client", "os", "sys", "pickle", "base64", "struct", "hashlib", "_letta_json", "Letta",
                  "BaseModel", "ConfigDict", "Any", "coerce_dict_args_by_annotations",
@@ -97,31 +60,60 @@ def letta_tool_arguments(source: str, name: str) -> list[str]:
             if isinstance(node, ast.FunctionDef) and node.name == name for arg in node.args.args]
 
 
-TOOL_ENV = (tools.AVATAR_EXPRESSIONS_ENV, tools.AVATAR_MOTIONS_ENV, SELF_URL_ENV, PASSWORD_ENV, AGENT_ID_ENV)
+TOOL_ENV = (tools.AVATAR_EXPRESSIONS_ENV, tools.AVATAR_MOTIONS_ENV, memory_client.GATE_URL_ENV,
+            memory_client.GATE_TOKEN_ENV, memory_client.GATE_AGENT_ENV)
 
 
-def run_direct(name, args, blocks, env, monkeypatch, stderr):
+class MemoryStore:
+    """The human blocks of a fake Letta, as the gate sees them."""
+
+    def __init__(self):
+        self.blocks: dict[str, HumanBlock] = {}
+        self.writes: list[str] = []
+        self.down = False
+        self.lock = threading.Lock()
+
+    def read(self, agent_id):
+        if self.down:
+            raise StoreUnavailable("down")
+        return self.blocks.get(agent_id)
+
+    def write(self, block, value):
+        with self.lock:
+            self.writes.append(block.block_id)
+            for agent, known in self.blocks.items():
+                if known.block_id == block.block_id:
+                    self.blocks[agent] = HumanBlock(block.block_id, value, known.limit)
+
+
+@pytest.fixture(scope="module")
+def gate():
+    store = MemoryStore()
+    server = serve(MemoryGate(store, SECRET), "127.0.0.1", 0)
+    yield store, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def gate_env(url, agent=AGENT):
+    return {memory_client.GATE_URL_ENV: url, memory_client.GATE_TOKEN_ENV: memory_token(SECRET, agent),
+            memory_client.GATE_AGENT_ENV: agent}
+
+
+def run_direct(name, args, env, monkeypatch, stderr):
     for var in TOOL_ENV:
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    namespace: dict = {}
-    exec(FAKE_STATE_SOURCE, namespace)
-    state = namespace["_FakeAgentState"](blocks)
-    func = tools.TOOLS[name]
-    call_args = dict(args)
-    if "agent_state" in func.__code__.co_varnames[: func.__code__.co_argcount]:
-        call_args["agent_state"] = state
     with contextlib.redirect_stderr(stderr):
-        result = func(**call_args)
-    return result, {block.label: block.value for block in state.memory.blocks}, state.memory.writes
+        return tools.TOOLS[name](**args)
 
 
-def run_sandboxed(name, args, blocks, env, tmp_path, stderr):
+def run_sandboxed(name, args, env, tmp_path, stderr):
     source = tools.tool_source(tools.TOOLS[name])
     tool_name = letta_tool_name(source)
     assert tool_name == name
-    inject = "agent_state" in letta_tool_arguments(source, tool_name)
+    assert "agent_state" not in letta_tool_arguments(source, tool_name)
     lines = [
         "from typing import *",
         "import pickle",
@@ -130,50 +122,56 @@ def run_sandboxed(name, args, blocks, env, tmp_path, stderr):
         "import base64",
         "import struct",
         "import hashlib",
-        FAKE_STATE_SOURCE,
-        f"agent_state = _FakeAgentState({blocks!r})" if inject else "agent_state = None",
+        "agent_state = None",
         "import os",
         "client = None",
     ]
     lines += [f"{key} = {value!r}" for key, value in args.items()]
     lines.append(source)
-    call = ", ".join([f"{key}={key}" for key in args] + (["agent_state=agent_state"] if inject else []))
-    lines.append(f"_function_result = {tool_name}({call})")
-    lines.append(
-        "print(_letta_json.dumps({'result': _function_result, "
-        "'blocks': {b.label: b.value for b in agent_state.memory.blocks} if agent_state else None, "
-        "'writes': agent_state.memory.writes if agent_state else []}))"
-    )
+    lines.append(f"_function_result = {tool_name}({', '.join(f'{key}={key}' for key in args)})")
+    lines.append("print(_letta_json.dumps({'result': _function_result}))")
     workdir = tmp_path / "sandbox"
     workdir.mkdir(exist_ok=True)
     script = workdir / "tool_script.py"
     script.write_text("\n".join(lines), encoding="utf-8")
-    clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LETTA_AGENT_ID": "agent-test", **env}
+    clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LETTA_AGENT_ID": AGENT, **env}
     proc = subprocess.run(
         [sys.executable, "-I", "-S", str(script)], cwd=workdir, env=clean_env, capture_output=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
     stderr.write(proc.stderr.decode("utf-8", "replace"))
-    out = json.loads(proc.stdout.decode("utf-8").strip().splitlines()[-1])
-    after = out["blocks"] if out["blocks"] is not None else {label: spec[0] for label, spec in blocks.items()}
-    return out["result"], after, out["writes"]
+    return json.loads(proc.stdout.decode("utf-8").strip().splitlines()[-1])["result"]
 
 
 @pytest.fixture(params=["direct", "sandbox"])
-def run_tool(request, monkeypatch, tmp_path):
+def run_tool(request, monkeypatch, tmp_path, gate):
     """run_tool(name, blocks={label: (value, limit[, id])}, env={...}, **args) -> (result, {label: value}, writes).
 
-    What the tool wrote to stderr (the sandbox log) is kept in run_tool.stderr.
+    The human block (if any) is the gate's store for AGENT; the other blocks are what Letta would
+    hold beside it (no tool can reach them). `writes` lists the labels written (["human"] or []).
+    What the tool wrote to stderr is kept in run_tool.stderr.
     """
+    store, url = gate
 
     def run(name, blocks=None, env=None, **args):
-        blocks = blocks or {}
-        env = env or {}
+        blocks = dict(blocks or {})
+        store.blocks.clear()
+        store.writes.clear()
+        if "human" in blocks:
+            value, limit, *block_id = blocks["human"]
+            store.blocks[AGENT] = HumanBlock(block_id[0] if block_id else "block-human", value, limit)
+        env = {**gate_env(url), **(env or {})}
         run.stderr = io.StringIO()
         if request.param == "direct":
-            return run_direct(name, args, blocks, env, monkeypatch, run.stderr)
-        return run_sandboxed(name, args, blocks, env, tmp_path, run.stderr)
+            result = run_direct(name, args, env, monkeypatch, run.stderr)
+        else:
+            result = run_sandboxed(name, args, env, tmp_path, run.stderr)
+        after = {label: spec[0] for label, spec in blocks.items()}
+        if AGENT in store.blocks:
+            after["human"] = store.blocks[AGENT].value
+        return result, after, ["human"] * len(store.writes)
 
+    run.store = store
     return run
 
 
@@ -427,272 +425,105 @@ def test_forget_cannot_reach_verified_fields(run_tool):
     assert blocks["human"] == text and writes == []
 
 
-# ------------------------------------------------------------------ the block as the Letta server has it now
-
-AGENT_ID = "agent-test"  # run_sandboxed always sets LETTA_AGENT_ID to this, as Letta sets it to the agent's id
-PASSWORD = "s3cret-server-password"
-BLOCK_PATH = f"/v1/agents/{AGENT_ID}/core-memory/blocks/human"
+# ------------------------------------------------------------------ the memory gate
 
 
-class FakeLettaBlocks:
-    """Stands in for Letta 0.16.8's GET /v1/agents/{agent_id}/core-memory/blocks/{label}.
-
-    `blocks` maps (agent_id, label) to (value, limit); `reply` forces (status, raw body[, headers]);
-    `requests` records (method, path, Authorization header) of every request.
-    """
-
-    def __init__(self):
-        self.blocks: dict[tuple[str, str], tuple[str, int]] = {}
-        self.reply: tuple | None = None
-        self.requests: list[tuple[str, str, str | None]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                fake.requests.append(("GET", self.path, self.headers.get("Authorization")))
-                if fake.reply is not None:
-                    return self.send(*fake.reply)
-                if self.headers.get("Authorization") != f"Bearer {PASSWORD}":
-                    return self.send(401, b'{"detail": "Unauthorized"}')
-                parts = self.path.split("/")
-                if len(parts) != 7 or parts[:3] != ["", "v1", "agents"] or parts[4:6] != ["core-memory", "blocks"]:
-                    return self.send(404, b'{"detail": "Not Found"}')
-                found = fake.blocks.get((parts[3], parts[6]))
-                if found is None:
-                    return self.send(404, b'{"detail": "block not found"}')
-                value, limit = found
-                body = {"id": "block-1", "label": parts[6], "value": value, "limit": limit, "read_only": False}
-                return self.send(200, json.dumps(body).encode("utf-8"))
-
-            def send(self, status, body, headers=None):
-                self.send_response(status)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.env = {SELF_URL_ENV: self.url, PASSWORD_ENV: PASSWORD, AGENT_ID_ENV: AGENT_ID}
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def human(self) -> str:
-        return self.blocks[(AGENT_ID, "human")][0]
-
-    def set_human(self, value: str, limit: int = 4000) -> None:
-        self.blocks[(AGENT_ID, "human")] = (value, limit)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def test_every_memory_tool_call_of_a_turn_persists(run_tool):
+    text, limit = profile()
+    run_tool("remember_viewer_fact", {"human": (text, limit)}, fact="likes cats", category="likes")
+    after_first = run_tool.store.blocks[AGENT].value
+    assert parse_facts(after_first) == {"likes": ["likes cats"]}
+    # The next call of the same turn starts from what the server has now, not a start-of-turn copy.
+    _, blocks, _ = run_tool("remember_viewer_fact", {"human": (after_first, limit)}, fact="has a dog", category="pets")
+    assert parse_facts(blocks["human"]) == {"likes": ["likes cats"], "pets": ["has a dog"]}
 
 
-@pytest.fixture
-def letta():
-    fake = FakeLettaBlocks()
-    yield fake
-    fake.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_memory_tools_edit_the_servers_current_block_not_the_turns_stale_copy(run_tool, letta):
-    stale, limit = profile(facts={"about": ["lives in Tokyo"]})
-    current = set_fields(add_fact(stale, "has a dog named Rex", "pets", limit)[0], "verified", {"visits": 4})
-    letta.set_human(current, limit)
-
-    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (stale, limit), **others()}, env=letta.env,
-                                      fact="likes cats", category="likes")
-    assert result == "Remembered (likes): likes cats"
-    assert blocks["human"] == add_fact(current, "likes cats", "likes", limit)[0]
-    assert parse_fields(blocks["human"], "verified")["visits"] == "4"  # the server's verified section, kept
-    assert "human" in writes and blocks["persona"] == "I am Luna." and blocks["stream"] == "Title: test"
-    assert letta.requests == [("GET", BLOCK_PATH, f"Bearer {PASSWORD}")]
-    assert PASSWORD not in result and PASSWORD not in run_tool.stderr.getvalue()
-
-    result, blocks, _ = run_tool("forget_viewer_fact", {"human": (stale, limit)}, env=letta.env, fact="Rex")
-    assert result == "Forgot (pets): has a dog named Rex"  # a fact only the server's block holds
-    assert blocks["human"] == remove_fact(current, "Rex")[0]
-
-
-def test_memory_tools_enforce_the_servers_limit(run_tool, letta):
-    text, _ = profile(facts={"likes": ["cats"]})
-    fact = "collects vintage telescopes"
-    letta.set_human(text, len(text) + len(fact) + 2)  # one character short; the copy claims room to spare
-    result, blocks, _ = run_tool("remember_viewer_fact", {"human": (text, 4000)}, env=letta.env, fact=fact,
-                                 category="likes")
-    assert result.startswith("Error: the viewer's memory is full")
-    assert blocks["human"] == text
-
-
-@pytest.mark.parametrize("name, args, expected", [
-    ("remember_viewer_fact", {"fact": "I donated 100 yuan", "category": "about"}, "Error: support"),
-    ("remember_viewer_fact", {"fact": "has a dog named Rex", "category": "pets"}, "Already known (pets)"),
-    ("forget_viewer_fact", {"fact": "lives on Mars"}, "Error: no stored fact"),
-])
-def test_memory_tools_that_change_nothing_still_hand_letta_the_current_block(run_tool, letta, name, args, expected):
-    # Letta writes the tool's copy back after every call: a stale copy would undo the turn's earlier calls.
-    stale, limit = profile(facts={"about": ["lives in Tokyo"]})
-    current = add_fact(stale, "has a dog named Rex", "pets", limit)[0]
-    letta.set_human(current, limit)
-    result, blocks, _ = run_tool(name, {"human": (stale, limit)}, env=letta.env, **args)
-    assert result.startswith(expected), result
-    assert blocks["human"] == current
-
-
-@pytest.mark.parametrize("copy_id, uses_server", [("block-1", True), ("block-other", False)])
-def test_memory_tools_use_the_server_block_only_when_it_is_the_copys_block(run_tool, letta, copy_id, uses_server):
-    # Letta writes the copy back by block id; FakeLettaBlocks serves its block as id "block-1".
-    stale, limit = profile()
-    current = add_fact(stale, "has a dog named Rex", "pets", limit)[0]
-    letta.set_human(current, limit)
-    result, blocks, _ = run_tool("remember_viewer_fact", {"human": (stale, limit, copy_id)}, env=letta.env,
-                                 fact="likes tea", category="likes")
-    assert result == "Remembered (likes): likes tea"
-    assert blocks["human"] == add_fact(current if uses_server else stale, "likes tea", "likes", limit)[0]
-    assert ("is not the block in the copy" in run_tool.stderr.getvalue()) is not uses_server
-
-
-def test_memory_tools_leave_a_current_copy_untouched(run_tool, letta):
+def test_the_gate_refuses_a_token_of_another_agent_and_changes_nothing(run_tool, gate):
+    _, url = gate
     text, limit = profile(facts={"likes": ["cats"]})
-    letta.set_human(text, limit)
-    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (text, limit)}, env=letta.env, fact="Cats",
-                                      category="likes")
-    assert result == "Already known (likes): cats"
+    stolen = {memory_client.GATE_TOKEN_ENV: memory_token(SECRET, "agent-other")}
+    result, blocks, writes = run_tool("forget_viewer_fact", {"human": (text, limit)}, env=stolen, fact="cats")
+    assert result == "Error: this tool is not allowed to change that agent's memory"
+    assert blocks["human"] == text and writes == []
+    wrong_secret = {memory_client.GATE_TOKEN_ENV: memory_token("another-secret", AGENT)}
+    result, blocks, writes = run_tool("forget_viewer_fact", {"human": (text, limit)}, env=wrong_secret, fact="cats")
+    assert result.startswith("Error: this tool is not allowed") and writes == []
+
+
+def test_tokens_are_per_agent_and_per_secret():
+    tokens = {memory_token(secret, agent) for secret in ("a", "b") for agent in ("agent-1", "agent-2")}
+    assert len(tokens) == 4 and all(len(token) == 64 for token in tokens)
+
+
+@pytest.mark.parametrize("missing", [memory_client.GATE_URL_ENV, memory_client.GATE_TOKEN_ENV])
+def test_memory_tools_without_their_setup_say_so_and_write_nothing(run_tool, missing):
+    text, limit = profile()
+    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (text, limit)}, env={missing: ""},
+                                      fact="likes cats", category="likes")
+    assert result.startswith("Error: memory is not set up for this agent") and missing in result
     assert writes == [] and blocks["human"] == text
 
 
-def letta_turn(run_tool, start_value, limit, calls, server=None):
-    """One viewer turn as Letta 0.16.8 runs its tools; returns (results, the stored block at the end).
-
-    Every call gets a copy of the memory as it was at the START of the turn
-    (sandbox_tool_executor._create_agent_state_copy); after each call the copy's human block is
-    stored when it differs from the stored one (agent_manager.update_memory_if_changed_async).
-    """
-    stored = start_value
-    results = []
-    for name, args in calls:
-        if server is not None:
-            server.set_human(stored, limit)
-        result, blocks, _ = run_tool(name, {"human": (start_value, limit), **others()},
-                                     env=server.env if server is not None else {}, **args)
-        results.append(result)
-        if blocks["human"] != stored:
-            stored = blocks["human"]
-    return results, stored
-
-
-MOVING_TURN = [
-    ("remember_viewer_fact", {"fact": "has a dog named Rex", "category": "pets"}),
-    ("forget_viewer_fact", {"fact": "Tokyo"}),
-    ("remember_viewer_fact", {"fact": "I donated 1000 yuan", "category": "about"}),  # refused: changes nothing
-    ("remember_viewer_fact", {"fact": "lives in Osaka", "category": "about"}),
-]
-
-
-def test_every_memory_tool_call_of_a_turn_persists(run_tool, letta):
-    start, limit = profile(facts={"about": ["lives in Tokyo"]})
-    results, stored = letta_turn(run_tool, start, limit, MOVING_TURN, server=letta)
-    assert [r.split(":")[0] for r in results] == ["Remembered (pets)", "Forgot (about)", "Error",
-                                                  "Remembered (about)"]
-    assert parse_facts(stored) == {"pets": ["has a dog named Rex"], "about": ["lives in Osaka"]}
-    assert outside_facts(stored) == outside_facts(start)
-    assert len(letta.requests) == len(MOVING_TURN)
-
-
-def test_without_the_server_a_turns_later_call_overwrites_an_earlier_one(run_tool):
-    # Why the tools read the server: the copy alone (the fallback) loses the dog, as Letta 0.16.8 did.
-    start, limit = profile(facts={"about": ["lives in Tokyo"]})
-    _, stored = letta_turn(run_tool, start, limit, MOVING_TURN)
-    assert parse_facts(stored) == {"about": ["lives in Tokyo", "lives in Osaka"]}
-
-
-@pytest.mark.parametrize("failure", [
-    "status 500", "status 401", "wrong password", "no such block", "not json", "not the human block",
-    "a value that is not text", "server down", "not an http url", "no agent id",
-])
-def test_memory_tools_fall_back_to_letta_copy_when_the_server_read_fails(run_tool, letta, failure):
-    text, limit = profile(facts={"likes": ["cats"]})
-    letta.set_human(add_fact(text, "has a dog named Rex", "pets", limit)[0], limit)  # must NOT be used
-    env = dict(letta.env)
-    if failure == "status 500":
-        letta.reply = (500, b'{"detail": "Internal Server Error"}')
-    elif failure == "status 401":
-        letta.reply = (401, b'{"detail": "Unauthorized"}')
-    elif failure == "wrong password":
-        env[PASSWORD_ENV] = "not-the-password"
-    elif failure == "no such block":
-        env[AGENT_ID_ENV] = "agent-other"
-    elif failure == "not json":
-        letta.reply = (200, b"<html>proxy error</html>")
-    elif failure == "not the human block":
-        letta.reply = (200, json.dumps({"label": "persona", "value": "I am Evil Luna.", "limit": 9}).encode())
-    elif failure == "a value that is not text":
-        letta.reply = (200, json.dumps({"label": "human", "value": None, "limit": 4000}).encode())
-    elif failure == "server down":
-        env[SELF_URL_ENV] = f"http://127.0.0.1:{free_port()}"
-    elif failure == "not an http url":
-        env[SELF_URL_ENV] = "file:///etc/passwd"
-    elif failure == "no agent id":
-        env[AGENT_ID_ENV] = ""
-    started = time.monotonic()
-    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (text, limit)}, env=env,
-                                      fact="likes tea", category="likes")
-    assert time.monotonic() - started < 30
-    assert result == "Remembered (likes): likes tea"
-    assert blocks["human"] == add_fact(text, "likes tea", "likes", limit)[0]
-    assert writes == ["human"]
-    log = run_tool.stderr.getvalue()
-    assert PASSWORD not in result and PASSWORD not in log and "not-the-password" not in log
-    if failure != "no agent id":  # without an agent id there is nothing to ask; the env is simply not ours
-        assert "using the human block Letta passed" in log
-
-
-def test_memory_tools_without_the_server_variable_ask_nothing(run_tool, letta):
+def test_memory_tools_when_the_gate_is_down(run_tool):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     text, limit = profile()
-    env = {PASSWORD_ENV: PASSWORD, AGENT_ID_ENV: AGENT_ID}  # a deployment that does not set VTL_LETTA_SELF_URL
-    result, blocks, _ = run_tool("remember_viewer_fact", {"human": (text, limit)}, env=env, fact="likes tea",
-                                 category="likes")
-    assert result == "Remembered (likes): likes tea"
-    assert letta.requests == [] and run_tool.stderr.getvalue() == ""
+    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (text, limit)},
+                                      env={memory_client.GATE_URL_ENV: dead}, fact="likes cats", category="likes")
+    assert result.startswith("Error: the memory service could not be reached") and writes == []
 
 
-def test_the_server_read_is_not_sent_through_a_proxy_nor_redirected_with_the_password(letta, monkeypatch):
-    # The request carries the server password: it must go straight to VTL_LETTA_SELF_URL.
-    proxy = FakeLettaBlocks()
+def test_memory_tools_when_letta_is_down_behind_the_gate(run_tool):
+    text, limit = profile()
+    run_tool.store.down = True
     try:
-        text, limit = profile()
-        letta.set_human(text, limit)
-        for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-            monkeypatch.setenv(var, proxy.url)
-        monkeypatch.delenv("no_proxy", raising=False)
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        for var, value in letta.env.items():
-            monkeypatch.setenv(var, value)
-        assert human_block.server_human_block(AGENT_ID)["value"] == text
-        assert proxy.requests == []
-        # A redirect is followed without the Authorization header (and what it returns is not a human block).
-        letta.reply = (302, b"", {"Location": f"{proxy.url}/elsewhere"})
-        proxy.reply = (200, b"{}")
-        with contextlib.redirect_stderr(io.StringIO()):
-            assert human_block.server_human_block(AGENT_ID) is None
-        assert proxy.requests == [("GET", "/elsewhere", None)]
+        result, _, writes = run_tool("remember_viewer_fact", {"human": (text, limit)}, fact="likes cats", category="likes")
     finally:
-        proxy.close()
+        run_tool.store.down = False
+    assert result.startswith("Error: the memory service cannot reach the memory store") and writes == []
 
 
-# ------------------------------------------------------------------ avatar tools and stay_silent
+def test_the_gate_enforces_the_servers_limit(run_tool):
+    text, _ = profile()
+    limit = len(text) + 5
+    result, blocks, writes = run_tool("remember_viewer_fact", {"human": (text, limit)},
+                                      fact="likes very long walks on the beach", category="likes")
+    assert result.startswith("Error: the viewer's memory is full") and writes == [] and blocks["human"] == text
+
+
+def test_concurrent_calls_for_one_agent_are_serialised(gate):
+    store, url = gate
+    text, limit = profile()
+    store.blocks.clear()
+    store.blocks[AGENT] = HumanBlock("block-human", text, limit)
+    gate_obj = MemoryGate(store, SECRET)
+    token = memory_token(SECRET, AGENT)
+    facts = [f"likes game number {i}" for i in range(12)]
+    threads = [threading.Thread(target=gate_obj.handle, args=("remember", {"agent_id": AGENT, "token": token,
+                                                                          "fact": fact, "category": "likes"}))
+               for fact in facts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(parse_facts(store.blocks[AGENT].value)["likes"]) == sorted(facts)
+
+
+@pytest.mark.parametrize("body, status", [
+    (None, 400), ([], 400), ({"token": "x"}, 400), ({"agent_id": AGENT, "token": 5}, 403),
+    ({"agent_id": AGENT, "token": memory_token(SECRET, AGENT), "fact": 3, "category": "likes"}, 400),
+])
+def test_the_gate_refuses_bad_requests(gate, body, status):
+    store, _ = gate
+    code, answer = MemoryGate(store, SECRET).handle("remember", body)
+    assert code == status and answer["error"]
+    assert MemoryGate(store, SECRET).handle("rewrite_persona", {})[0] == 404
+
+
+
+
+# ------------------------------------------------------------------ avatar tools
 
 
 def test_set_expression_matches_case_insensitively_and_clamps(run_tool):
@@ -810,7 +641,7 @@ def test_helper_globals_do_not_clobber_tool_arguments_or_sandbox_names(module):
 
 
 def test_tool_source_includes_only_the_helpers_a_tool_uses():
-    assert [m.__name__ for m in tools.helper_modules_of(tools.TOOLS["remember_viewer_fact"])] == ["tools.human_block"]
+    assert [m.__name__ for m in tools.helper_modules_of(tools.TOOLS["remember_viewer_fact"])] == ["tools.memory_client"]
     assert [m.__name__ for m in tools.helper_modules_of(tools.TOOLS["set_expression"])] == ["tools.avatar_names"]
     assert tools.helper_modules_of(tools.TOOLS["stay_silent"]) == []
     assert "VTL_AVATAR_EXPRESSIONS" in tools.tool_source(tools.TOOLS["set_expression"])

@@ -1,0 +1,153 @@
+"""Real turns through the bridge: a plain reply vs turns that change her face, play a gesture or write
+a memory, interleaved in one run, each kind on its own viewer's agent.
+
+The scripted model answers each kind the way a model that writes its reply beside its tool calls
+does (text and calls in one response); `expression, cue first` is the other common shape (the call
+alone, the words in the next step). Reported per kind: the full reply (LPUSH -> letta_responses)
+and the first sentence (LPUSH -> the first chunk on letta_response_chunks), p50/p95; model calls
+per turn (counted at the model endpoint); sandbox runs per turn (tool returns in the agent's
+history); Letta's CPU per turn (bench/cpu.py). `--model-latency-ms` and `--tokens-per-second` make
+the scripted model answer like a hosted one (both 0: it answers at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench.common import (
+    Bridge, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id, table,
+)
+from bench.cpu import CpuMeter
+from bench.published import Published
+from vtuber_letta.letta_api import letta_client
+
+FULL = {"rounds": 30, "warmup": 2, "settle_ms": 300}
+QUICK = {"rounds": 6, "warmup": 1, "settle_ms": 300}
+REPLY = "好呀，我记住啦！今天也要开心哦。"
+
+# kind -> the tool calls the model writes beside its reply ({n}: the turn's number, so facts differ).
+KINDS: dict[str, list[tuple[str, dict]]] = {
+    "plain": [],
+    "expression": [("set_expression", {"expression": "happy"})],
+    "expression + motion": [("set_expression", {"expression": "happy"}), ("play_motion", {"motion": "wave"})],
+    "remember": [("remember_viewer_fact", {"fact": "likes game number {n}", "category": "games"})],
+    "remember + expression": [("remember_viewer_fact", {"fact": "likes song number {n}", "category": "songs"}),
+                              ("set_expression", {"expression": "happy"})],
+    "stay_silent": [("stay_silent", {"reason": "spam"})],
+    "expression, cue first": [("set_expression", {"expression": "surprised"})],
+}
+CUE_FIRST = "expression, cue first"
+
+
+def rules(pacing: dict) -> list[dict]:
+    """One rule per kind, chosen by a marker in the viewer's text; cue-first answers its words next."""
+    out = [{"name": "after-cue", "when": {"after_tool": "set_expression", "user_contains": "[k6]"},
+            "then": {"reply": REPLY, **pacing}}]
+    for index, (kind, calls) in enumerate(KINDS.items()):
+        when = {"user_regex": rf"\[k{index}\] (?P<n>\d+)"}
+        then: dict = {**pacing}
+        if calls:
+            then["tool_calls"] = [{"name": name, "arguments": args} for name, args in calls]
+        if kind != "stay_silent" and kind != CUE_FIRST:
+            then["reply"] = REPLY
+        if kind == "plain":
+            then = {"reply": REPLY, **pacing}
+        out.append({"name": f"kind-{index}", "when": when, "then": then})
+    return out
+
+
+def marker(kind: str) -> str:
+    return f"[k{list(KINDS).index(kind)}]"
+
+
+async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter, model):
+    full: dict[str, list[float]] = {k: [] for k in KINDS}
+    first: dict[str, list[float]] = {k: [] for k in KINDS}
+    calls: dict[str, list[int]] = {k: [] for k in KINDS}
+    cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+    kinds = list(KINDS)
+    async with Published(settings) as published:
+        for round_no in range(args.warmup + args.rounds):
+            timed = round_no >= args.warmup
+            # Rotate the order so no kind always follows the same other kind.
+            shift = round_no % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
+                await asyncio.sleep(args.settle_ms / 1000)  # Letta goes on working after [DONE]
+                before_calls, before_cpu = model.chat_requests(), meter.snapshot()
+                task = await published.push(viewers[kind], f"{marker(kind)} {round_no} 你好")
+                await published.wait_final([task], 120)
+                seen = published.tasks.pop(task)
+                arrived, body = seen.final
+                await asyncio.sleep(args.settle_ms / 1000)
+                used = CpuMeter.used(before_cpu, meter.snapshot())
+                if not timed:
+                    continue
+                full[kind].append(arrived - seen.pushed)
+                if seen.chunks:
+                    first[kind].append(seen.chunks[0][0] - seen.pushed)
+                calls[kind].append(model.chat_requests() - before_calls)
+                cpu[kind].append(used.get("letta", 0.0))
+                expected_silent = kind == "stay_silent"
+                if bool(body.get("silent")) != expected_silent or (not expected_silent and body.get("response_text") != REPLY):
+                    log(f"unexpected reply for {kind}: {body}")
+    return full, first, calls, cpu
+
+
+def sandbox_runs(settings, agent_id: str) -> int:
+    client = letta_client(settings)
+    return sum(1 for m in client.agents.messages.list(agent_id, limit=1000).items
+               if m.message_type == "tool_return_message")
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--rounds", type=int, help=f"timed turns per kind (default {FULL['rounds']}, quick {QUICK['rounds']})")
+    p.add_argument("--warmup", type=int, help="untimed rounds first")
+    p.add_argument("--settle-ms", type=int, help="idle pause before and after every turn (default 300)")
+    p.add_argument("--model-latency-ms", type=int, default=0, help="the scripted model waits this long per call")
+    p.add_argument("--tokens-per-second", type=float, default=0, help="the scripted model streams at this pace")
+    args = parse(p, FULL, QUICK)
+    pacing = {}
+    if args.model_latency_ms:
+        pacing["delay_ms"] = args.model_latency_ms
+    if args.tokens_per_second:
+        pacing["tokens_per_second"] = args.tokens_per_second
+    with bench_stack(args.reuse_stack) as settings:
+        from tests.integration.scripted import ScriptedModel
+
+        model = ScriptedModel(settings.scripted_model_port)
+        saved = model.rules()["rules"]
+        model.set_rules(*rules(pacing))
+        try:
+            rid = run_id()
+            viewers = {kind: f"bench:tools-{i}-{rid}" for i, kind in enumerate(KINDS)}
+            agents = ensure_agents(settings, list(viewers.values()))
+            with Bridge(settings, args.reuse_stack) as bridge:
+                meter = CpuMeter(settings, bridge=bridge.proc.pid)
+                log(f"{args.warmup} warm-up + {args.rounds} timed rounds of {len(KINDS)} kinds, interleaved")
+                started = time.perf_counter()
+                full, first, calls, cpu = asyncio.run(measure(settings, args, viewers, meter, model))
+                log(f"measured in {time.perf_counter() - started:.0f}s")
+            runs = {kind: sandbox_runs(settings, agents[viewers[kind]]) / (args.rounds + args.warmup) for kind in KINDS}
+        finally:
+            model.set_rules(*saved)
+        plain_full, plain_first = p50(full["plain"]), p50(first["plain"])
+        rows = []
+        for kind in KINDS:
+            rows.append([kind, len(full[kind]), ms(p50(full[kind])), ms(p95(full[kind])),
+                         ratio(p50(full[kind]), plain_full),
+                         ms(p50(first[kind])) if first[kind] else "—",
+                         ratio(p50(first[kind]), plain_first) if first[kind] else "—",
+                         f"{p50(calls[kind]):.0f} ({max(calls[kind])})", f"{runs[kind]:.1f}",
+                         ms(p50(cpu[kind]))])
+        latency = (f"model latency {args.model_latency_ms} ms per call, {args.tokens_per_second:g} tokens/s"
+                   if pacing else "the scripted model answers at once")
+        report(f"Tool turns through the bridge ({latency})", settings, args.reuse_stack, scripted="each kind: its reply and its tool calls in one response", sections=[
+            table(["turn", "n", "reply p50 ms", "reply p95 ms", "× plain p50", "first sentence p50 ms",
+                   "× plain", "model calls p50 (max)", "sandbox runs / turn", "Letta CPU / turn ms"], rows),
+            f"{bridge.problems()}.",
+        ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Real turns — the ones that change her face, play a gesture or write a memory — on the real stack.
+
+Through the bridge's own Letta client (bridge/letta_turns.py: one model step per request, another
+only after a step that called tools without speaking), with the scripted model answering in the
+shapes real models use: text and tool calls in one response, a tool call first and the text after,
+several calls at once, a memory write beside an expression. Model calls are counted where they
+happen, at the model endpoint. Also: what a tool process can see (no letta, no secrets), and that
+a persona edit made while a memory tool runs survives the turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from bridge.gateway import AvatarCall, TurnMessage
+from bridge.letta_turns import LettaTurns
+from provisioning.provision import find_shared_block, load_blueprint
+from provisioning.viewers import ViewerAgents
+from tools.human_block import parse_facts
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
+
+RUN = uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="module")
+def viewers(stack_settings, provisioned):
+    return ViewerAgents(stack_settings)
+
+
+@pytest.fixture(scope="module")
+def turns(stack_settings, provisioned):
+    return LettaTurns.from_settings(stack_settings)
+
+
+@pytest.fixture
+def agent(viewers):
+    return viewers.ensure(f"twitch:shape-{RUN}-{uuid.uuid4().hex[:6]}", "Shape", "twitch").agent_id
+
+
+def send(turns, agent_id, text, streamed=True):
+    pieces: list[str] = []
+
+    async def on_text(piece):
+        pieces.append(piece)
+
+    async def go():
+        return await turns.send_turn(agent_id, [TurnMessage(f"task-{uuid.uuid4().hex}", text)], sender_name="Shape",
+                                     on_text=on_text if streamed else None)
+
+    result = asyncio.run(go())
+    if streamed:
+        assert "".join(pieces).strip() == result.reply_text
+    return result
+
+
+def human_of(client, agent_id):
+    return client.agents.blocks.retrieve("human", agent_id=agent_id).value
+
+
+def expression(name="happy"):
+    return ("set_expression", {"expression": name})
+
+
+# ---------------------------------------------------------------- response shapes real models use
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "plain"])
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_text_and_an_avatar_cue_in_one_response_take_one_model_call(scripted, turns, agent, streamed, position):
+    scripted.reply_with_tools("both", "So happy to see you!", expression(), text_position=position)
+    result = send(turns, agent, "hello", streamed)
+    assert scripted.chat_requests() == 1
+    assert result.reply_text == "So happy to see you!" and not result.silent
+    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy"}),)
+
+
+def test_a_tool_call_first_then_the_text_is_answered_in_two_model_calls(scripted, turns, agent):
+    scripted.add_rules({"name": "after", "when": {"after_tool": "set_expression"}, "then": {"reply": "Hi there!"}})
+    scripted.reply_with_tools("cue-only", None, expression("shy"))
+    result = send(turns, agent, "you look cute")
+    assert scripted.chat_requests() == 2 and scripted.chat_requests("after") == 1
+    assert result.reply_text == "Hi there!"
+    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "shy"}),)
+    # The second step saw the tool's result and the bridge's note, nothing was sent twice.
+    last = scripted.requests(1)[0]
+    assert [m["role"] for m in last["messages"]].count("user") == 1
+
+
+def test_several_tool_calls_at_once_all_run_in_one_model_call(scripted, turns, agent, client):
+    scripted.reply_with_tools("three", "Welcome back, I remember you love cats!", expression(),
+                              ("play_motion", {"motion": "wave"}),
+                              ("remember_viewer_fact", {"fact": "loves cats", "category": "likes"}))
+    result = send(turns, agent, "I love cats")
+    assert scripted.chat_requests() == 1
+    assert [c.tool for c in result.avatar_calls] == ["set_expression", "play_motion"]
+    assert result.memory_updated
+    assert parse_facts(human_of(client, agent)) == {"likes": ["loves cats"]}
+    # Letta was told it may make several calls (no tool rule turns parallel calls off).
+    assert scripted.requests(1)[0]["parallel_tool_calls"] is True
+
+
+def test_a_memory_write_plus_an_expression_and_a_memory_write_alone(scripted, turns, agent, client):
+    scripted.reply_with_tools("mem+face", "Nice to meet you, Mika!", expression(),
+                              ("remember_viewer_fact", {"fact": "goes by Mika", "category": "name"}),
+                              when={"user_contains": "Mika"})
+    scripted.add_rules({"name": "after-mem", "when": {"after_tool": "remember_viewer_fact"},
+                        "then": {"reply": "Noted: {tool_result}"}})
+    scripted.reply_with_tools("mem-only", None, ("remember_viewer_fact", {"fact": "has a dog", "category": "pets"}),
+                              when={"user_contains": "dog"})
+    first = send(turns, agent, "I'm Mika")
+    assert scripted.chat_requests() == 1 and first.reply_text == "Nice to meet you, Mika!" and first.memory_updated
+    second = send(turns, agent, "I have a dog")
+    assert scripted.chat_requests() == 3
+    assert second.reply_text.startswith("Noted:") and "Remembered (pets): has a dog" in second.reply_text
+    assert parse_facts(human_of(client, agent)) == {"name": ["goes by Mika"], "pets": ["has a dog"]}
+
+
+def test_stay_silent_alone_ends_the_turn_without_words_or_another_step(scripted, turns, agent):
+    scripted.reply_with_tools("quiet", None, ("stay_silent", {"reason": "spam"}))
+    result = send(turns, agent, "buy followers at spam.example")
+    assert scripted.chat_requests() == 1 and result.silent and result.reply_text == ""
+
+
+# ---------------------------------------------------------------- what a tool process can see
+
+PROBE_SOURCE = '''
+def vtl_sandbox_probe(paths: str) -> str:
+    """
+    Report what this tool process can see (a test-only tool).
+
+    Args:
+        paths (str): comma-separated files to try to open.
+
+    Returns:
+        str: a JSON report.
+    """
+    import json
+    import os
+    import sys
+    report = {"python": sys.executable, "uid": os.getuid(), "env": sorted(os.environ)}
+    for module in ("letta", "letta_client", "pydantic"):
+        try:
+            __import__(module)
+            report[module] = "importable"
+        except ImportError:
+            report[module] = "missing"
+    readable = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as handle:
+                    environ = handle.read()
+                if b"LETTA_PG_URI" in environ or b"OPENAI_API_KEY" in environ:
+                    readable.append(pid)
+            except OSError:
+                pass
+    report["foreign_environ_readable"] = readable
+    secret_files = []
+    for path in paths.split(","):
+        try:
+            with open(path, "rb"):
+                secret_files.append(path)
+        except OSError:
+            pass
+    report["readable_secret_files"] = secret_files
+    return json.dumps(report)
+'''
+
+
+def test_a_tool_process_has_no_letta_and_no_secret(stack, stack_settings, client, scripted, viewers, turns):
+    tool = client.tools.upsert(source_code=PROBE_SOURCE, tags=["vtuber-letta-test"])
+    agent = viewers.ensure(f"twitch:probe-{RUN}", "Probe", "twitch").agent_id
+    client.agents.tools.attach(tool.id, agent_id=agent)
+    secret_files = [str(stack_settings.password_file.resolve()),
+                    str((stack_settings.letta_dir / "config" / "memory-gate-secret").resolve())]
+    scripted.add_rules({"name": "report", "when": {"after_tool": "vtl_sandbox_probe"}, "then": {"reply": "done"}})
+    # The model names the files itself: even then the probe cannot open them.
+    scripted.reply_with_tools("probe", None, ("vtl_sandbox_probe", {"paths": ",".join(secret_files + ["/etc/hostname"])}))
+    send(turns, agent, "probe please", streamed=False)
+    [result] = [json.loads(m["content"])["message"] for r in scripted.requests() for m in r["messages"]
+                if m.get("role") == "tool" and "python" in m.get("content", "")]
+    report = json.loads(result)
+    assert report["letta"] == "missing" and report["letta_client"] == "missing" and report["pydantic"] == "missing"
+    assert "tool-sandbox" in report["python"]
+    leaked = [name for name in report["env"] if name not in (
+        "LETTA_AGENT_ID", "LETTA_TOOL_ID", "VTL_AVATAR_EXPRESSIONS", "VTL_AVATAR_MOTIONS", "VTL_MEMORY_GATE_URL",
+        "VTL_MEMORY_TOKEN", "PATH", "LANG", "PYTHONIOENCODING", "PYTHONUNBUFFERED", "HOME", "LC_CTYPE")]
+    assert leaked == [], f"variables reached the tool: {leaked}"
+    assert report["foreign_environ_readable"] == [], "the tool can read the server's environment"
+    assert report["readable_secret_files"] == ["/etc/hostname"]  # it can open files: just not those
+    client.agents.tools.detach(tool.id, agent_id=agent)
+    client.tools.delete(tool.id)
+
+
+# ---------------------------------------------------------------- shared blocks and memory tools
+
+def test_a_persona_edit_during_a_memory_tool_turn_survives(stack_settings, client, scripted, turns, agent):
+    template = load_blueprint(stack_settings).template.name
+    persona = find_shared_block(client, template, "persona")
+    original = persona.value
+    edited = original + "\n(streamer's live edit " + RUN + ")"
+    # The model holds its answer for 1.5 s: the edit lands after the step began, before the tool runs.
+    scripted.reply_with_tools("slow-mem", "Got it!", ("remember_viewer_fact", {"fact": "likes tea", "category": "likes"}),
+                              delay_ms=1500)
+    editor = threading.Timer(0.5, lambda: client.blocks.update(persona.id, value=edited))
+    editor.start()
+    try:
+        started = time.monotonic()
+        result = send(turns, agent, "I like tea")
+        editor.join()
+        assert time.monotonic() - started >= 1.5 and result.memory_updated
+        assert client.blocks.retrieve(persona.id).value == edited, "the turn wrote its stale copy of the persona back"
+        assert parse_facts(human_of(client, agent)) == {"likes": ["likes tea"]}
+    finally:
+        client.blocks.update(persona.id, value=original)

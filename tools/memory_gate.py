@@ -1,0 +1,237 @@
+"""The memory gate: the one service that changes a viewer's `human` block on a memory tool's behalf.
+
+remember_viewer_fact / forget_viewer_fact run in Letta's slim tool sandbox (stack/tool_sandbox.py)
+without `letta` and without `agent_state`, and ask this service over loopback HTTP
+(tools/memory_client.py). For each call the gate
+
+1. checks the caller's token: HMAC-SHA256(gate secret, agent id), given to each agent as its
+   secret VTL_MEMORY_TOKEN by provisioning. A token opens one agent's `human` block and nothing
+   else; the Letta password and the gate secret never leave this process;
+2. reads the block as the Letta server has it NOW (not a copy from the start of the step), applies
+   the block format's rules (tools/human_block.py: format, limit, verified section kept byte for
+   byte, support claims refused), and writes the block back only when it changed; calls for one
+   agent are serialised here, so two calls of one turn cannot overwrite each other.
+
+Routes: POST /v1/remember {"agent_id", "token", "fact", "category"}, POST /v1/forget {"agent_id",
+"token", "fact"}, GET /health. Answers: 200 {"message": ...} when done or already so, 200
+{"error": ...} for what the model should act on (the tool prefixes "Error: "), 400/403/404/413 with
+{"error"} for bad requests, 503 {"error"} when Letta cannot be reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from tools.human_block import DEFAULT_HUMAN_LIMIT, HUMAN_LABEL, HumanBlockError, add_fact, remove_fact
+
+log = logging.getLogger("vtuber_letta.memory_gate")
+
+TOKEN_CONTEXT = b"vtuber-letta human-block v1:"
+MAX_BODY_BYTES = 16 * 1024
+MAX_TEXT_CHARS = 2000  # longer than any fact the format accepts; the format gives the real error
+
+
+def memory_token(secret: str, agent_id: str) -> str:
+    """The token that lets a tool of agent_id (and only it) edit that agent's human block."""
+    return hmac.new(secret.encode("utf-8"), TOKEN_CONTEXT + agent_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class HumanBlock:
+    block_id: str
+    value: str
+    limit: int
+
+
+class BlockStore(Protocol):
+    def read(self, agent_id: str) -> HumanBlock | None:
+        """The agent's human block as the server has it now; None when the agent has none."""
+
+    def write(self, block: HumanBlock, value: str) -> None:
+        """Replace the block's value."""
+
+
+class StoreUnavailable(Exception):
+    """The store (Letta) could not be asked; nothing was changed."""
+
+
+class LettaBlockStore:
+    """Human blocks on a real Letta server (letta-client 1.12.1)."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def read(self, agent_id: str) -> HumanBlock | None:
+        from letta_client import APIConnectionError, APITimeoutError, NotFoundError
+
+        try:
+            block = self._client.agents.blocks.retrieve(HUMAN_LABEL, agent_id=agent_id)
+        except NotFoundError:
+            return None
+        except (APIConnectionError, APITimeoutError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        limit = block.limit if isinstance(block.limit, int) and block.limit > 0 else DEFAULT_HUMAN_LIMIT
+        return HumanBlock(block.id, block.value or "", limit)
+
+    def write(self, block: HumanBlock, value: str) -> None:
+        from letta_client import APIConnectionError, APITimeoutError
+
+        try:
+            self._client.blocks.update(block.block_id, value=value)
+        except (APIConnectionError, APITimeoutError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+
+class GateRefusal(Exception):
+    """A request the gate refuses before touching any block: (HTTP status, reason)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+# operation -> (required text fields, the edit: (block text, fields, limit) -> (new text, message))
+Edit = Callable[[str, dict, int], tuple[str, str]]
+OPERATIONS: dict[str, tuple[tuple[str, ...], Edit]] = {
+    "remember": (("fact", "category"), lambda text, f, limit: add_fact(text, f["fact"], f["category"], limit)),
+    "forget": (("fact",), lambda text, f, limit: remove_fact(text, f["fact"])),
+}
+
+
+class MemoryGate:
+    """Token check, per-agent serialisation and the read-modify-write of one human block."""
+
+    def __init__(self, store: BlockStore, secret: str):
+        if not secret:
+            raise ValueError("the memory gate needs a secret")
+        self._store = store
+        self._secret = secret
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def handle(self, operation: str, body: Any) -> tuple[int, dict]:
+        """(HTTP status, JSON answer) for one request."""
+        try:
+            return 200, self._apply(operation, body)
+        except GateRefusal as refusal:
+            return refusal.status, {"error": str(refusal)}
+        except StoreUnavailable as exc:
+            log.warning("memory gate: Letta unavailable during %s: %s", operation, exc)
+            return 503, {"error": "the memory service cannot reach the memory store right now. Nothing was saved; "
+                                  "reply without it, you can try again in a later turn."}
+
+    def _apply(self, operation: str, body: Any) -> dict:
+        if operation not in OPERATIONS:
+            raise GateRefusal(404, f"unknown operation {operation!r}")
+        if not isinstance(body, dict):
+            raise GateRefusal(400, "the request must be a JSON object")
+        fields_needed, edit = OPERATIONS[operation]
+        agent_id, token = body.get("agent_id"), body.get("token")
+        if not isinstance(agent_id, str) or not agent_id or len(agent_id) > 200:
+            raise GateRefusal(400, "agent_id is missing")
+        if not isinstance(token, str) or not hmac.compare_digest(token, memory_token(self._secret, agent_id)):
+            raise GateRefusal(403, "this tool is not allowed to change that agent's memory")
+        fields = {}
+        for name in fields_needed:
+            value = body.get(name)
+            if not isinstance(value, str):
+                raise GateRefusal(400, f"{name} must be a string")
+            fields[name] = value[:MAX_TEXT_CHARS]
+        with self._lock_for(agent_id):
+            block = self._store.read(agent_id)
+            if block is None:
+                return {"error": "this agent has no human block, so its memory cannot be changed. Reply without it."}
+            try:
+                new_value, message = edit(block.value, fields, block.limit)
+            except HumanBlockError as exc:
+                return {"error": str(exc)}
+            if new_value != block.value:
+                self._store.write(block, new_value)
+        log.info("memory gate: %s agent=%s changed=%s", operation, agent_id, new_value != block.value)
+        return {"message": message}
+
+    def _lock_for(self, agent_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(agent_id, threading.Lock())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "MemoryGateServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - one log line per call comes from MemoryGate
+        pass
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._send(200, {"status": "ok"})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def do_POST(self):
+        prefix = "/v1/"
+        if not self.path.startswith(prefix):
+            self._send(404, {"error": "not found"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self._send(413, {"error": "request too large"})
+            return
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except ValueError:
+            self._send(400, {"error": "the request is not JSON"})
+            return
+        status, answer = self.server.gate.handle(self.path[len(prefix):], body)
+        self._send(status, answer)
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class MemoryGateServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], gate: MemoryGate):
+        super().__init__(address, _Handler)
+        self.gate = gate
+
+
+def serve(gate: MemoryGate, host: str, port: int) -> MemoryGateServer:
+    """A running gate server in a background thread (tests; the CLI calls serve_forever itself)."""
+    server = MemoryGateServer((host, port), gate)
+    threading.Thread(target=server.serve_forever, name="memory-gate", daemon=True).start()
+    return server
+
+
+def run_memory_gate(settings: Any) -> int:
+    """`vtuber-letta memory-gate`: serve until SIGTERM/SIGINT."""
+    import signal
+
+    from vtuber_letta.letta_api import letta_client
+
+    host, port = settings.memory_gate_address
+    gate = MemoryGate(LettaBlockStore(letta_client(settings)), settings.memory_gate_secret)
+    server = MemoryGateServer((host, port), gate)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    log.info("memory gate: listening on %s:%s", host, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
