@@ -33,7 +33,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 VENV_NAME = "venv"

@@ -30,11 +30,8 @@ from tools.human_block import (
     FACTS_HEADING,
     VERIFIED_HEADING,
     VIEWER_HEADING,
-    add_fact,
     format_human_block,
     parse_facts,
-    parse_fields,
-    remove_fact,
     set_fields,
 )
 from tools.memory_gate import HumanBlock, MemoryGate, StoreUnavailable, memory_token, serve
