@@ -4,8 +4,8 @@ One module per tool, in Letta's house style (see letta/functions/function_sets/b
 Letta 0.16.8 receives a tool as *source code* (`client.tools.upsert(source_code=...)`),
 derives the schema from the LAST function in it without running it, and runs that
 source in a sandbox where none of our packages exist. `tool_source` builds that
-source: the helper modules a tool uses (tools/human_block.py, tools/avatar_names.py),
-then the tool function itself, last.
+source: the helper modules a tool uses (tools/contact_details.py, tools/human_block.py,
+tools/avatar_names.py), then the tool function itself, last.
 
 Guarantees the tools keep (tests/unit/test_tools.py checks them as the sandbox runs them):
 - the memory tools read and write only the block labelled `human` of the calling agent,
@@ -24,7 +24,7 @@ import textwrap
 from collections.abc import Callable
 from types import CodeType, ModuleType
 
-from tools import avatar_names, human_block
+from tools import avatar_names, contact_details, human_block
 from tools.avatar_names import AVATAR_EXPRESSIONS_ENV, AVATAR_MOTIONS_ENV
 from tools.forget_viewer_fact import forget_viewer_fact
 from tools.play_motion import play_motion
@@ -50,8 +50,10 @@ TOOL_METADATA: dict[str, dict] = {
 }
 
 # Modules whose whole source may be shipped ahead of a tool; each obeys the sandbox
-# rules written at the top of tools/human_block.py.
-HELPER_MODULES: tuple[ModuleType, ...] = (human_block, avatar_names)
+# rules written at the top of tools/human_block.py. A module comes after every module
+# whose names it uses (contact_details before human_block), and helper_modules_of gives a
+# name to the first module in this order that defines it.
+HELPER_MODULES: tuple[ModuleType, ...] = (contact_details, human_block, avatar_names)
 
 __all__ = [
     "AVATAR_EXPRESSIONS_ENV",
