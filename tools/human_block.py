@@ -2,8 +2,7 @@
 
 Pure functions, standard library only. The memory gate (tools/memory_gate.py) applies them to
 the block as the Letta server has it when a memory tool is called; the bridge and provisioning
-use them for the sections they own. (The module also keeps the old sandbox rules — top-level
-functions and constants only, no `from __future__` — so it could still be shipped as tool source.)
+use them for the sections they own.
 
 The block has three sections. Only the middle one is ever written by the agent's
 tools; the other two belong to the bridge/provisioning and are kept byte for byte:
@@ -29,6 +28,8 @@ tools; the other two belong to the bridge/provisioning and are kept byte for byt
 
 import re
 import unicodedata
+
+from tools.contact_details import redact_contact_details
 
 HUMAN_LABEL = "human"
 DEFAULT_HUMAN_LIMIT = 4000
@@ -268,6 +269,8 @@ def format_facts_lines(facts):
 def format_human_block(viewer_id, display_name, platform, first_seen, facts=None, verified=None):
     """A complete human block for one viewer (the one format; provisioning renders it via human.j2)."""
     lines = [VIEWER_HEADING]
+    # A display name is the viewer's own text: it can carry a phone number too (read aloud on stream).
+    display_name = redact_contact_details(str(display_name))
     for name, value in (("viewer_id", viewer_id), ("display_name", display_name), ("platform", platform)):
         lines.append(f"{name}: {clean_field_value(value)}")
     lines.append("")

@@ -9,7 +9,8 @@ without `letta` and without `agent_state`, and ask this service over loopback HT
    else; the Letta password and the gate secret never leave this process;
 2. reads the block as the Letta server has it NOW (not a copy from the start of the step), applies
    the block format's rules (tools/human_block.py: format, limit, verified section kept byte for
-   byte, support claims refused), and writes the block back only when it changed; calls for one
+   byte, support claims refused) and refuses contact and identifying details
+   (tools/contact_details.py), and writes the block back only when it changed; calls for one
    agent are serialised here, so two calls of one turn cannot overwrite each other.
 
 Routes: POST /v1/remember {"agent_id", "token", "fact", "category"}, POST /v1/forget {"agent_id",
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from tools.contact_details import contact_detail_error, find_contact_detail
 from tools.human_block import DEFAULT_HUMAN_LIMIT, HUMAN_LABEL, HumanBlockError, add_fact, remove_fact
 
 log = logging.getLogger("vtuber_letta.memory_gate")
@@ -98,10 +100,20 @@ class GateRefusal(Exception):
         self.status = status
 
 
-# operation -> (required text fields, the edit: (block text, fields, limit) -> (new text, message))
+def remember(text: str, fields: dict, limit: int) -> tuple[str, str]:
+    """add_fact, but never a contact or identifying detail: memory can be read aloud on stream."""
+    for value in (fields["fact"], fields["category"]):
+        kind = find_contact_detail(value)
+        if kind is not None:
+            raise HumanBlockError(contact_detail_error(kind))
+    return add_fact(text, fields["fact"], fields["category"], limit)
+
+
+# operation -> (required text fields, the edit: (block text, fields, limit) -> (new text, message)).
+# forget has no contact check: a detail stored before the check existed must still be removable.
 Edit = Callable[[str, dict, int], tuple[str, str]]
 OPERATIONS: dict[str, tuple[tuple[str, ...], Edit]] = {
-    "remember": (("fact", "category"), lambda text, f, limit: add_fact(text, f["fact"], f["category"], limit)),
+    "remember": (("fact", "category"), remember),
     "forget": (("fact",), lambda text, f, limit: remove_fact(text, f["fact"])),
 }
 
