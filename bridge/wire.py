@@ -28,7 +28,8 @@ Rules a producer can rely on (anything else is dead-lettered with a reason, neve
   as sent; control and format characters (newlines, bidi controls, zero-width characters),
   empty and all-space ids are refused (`invalid user_id: contains a control or format character
   (U+202E)`). The platform is `meta.platform`, else the `platform:` prefix of the id.
-- `task_id`: 1-128 characters, each a letter or digit (any script) or one of `_ . : @ + = -`.
+- `task_id` (stricter, same module): 1-128 characters, each a letter, combining mark or digit of
+  any script or one of `_ . : @ + = -`.
 - `type`: text, audio (chat; `content` or `input_file` required), super_chat (`meta.amount`
   required), gift (`meta.gift_name` required), membership, enter.
 - `content`: at most 4000 characters. When missing, the text is read from `input_file`, which must
@@ -300,8 +301,6 @@ def dump(model: BaseModel) -> str:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
 
 
 def _reason(exc: ValidationError) -> str:
