@@ -56,6 +56,7 @@ from bridge.wire import (
 from vtuber_letta.redis_api import async_redis_client
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
+from vtuber_letta.viewer_ids import split_platform
 
 log = logging.getLogger("vtuber_letta.bridge")
 T = TypeVar("T")
@@ -622,7 +623,7 @@ class BridgeService:
     @staticmethod
     def _sender_name(request: LettaRequest) -> str:
         """'小明@bilibili': the display name (else the id after the platform) and the platform."""
-        name = request.meta.display_name or request.user_id.partition(":")[2] or request.user_id
+        name = request.meta.display_name or split_platform(request.user_id)[1] or request.user_id
         platform = request.platform
         return f"{name}@{platform}" if platform else name
 

@@ -22,8 +22,14 @@ Out:
   disabled), or with `meta.letta_fallback: true` added (Letta down, fallback on).
 
 Rules a producer can rely on (anything else is dead-lettered with a reason, never dropped):
-- `task_id` and `user_id`: 1-128 characters, each a letter or digit (any script) or one of
-  `_ . : @ + = -` (platform ids such as `bilibili:12345`, `twitch:alice`, `youtube:UCxyz`).
+- `user_id`: the viewer id rule of vtuber_letta/viewer_ids.py, the same for the CLI and
+  provisioning: 1-256 printable characters of any script (at most 512 bytes of UTF-8), `/`,
+  spaces and emoji included (`bilibili:12345`, `youtube:UC123/x.y`, `观众 小明🌟`), kept exactly
+  as sent; control and format characters (newlines, bidi controls, zero-width characters),
+  empty and all-space ids are refused (`invalid user_id: contains a control or format character
+  (U+202E)`). The platform is `meta.platform`, else the `platform:` prefix of the id.
+- `task_id` (stricter, same module): 1-128 characters, each a letter, combining mark or digit of
+  any script or one of `_ . : @ + = -`.
 - `type`: text, audio (chat; `content` or `input_file` required), super_chat (`meta.amount`
   required), gift (`meta.gift_name` required), membership, enter.
 - `content`: at most 4000 characters. When missing, the text is read from `input_file`, which must
@@ -39,25 +45,53 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-# Letters and digits of any script, plus _ . : @ + = -  (no whitespace, controls, quotes, brackets,
-# slashes or glob characters). Platform ids look like bilibili:12345, twitch:alice, youtube:UCxyz.
-ID_PATTERN = r"^[\w.:@+=\-]{1,128}$"
-MAX_ID_CHARS = 128
-MAX_ID_BYTES = 4 * MAX_ID_CHARS  # UTF-8; the route script's coarse pre-check
+from vtuber_letta import viewer_ids
+
 MAX_CONTENT_CHARS = 4000
 CHAT_TYPES = frozenset({"text", "audio"})
 EVENT_TYPES = frozenset({"super_chat", "gift", "membership", "enter"})
 
 TaskType = Literal["text", "audio", "super_chat", "gift", "membership", "enter"]
-SafeId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+def _refusal(problem: str) -> PydanticCustomError:
+    # The problem text verbatim (a ValueError would get pydantic's "Value error, " prefix), so the
+    # dead letter reads exactly like the CLI's error. The texts hold no `{`: nothing is templated.
+    return PydanticCustomError("vtl_id", problem)
+
+
+def _viewer_id(value: Any) -> Any:
+    problem = viewer_ids.viewer_id_problem(value)
+    if problem is not None:
+        raise _refusal(problem)
+    return value
+
+
+def _task_id(value: Any) -> Any:
+    problem = viewer_ids.task_id_problem(value)
+    if problem is not None:
+        raise _refusal(problem)
+    return value
+
+
+def _platform(value: Any) -> Any:
+    try:
+        return viewer_ids.check_platform(value)
+    except viewer_ids.InvalidViewerId as exc:
+        raise _refusal(exc.problem) from None
+
+
+ViewerId = Annotated[str, BeforeValidator(_viewer_id)]
+TaskId = Annotated[str, BeforeValidator(_task_id)]
+Platform = Annotated[str | None, BeforeValidator(_platform)]
 
 
 class WireError(ValueError):
@@ -92,7 +126,7 @@ class TaskMeta(BaseModel):
     lang: str | None = Field(None, max_length=32)
     trace_id: str | int | None = Field(None)
     display_name: str | None = Field(None, max_length=128)
-    platform: str | None = Field(None, max_length=32, pattern=r"^[a-z0-9_.\-]+$")
+    platform: Platform = None
     amount: float | None = Field(None, ge=0, le=10_000_000, allow_inf_nan=False)
     currency: str | None = Field(None, max_length=8, pattern=r"^[A-Za-z]+$")
     gift_name: str | None = Field(None, max_length=64)
@@ -105,11 +139,6 @@ class TaskMeta(BaseModel):
     def _one_line(cls, value: Any) -> Any:
         return _clean_line(value)
 
-    @field_validator("platform", mode="before")
-    @classmethod
-    def _lower_platform(cls, value: Any) -> Any:
-        return value.strip().lower() or None if isinstance(value, str) else value
-
     @field_validator("currency", mode="before")
     @classmethod
     def _upper_currency(cls, value: Any) -> Any:
@@ -121,9 +150,9 @@ class LettaRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    task_id: SafeId
+    task_id: TaskId
     type: TaskType
-    user_id: SafeId
+    user_id: ViewerId
     content: str | None = Field(None, max_length=MAX_CONTENT_CHARS)
     input_file: str | None = Field(None, max_length=4096)
     source: str | None = Field(None, max_length=64)
@@ -152,11 +181,8 @@ class LettaRequest(BaseModel):
 
     @property
     def platform(self) -> str | None:
-        """meta.platform, else the prefix of a `platform:id` viewer id."""
-        if self.meta.platform:
-            return self.meta.platform
-        head, sep, _ = self.user_id.partition(":")
-        return head.lower() if sep and head else None
+        """meta.platform, else the prefix of a `platform:id` viewer id (viewer_ids.platform_of)."""
+        return viewer_ids.platform_of(self.user_id, self.meta.platform)
 
 
 class LettaResponse(BaseModel):
@@ -250,7 +276,7 @@ class AvatarEvent(BaseModel):
 class DeadLetter(BaseModel):
     """A task the bridge could not process, LPUSHed on `vtl:dead_letters`.
 
-    Example: {"reason": "invalid user_id: String should match pattern ...", "raw": "{\\"task_id\\": ...}",
+    Example: {"reason": "invalid user_id: contains a control or format character (U+202E)", "raw": "{\\"task_id\\": ...}",
               "task_id": "3f0c9a", "user_id": null, "stage": "validate", "attempts": null,
               "replica_id": "host-1234-ab12", "at": 1756450000.12}
     `raw` is the payload as received (decoded as UTF-8 with replacement characters, cut at the
@@ -277,10 +303,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _safe_id(value: Any) -> str | None:
-    return value if isinstance(value, str) and re.fullmatch(ID_PATTERN, value) else None
-
-
 def _reason(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
@@ -304,7 +326,9 @@ def parse_request(raw: bytes | str, *, max_bytes: int) -> LettaRequest:
     try:
         return LettaRequest.model_validate(data)
     except ValidationError as exc:
-        raise WireError(_reason(exc), task_id=_safe_id(data.get("task_id")), user_id=_safe_id(data.get("user_id"))) from None
+        task_id, user_id = data.get("task_id"), data.get("user_id")
+        raise WireError(_reason(exc), task_id=task_id if viewer_ids.is_task_id(task_id) else None,
+                        user_id=user_id if viewer_ids.is_viewer_id(user_id) else None) from None
 
 
 def read_input_file(input_file: str, uploads_dir: Path, max_bytes: int) -> str:

@@ -3,7 +3,8 @@
 Letta 0.16.8 answers HTTP 500 for an agent name outside `^[\\w '\\-]+$` and keeps
 neither names nor tags unique, so the name is a readable ASCII slug plus a hash of
 the raw id (unique, safe), and the raw id itself lives only in the agent's
-metadata. Tags carry the hash, never the raw text.
+metadata. Tags carry the hash, never the raw text. What a viewer id is (and is not) is decided
+by vtuber_letta/viewer_ids.py, for provisioning as for the bridge and the CLI.
 """
 
 from __future__ import annotations
@@ -12,26 +13,11 @@ import hashlib
 import re
 import unicodedata
 
-MAX_VIEWER_ID_CHARS = 256
 PRODUCT_TAG = "vtuber-letta"
 VIEWER_TAG = "vtl:viewer"
 SHARED_BLOCK_TAG = "vtl:shared"
 
 _SLUG_JUNK = re.compile(r"[^a-z0-9]+")
-
-
-class InvalidViewerId(ValueError):
-    pass
-
-
-def check_viewer_id(viewer_id: str) -> str:
-    if not isinstance(viewer_id, str) or not viewer_id.strip():
-        raise InvalidViewerId("viewer id must be a non-empty string")
-    if len(viewer_id) > MAX_VIEWER_ID_CHARS:
-        raise InvalidViewerId(f"viewer id is {len(viewer_id)} characters; at most {MAX_VIEWER_ID_CHARS} allowed")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in viewer_id):
-        raise InvalidViewerId("viewer id contains control characters")
-    return viewer_id
 
 
 def viewer_hash(viewer_id: str) -> str:

@@ -24,7 +24,6 @@ from provisioning.naming import (
     PRODUCT_TAG,
     VIEWER_TAG,
     agent_name,
-    check_viewer_id,
     viewer_tag,
     viewer_tags,
 )
@@ -35,6 +34,7 @@ from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.redis_api import redis_client
 from vtuber_letta.settings import Settings
+from vtuber_letta.viewer_ids import UNKNOWN_PLATFORM, check_viewer_id, platform_of
 
 LOCK_TTL_S = 60  # longer than any agent creation; a crashed holder frees it by expiry
 LOCK_WAIT_S = 120
@@ -68,6 +68,7 @@ class ViewerAgents:
                *, verify: bool = False) -> ViewerAgent:
         """The viewer's agent, created from the template on first contact. Safe to call concurrently."""
         check_viewer_id(viewer_id)
+        platform = platform_of(viewer_id, platform) or UNKNOWN_PLATFORM
         known = self._mapped(viewer_id, verify=verify)
         if known:
             return known
@@ -104,11 +105,11 @@ class ViewerAgents:
         return self.client.agents.list(tags=tags, match_all_tags=True, order="asc", order_by="created_at",
                                        include=["agent.tags"])
 
-    def _create(self, viewer_id: str, display_name: str | None, platform: str | None):
+    def _create(self, viewer_id: str, display_name: str | None, platform: str):
         bp = self.blueprint
         human = bp.template.block("human")
         metadata = {"viewer_id": viewer_id, "display_name": display_name or viewer_id,
-                    "platform": platform or _platform_of(viewer_id), "template": bp.template.name}
+                    "platform": platform, "template": bp.template.name}
         agent = self.client.agents.create(
             name=agent_name(viewer_id),
             memory_blocks=[{
@@ -206,6 +207,7 @@ class ViewerAgents:
 
     def forget(self, viewer_id: str) -> bool:
         """Delete the viewer's agent, the blocks only it used, and its map entry ("forget me")."""
+        check_viewer_id(viewer_id)
         with self.redis.lock(redis_keys.viewer_lock(viewer_id), timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S):
             known = self.find(viewer_id)
             if known is None:
@@ -227,8 +229,3 @@ class ViewerAgents:
 def _is_shared_label(blueprint: Blueprint, label: str) -> bool:
     return any(spec.shared and spec.label == label for spec in blueprint.template.memory_blocks)
 
-
-def _platform_of(viewer_id: str) -> str:
-    # Host deployments write platform ids as "bilibili:12345", "twitch:alice".
-    head, sep, _ = viewer_id.partition(":")
-    return head if sep and head.isascii() and head.isalnum() and len(head) <= 20 else "unknown"

@@ -23,6 +23,7 @@ import sys
 from typing import Callable, Sequence
 
 from vtuber_letta.settings import Settings, SettingsError, load_settings
+from vtuber_letta.viewer_ids import InvalidViewerId, check_platform, check_viewer_id
 
 
 class CliError(Exception):
@@ -71,6 +72,8 @@ def _agent_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
     from provisioning.viewers import ViewerAgents
 
+    if args.action != "list":  # the bridge's rule, refused before any Letta or Redis call
+        check_viewer_id(args.user_id)
     viewers = ViewerAgents(settings)
     if args.action == "ensure":
         agent = viewers.ensure(args.user_id, args.display_name, args.platform)
@@ -124,6 +127,8 @@ def _say_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
     from bridge.say import say
 
+    check_viewer_id(args.user_id)  # else the task would only come back as a dead letter
+    check_platform(args.platform)
     result = asyncio.run(say(settings, args.user_id, args.text, timeout=args.timeout,
                              display_name=args.display_name, platform=args.platform))
     print(result.render())
@@ -250,7 +255,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from letta_client import APIConnectionError, APIStatusError
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from provisioning.naming import InvalidViewerId
     from provisioning.provision import ProvisioningError
     from stack.processes import StackError
 

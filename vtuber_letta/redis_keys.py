@@ -3,6 +3,11 @@
 Host-owned names (user_input_queue, tts_requests, task_response:{id}) come from
 Free-Agent-Vtuber and must not change; ours are prefixed `vtl:` so they can
 never collide with the host's keys.
+
+Per-viewer names embed the viewer id as it is (any printable text that passes
+vtuber_letta/viewer_ids.py, at most 512 bytes, so every key stays short): Redis keys are
+binary-safe, and no name here is ever used as a SCAN/KEYS pattern with an id inside it, so
+`*`, `?`, `[`, `{`, spaces and `/` in an id are just bytes.
 """
 
 from __future__ import annotations

@@ -265,18 +265,23 @@ def build_corpus(ctx: Context) -> list[Case]:
     answered("vi-02", c, "upper-case variant of the victim's id (own agent)", body(ctx, "vi-02", v.upper()), v.upper())
     homoglyph = v.replace("victim", "v\u0456\u0441tim")  # Cyrillic і and с
     answered("vi-03", c, "Cyrillic homoglyph of the victim's id (own agent)", body(ctx, "vi-03", homoglyph), homoglyph)
-    dead("vi-04", c, "victim's id plus a zero-width space", body(ctx, "vi-04", v + "\u200b"), "invalid user_id")
-    dead("vi-05", c, "victim's id plus a trailing space", body(ctx, "vi-05", v + " "), "invalid user_id")
-    dead("vi-06", c, "glob pattern as user_id", body(ctx, "vi-06", "hx:*"), "invalid user_id")
-    dead("vi-07", c, "path traversal as user_id", body(ctx, "vi-07", "../../etc/passwd"), "invalid user_id")
+    dead("vi-04", c, "victim's id plus a zero-width space", body(ctx, "vi-04", v + "\u200b"),
+         "invalid user_id: contains a control or format character (U+200B)")
+    # Spaces, globs and slashes are printable: ids are kept as given, so each is its own viewer.
+    answered("vi-05", c, "victim's id plus a trailing space (own agent)", body(ctx, "vi-05", v + " "), v + " ")
+    glob = f"hx:*-{ctx.rid}"
+    answered("vi-06", c, "glob pattern as user_id (own queue, own agent)", body(ctx, "vi-06", glob), glob)
+    path = f"../../etc/passwd-{ctx.rid}"
+    answered("vi-07", c, "path traversal as user_id (own agent, no file touched)", body(ctx, "vi-07", path), path)
     lock_like = f"vtl:lock:viewer:{v}"
     answered("vi-08", c, "user_id spelling one of our Redis key names (own queue, own agent)",
              body(ctx, "vi-08", lock_like), lock_like)
     long_id = f"hx:long-{ctx.rid}-"
-    long_id += "L" * (128 - len(long_id))
-    answered("vi-09", c, "user_id of exactly 128 characters", body(ctx, "vi-09", long_id), long_id)
-    dead("vi-10", c, "user_id of 129 characters", body(ctx, "vi-10", long_id + "L"), "invalid user_id")
-    dead("vi-11", c, "empty user_id", body(ctx, "vi-11", ""), "invalid user_id")
+    long_id += "L" * (256 - len(long_id))
+    answered("vi-09", c, "user_id of exactly 256 characters", body(ctx, "vi-09", long_id), long_id)
+    dead("vi-10", c, "user_id of 257 characters", body(ctx, "vi-10", long_id + "L"),
+         "invalid user_id: is 257 characters; at most 256 allowed")
+    dead("vi-11", c, "empty user_id", body(ctx, "vi-11", ""), "invalid user_id: is empty")
     atk1 = ctx.viewer("atk1")
     dup = encode(body(ctx, "vi-12", v))[:-1] + b', "user_id": ' + json.dumps(atk1).encode() + b"}"
     answered("vi-12", c, "user_id given twice: victim first, attacker last (both parsers take the last)", dup, atk1)
@@ -285,9 +290,9 @@ def build_corpus(ctx: Context) -> list[Case]:
     answered("vi-14", c, "victim's id with a suffix (own agent)", body(ctx, "vi-14", v + ":x"), v + ":x")
     nfd = f"hx:cafe\u0301-{ctx.rid}"  # renders like hx:café-...; \w accepts the combining accent
     answered("vi-15", c, "decomposed (NFD) twin of an NFC id (own agent, never merged)", body(ctx, "vi-15", nfd), nfd)
-    joined = v + "\u200d"  # an invisible zero-width joiner: pydantic's (Rust) \w accepts it
-    answered("vi-16", c, "victim's id plus an invisible zero-width joiner (own agent, never the victim's)",
-             body(ctx, "vi-16", joined), joined)
+    joined = v + "\u200d"  # an invisible zero-width joiner (a format character)
+    dead("vi-16", c, "victim's id plus an invisible zero-width joiner", body(ctx, "vi-16", joined),
+         "invalid user_id: contains a control or format character (U+200D)")
 
     # ------------------------------------------------------------------ prompt_injection
     c = "prompt_injection"

@@ -158,7 +158,7 @@ async def test_bad_tasks_are_dead_lettered_and_good_ones_around_them_answered(r,
         json.dumps(task("../../etc/passwd")): "invalid task_id",
         json.dumps(task("t-type", type="sticker")): "invalid type",
         json.dumps(task("t-nulluser", user_id=None)): "",
-        json.dumps(task("t-zwsp", user_id="bili\u200bbili:1")): "invalid user_id",  # passes the Lua pre-check
+        json.dumps(task("t-zwsp", user_id="bili\u200bbili:1")): "invalid user_id: contains a control or format character (U+200B)",
         json.dumps(task("t-sc", type="super_chat", meta={"currency": "CNY"})): "needs meta.amount",
         json.dumps(task("t-letta-bad")): "422",
     }

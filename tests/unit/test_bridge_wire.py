@@ -39,7 +39,10 @@ def test_a_host_task_validates_and_keeps_host_extras():
     assert request.platform == "bilibili"  # from the id prefix when meta.platform is absent
 
 
-@pytest.mark.parametrize("viewer", ["bilibili:12345", "twitch:alice_01", "youtube:UCx-9_Y", "bilibili:小明", "anonymous"])
+@pytest.mark.parametrize("viewer", [
+    "bilibili:12345", "twitch:alice_01", "youtube:UCx-9_Y", "bilibili:小明", "anonymous",
+    "youtube:UC123/x.y", "a b", "*", "{hash}tag", "观众 小明🌟", "u" * 256,  # the wider rule (viewer_ids.py)
+])
 def test_platform_ids_of_any_script_are_accepted(viewer):
     assert parse_request(task(user_id=viewer), max_bytes=LIMIT).user_id == viewer
 
@@ -66,16 +69,17 @@ def test_producer_timestamp_of_any_shape_is_kept_not_trusted():
         ({"content": "x" * (MAX_CONTENT_CHARS + 1)}, "invalid content"),
         ({"type": "sticker"}, "invalid type"),
         ({"type": None}, "invalid type"),
-        ({"user_id": ""}, "invalid user_id"),
-        ({"user_id": "a b"}, "invalid user_id"),
-        ({"user_id": "x\r\nSET evil 1"}, "invalid user_id"),
-        ({"user_id": "*"}, "invalid user_id"),
-        ({"user_id": "bili\u200bbili:1"}, "invalid user_id"),
-        ({"user_id": "bilibili:1\u202e"}, "invalid user_id"),
-        ({"user_id": "bilibili:1\n"}, "invalid user_id"),
-        ({"user_id": "{hash}tag"}, "invalid user_id"),
-        ({"user_id": "u" * 129}, "invalid user_id"),
-        ({"user_id": 12345}, "invalid user_id"),
+        ({"user_id": ""}, "invalid user_id: is empty"),
+        ({"user_id": "   "}, "invalid user_id: is only spaces"),
+        ({"user_id": "x\r\nSET evil 1"}, "invalid user_id: contains a control or format character (U+000D)"),
+        ({"user_id": "bili\u200bbili:1"}, "invalid user_id: contains a control or format character (U+200B)"),
+        ({"user_id": "bilibili:1\u202e"}, "invalid user_id: contains a control or format character (U+202E)"),
+        ({"user_id": "bilibili:1\n"}, "invalid user_id: contains a control or format character (U+000A)"),
+        ({"user_id": "u" * 257}, "invalid user_id: is 257 characters; at most 256 allowed"),
+        ({"user_id": "星" * 171}, "invalid user_id: is 513 bytes of UTF-8; at most 512 allowed"),
+        ({"user_id": 12345}, "invalid user_id: must be a string (got int)"),
+        ({"user_id": ...}, "invalid user_id"),
+        ({"meta": {"platform": "bili bili"}}, "invalid meta.platform: must be 1-32 characters of a-z 0-9 _ . -"),
         ({"task_id": "../../etc"}, "invalid task_id"),
         ({"task_id": "t 1"}, "invalid task_id"),
         ({"task_id": ...}, "invalid task_id"),
