@@ -16,7 +16,7 @@ import time
 import pytest
 
 import tools
-from tools import avatar_names, contact_details, human_block
+from tools import contact_details
 from tools.contact_details import (
     CONTACT_KINDS,
     CONTACT_PLACEHOLDER,
@@ -149,7 +149,7 @@ def test_source_obeys_the_sandbox_rules():
     # nor with a tool argument or a name of the sandbox script.
     argument_names = {arg for func in tools.TOOLS.values()
                       for arg in func.__code__.co_varnames[: func.__code__.co_argcount]}
-    other_helpers = {name for module in (human_block, avatar_names) for name in vars(module)
+    other_helpers = {name for module in tools.HELPER_MODULES for name in vars(module)
                      if not name.startswith("__")}
     assert top_level & (argument_names | {"agent_state", "client", "os", "sys"}) == set()
     assert top_level & other_helpers <= {"re", "unicodedata"}
