@@ -39,8 +39,8 @@ from vtuber_letta.redis_api import redis_client
 from vtuber_letta.settings import Settings, load_settings
 
 PLAIN_REPLY = "好的，我记住啦。"
-# Every turn: one short plain reply, no tool call (a tool call costs seconds in Letta's sandbox
-# and would drown what we measure). An empty `when` matches every user turn.
+# Every turn: one short plain reply, no tool call: what the bridge costs next to Letta (the tool
+# turns have their own bench, bench/tool_turns.py). An empty `when` matches every user turn.
 PLAIN_RULE = {"name": "bench-plain", "when": {}, "then": {"reply": PLAIN_REPLY}}
 # Long enough that no turn times out while Letta queues 100+ concurrent sends (a timed-out send
 # is retried by the bridge and would be counted twice); the same value for the bridge and direct.
@@ -136,6 +136,26 @@ def _prepared(settings: Settings) -> Iterator[None]:
         yield
     finally:
         _http_json("PUT", model, saved)
+
+
+@contextmanager
+def scripted_rules(settings: Settings, rules: list[dict]) -> Iterator[None]:
+    """These rules ahead of the bench's own for the duration (the scripted model only)."""
+    if not rules or settings.uses_real_model:
+        yield
+        return
+    url = f"http://127.0.0.1:{settings.scripted_model_port}/_script/rules"
+    saved = _http_json("GET", url)["rules"]
+    _http_json("POST", url, rules)
+    try:
+        yield
+    finally:
+        _http_json("PUT", url, saved)
+
+
+def model_calls(settings: Settings) -> int:
+    """Chat requests the scripted model has answered since its last reset (counted at the model)."""
+    return _http_json("GET", f"http://127.0.0.1:{settings.scripted_model_port}/_script/stats")["chat_requests"]
 
 
 def _http_json(method: str, url: str, body: Any = None) -> Any:

@@ -11,6 +11,9 @@ Sides (`--sides`):
   bridge-unstreamed  the same with VTL_BRIDGE_STREAMING=false
   direct             one asyncio task per viewer, plain `messages.create`
   direct-streamed    the same with streaming=True, stream_tokens=True
+  bridge-mix         the bridge with its defaults, on a realistic mix of turns: of every 10 turns of a
+                     viewer, 5 plain, 3 with an avatar cue (set_expression) and 2 with a memory write
+                     (remember_viewer_fact), each written beside the reply in one response
 Each bridge block runs its own bridge process. Each round runs every side once per level, back to
 back, the order rotating from round to round; a ratio is taken within a round (the same minutes of
 the same machine) and the median over rounds is reported. Pairs that make the same Letta call
@@ -27,14 +30,14 @@ import time
 from dataclasses import dataclass, field
 
 from bench.common import (
-    Bridge, BridgeSender, DirectSender, TURN_WAIT_S, bench_stack, ensure_agents, log, ms, p50, parse, parser,
-    problem_counts, problems_since, report, run_id, table,
+    PLAIN_REPLY, Bridge, BridgeSender, DirectSender, TURN_WAIT_S, bench_stack, ensure_agents, log, ms, p50, parse,
+    parser, problem_counts, problems_since, report, run_id, scripted_rules, table,
 )
 from bench.cpu import CpuMeter
 
 FULL = {"levels": "1,8,32,128", "window": 30.0, "rounds": 5, "sides": "bridge,bridge-unstreamed,direct,direct-streamed"}
 QUICK = {"levels": "1,4,8", "window": 8.0, "rounds": 2, "sides": "bridge,direct"}
-BRIDGE_KNOBS = {"bridge": {}, "bridge-unstreamed": {"VTL_BRIDGE_STREAMING": "false"}}
+BRIDGE_KNOBS = {"bridge": {}, "bridge-unstreamed": {"VTL_BRIDGE_STREAMING": "false"}, "bridge-mix": {}}
 DIRECT_STREAMING = {"direct": False, "direct-streamed": True}
 SIDES = (*BRIDGE_KNOBS, *DIRECT_STREAMING)
 # (side, other, what the ratio means), reported when both sides ran
@@ -42,7 +45,28 @@ PAIRS = (
     ("bridge", "direct-streamed", "the same Letta call (a token stream): the bridge's own cost"),
     ("bridge-unstreamed", "direct", "the same Letta call (plain): the bridge's own cost"),
     ("bridge", "direct", "the bridge's defaults vs plain sends: what a client switching to the bridge sees"),
+    ("bridge-mix", "bridge", "50 % plain / 30 % avatar cue / 20 % memory write vs plain turns, both through the bridge"),
 )
+MIX = ("plain",) * 5 + ("cue",) * 3 + ("mem",) * 2  # of every 10 turns of one viewer
+
+
+def mix_rules() -> list[dict]:
+    """The scripted model's answers to the mix's marked turns (the reply itself stays PLAIN_REPLY)."""
+    return [
+        {"name": "mix-cue", "when": {"user_contains": "[cue]"},
+         "then": {"reply": PLAIN_REPLY, "tool_calls": [{"name": "set_expression", "arguments": {"expression": "happy"}}]}},
+        {"name": "mix-mem", "when": {"user_regex": r"\[mem\] (?P<n>\S+)"},
+         "then": {"reply": PLAIN_REPLY, "tool_calls": [
+             {"name": "remember_viewer_fact", "arguments": {"fact": "likes game {n}", "category": "games"}}]}},
+    ]
+
+
+def turn_text(side: str, index: int, turn: int) -> str:
+    text = f"第{turn}条：主播晚上好！"
+    if side != "bridge-mix":
+        return text
+    kind = MIX[(index + turn) % len(MIX)]  # viewers start at different points of the cycle
+    return text if kind == "plain" else f"[{kind}] v{index}t{turn} {text}"
 PLATEAU = 0.90  # "stops growing": a level within 10 % of the best level's turns/s
 SETTLE_S = 2.0  # Letta finishes a turn's bookkeeping after its reply: let it, before the next block
 CPU_PARTS = ("letta", "postgres", "model", "redis", "bridge", "client")
@@ -74,7 +98,8 @@ def cycles_between(arrivals: list[float], start: float, end: float) -> float:
     return progress(end) - progress(start)
 
 
-async def steady_block(send, viewers: list[str], window: float, meter: CpuMeter | None) -> Block:
+async def steady_block(send, viewers: list[str], window: float, meter: CpuMeter | None,
+                       text_of=lambda index, turn: f"第{turn}条：主播晚上好！") -> Block:
     """Every viewer in a closed loop (the next turn as soon as the reply is in); the window starts
     once every viewer has had a reply, and ends with each viewer's turn then in flight finishing."""
     arrivals: list[list[tuple[float, float]]] = [[] for _ in viewers]  # per viewer: (arrival, latency)
@@ -86,7 +111,7 @@ async def steady_block(send, viewers: list[str], window: float, meter: CpuMeter 
         # Until a reply after the window's end: the far edge of cycles_between.
         while window_end is None or not arrivals[index] or arrivals[index][-1][0] <= window_end:
             try:
-                latency = await send(index, viewer_id, f"第{turn}条：主播晚上好！")
+                latency = await send(index, viewer_id, text_of(index, turn))
                 arrivals[index].append((time.perf_counter(), latency))
             except Exception as exc:  # counted and shown: an error is a result, not a crash
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -133,7 +158,8 @@ async def run_block(settings, args, side: str, level: int, viewers, agents, list
     await asyncio.to_thread(bridge.__enter__)
     try:
         meter = CpuMeter(settings, bridge=bridge.proc.pid)
-        return await steady_block(lambda i, v, text: listener.turn(v, text), viewers[side][:level], args.window, meter)
+        return await steady_block(lambda i, v, text: listener.turn(v, text), viewers[side][:level], args.window, meter,
+                                  text_of=lambda index, turn: turn_text(side, index, turn))
     finally:
         await asyncio.to_thread(bridge.__exit__)
 
@@ -240,7 +266,7 @@ def main() -> None:
     sides = [side.strip() for side in args.sides.split(",")]
     if unknown := set(sides) - set(SIDES):
         p.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))} (of {', '.join(SIDES)})")
-    with bench_stack(args.reuse_stack) as settings:
+    with bench_stack(args.reuse_stack) as settings, scripted_rules(settings, mix_rules() if "bridge-mix" in sides else []):
         args.bridge_concurrency = args.bridge_concurrency or settings.bridge_concurrency
         problems_before = problem_counts(settings)
         results, unexpected = asyncio.run(measure(settings, args, levels, sides))

@@ -15,7 +15,8 @@ import asyncio
 import time
 
 from bench.common import (
-    Bridge, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id, table,
+    Bridge, bench_stack, ensure_agents, log, ms, model_calls, p50, p95, parse, parser, ratio, report, run_id,
+    scripted_rules, table,
 )
 from bench.cpu import CpuMeter
 from bench.published import Published
@@ -60,11 +61,12 @@ def marker(kind: str) -> str:
     return f"[k{list(KINDS).index(kind)}]"
 
 
-async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter, model):
+async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter):
     full: dict[str, list[float]] = {k: [] for k in KINDS}
     first: dict[str, list[float]] = {k: [] for k in KINDS}
     calls: dict[str, list[int]] = {k: [] for k in KINDS}
     cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+    unexpected = 0
     kinds = list(KINDS)
     async with Published(settings) as published:
         for round_no in range(args.warmup + args.rounds):
@@ -73,7 +75,7 @@ async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter, mode
             shift = round_no % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:
                 await asyncio.sleep(args.settle_ms / 1000)  # Letta goes on working after [DONE]
-                before_calls, before_cpu = model.chat_requests(), meter.snapshot()
+                before_calls, before_cpu = model_calls(settings), meter.snapshot()
                 task = await published.push(viewers[kind], f"{marker(kind)} {round_no} 你好")
                 await published.wait_final([task], 120)
                 seen = published.tasks.pop(task)
@@ -85,12 +87,13 @@ async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter, mode
                 full[kind].append(arrived - seen.pushed)
                 if seen.chunks:
                     first[kind].append(seen.chunks[0][0] - seen.pushed)
-                calls[kind].append(model.chat_requests() - before_calls)
+                calls[kind].append(model_calls(settings) - before_calls)
                 cpu[kind].append(used.get("letta", 0.0))
                 expected_silent = kind == "stay_silent"
                 if bool(body.get("silent")) != expected_silent or (not expected_silent and body.get("response_text") != REPLY):
+                    unexpected += 1
                     log(f"unexpected reply for {kind}: {body}")
-    return full, first, calls, cpu
+    return full, first, calls, cpu, unexpected
 
 
 def sandbox_runs(settings, agent_id: str) -> int:
@@ -112,25 +115,17 @@ def main() -> None:
         pacing["delay_ms"] = args.model_latency_ms
     if args.tokens_per_second:
         pacing["tokens_per_second"] = args.tokens_per_second
-    with bench_stack(args.reuse_stack) as settings:
-        from tests.integration.scripted import ScriptedModel
-
-        model = ScriptedModel(settings.scripted_model_port)
-        saved = model.rules()["rules"]
-        model.set_rules(*rules(pacing))
-        try:
-            rid = run_id()
-            viewers = {kind: f"bench:tools-{i}-{rid}" for i, kind in enumerate(KINDS)}
-            agents = ensure_agents(settings, list(viewers.values()))
-            with Bridge(settings, args.reuse_stack) as bridge:
-                meter = CpuMeter(settings, bridge=bridge.proc.pid)
-                log(f"{args.warmup} warm-up + {args.rounds} timed rounds of {len(KINDS)} kinds, interleaved")
-                started = time.perf_counter()
-                full, first, calls, cpu = asyncio.run(measure(settings, args, viewers, meter, model))
-                log(f"measured in {time.perf_counter() - started:.0f}s")
-            runs = {kind: sandbox_runs(settings, agents[viewers[kind]]) / (args.rounds + args.warmup) for kind in KINDS}
-        finally:
-            model.set_rules(*saved)
+    with bench_stack(args.reuse_stack) as settings, scripted_rules(settings, rules(pacing)):
+        rid = run_id()
+        viewers = {kind: f"bench:tools-{i}-{rid}" for i, kind in enumerate(KINDS)}
+        agents = ensure_agents(settings, list(viewers.values()))
+        with Bridge(settings, args.reuse_stack) as bridge:
+            meter = CpuMeter(settings, bridge=bridge.proc.pid)
+            log(f"{args.warmup} warm-up + {args.rounds} timed rounds of {len(KINDS)} kinds, interleaved")
+            started = time.perf_counter()
+            full, first, calls, cpu, unexpected = asyncio.run(measure(settings, args, viewers, meter))
+            log(f"measured in {time.perf_counter() - started:.0f}s")
+        runs = {kind: sandbox_runs(settings, agents[viewers[kind]]) / (args.rounds + args.warmup) for kind in KINDS}
         plain_full, plain_first = p50(full["plain"]), p50(first["plain"])
         rows = []
         for kind in KINDS:
@@ -145,7 +140,7 @@ def main() -> None:
         report(f"Tool turns through the bridge ({latency})", settings, args.reuse_stack, scripted="each kind: its reply and its tool calls in one response", sections=[
             table(["turn", "n", "reply p50 ms", "reply p95 ms", "× plain p50", "first sentence p50 ms",
                    "× plain", "model calls p50 (max)", "sandbox runs / turn", "Letta CPU / turn ms"], rows),
-            f"{bridge.problems()}.",
+            f"Replies other than the scripted one: {unexpected}. {bridge.problems()}.",
         ])
 
 

@@ -263,8 +263,14 @@ def restore(settings: Settings, source: Path, *, force: bool = False,
             continue
         redis_conn.hset(redis_keys.VIEWER_AGENTS, viewer_id, agent_id)
         kept += 1
-    listed = ViewerAgents(settings, client=client, redis_conn=redis_conn).list()  # hsetnx for any not in the map
-    line = f"redis     {kept} map entries restored and verified against Letta; {len(listed)} viewer agents in Letta"
+    viewers = ViewerAgents(settings, client=client, redis_conn=redis_conn)
+    listed = viewers.list()  # hsetnx for any not in the map
+    # Each agent's memory token is bound to this stack's gate secret (tools/memory_gate.py), which
+    # need not be the backed-up stack's: issue them anew, or every memory tool would be refused.
+    for row in listed:
+        client.agents.update(row["agent_id"], secrets=viewers.agent_secrets(row["agent_id"]))
+    line = (f"redis     {kept} map entries restored and verified against Letta; {len(listed)} viewer agents in "
+            "Letta (memory tokens issued for this stack)")
     if dropped:
         line += f"; {len(dropped)} entries had no matching agent in the dump and were left out"
     report.add(line)

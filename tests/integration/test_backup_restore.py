@@ -79,7 +79,7 @@ class PrivateStack:
             "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(s.redis_port),
             "VTL_DATA_DIR": str(s.data_dir), "VTL_LETTA_SERVER_HOME": str(s.letta_server_home),
             "VTL_POSTGRES_PORT": str(s.postgres_port), "VTL_SCRIPTED_MODEL_PORT": str(s.scripted_model_port),
-            "VTL_PERSONA_CONFIG": str(s.persona_config),
+            "VTL_PERSONA_CONFIG": str(s.persona_config), "VTL_MEMORY_GATE_URL": s.memory_gate_url,
         }
         return subprocess.run([sys.executable, "-m", "vtuber_letta.cli", *args], env=env, cwd=self.data_dir,
                               capture_output=True, text=True, timeout=600)

@@ -20,10 +20,12 @@ pytestmark = pytest.mark.integration
 CLEAN_BRIDGE = "bridge fallbacks to memory-python: 0, dead letters: 0"
 CLEAN_REPLIES = "Replies other than the scripted one: 0."
 # Smaller still than --quick where a script's quick run is long (throughput: 2.5 minutes).
-EXTRA_ARGS = {"throughput": ["--levels", "1,4", "--window", "4", "--rounds", "1"]}
+EXTRA_ARGS = {"throughput": ["--levels", "1,4", "--window", "4", "--rounds", "1", "--sides", "bridge,direct,bridge-mix"],
+              "tool_turns": ["--rounds", "2", "--warmup", "0"]}
 EXPECTED = {
     "overhead": ["| bridge vs direct, streamed |", CLEAN_REPLIES, CLEAN_BRIDGE],
-    "throughput": ["| bridge / direct |", CLEAN_REPLIES, CLEAN_BRIDGE],
+    "throughput": ["| bridge / direct |", "| bridge-mix / bridge |", CLEAN_REPLIES, CLEAN_BRIDGE],
+    "tool_turns": ["| expression + motion |", "| remember + expression |", CLEAN_REPLIES, CLEAN_BRIDGE],
     "first_contact": ["| new viewer (agent created on the way) |", CLEAN_REPLIES, CLEAN_BRIDGE],
     "scale": ["| thread pool |", "| RSS (VmRSS), no tracing | 10000 |"],
     "ttfs": ["| first sentence / whole reply (streaming on, per turn) |", CLEAN_BRIDGE],
