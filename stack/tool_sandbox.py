@@ -27,6 +27,7 @@ the same thing (`python3 tool_sandbox.py /opt/vtl-tool-sandbox --user vtl-tools`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pwd
 import shlex
@@ -38,6 +39,7 @@ from pathlib import Path
 VENV_NAME = "venv"
 TOOL_USER = "vtl-tools"  # the user tools run as when the server runs as root
 LAUNCHER_MARK = "# vtuber-letta tool sandbox launcher"
+LAUNCHER_VERSION = 1  # bump when launcher_script changes, so `make install` rebuilds old sandboxes
 
 # Every environment variable a tool may read; nothing else crosses into a tool process.
 # LETTA_AGENT_ID / LETTA_TOOL_ID are set by Letta for each call; the VTL_* ones are the
@@ -80,7 +82,7 @@ def launcher_script(interpreter: Path, user: str | None) -> str:
     run = f"{shlex.quote(str(interpreter))} -I"
     lines = [
         "#!/bin/sh",
-        LAUNCHER_MARK,
+        launcher_mark(),
         "# Built by stack/tool_sandbox.py; Letta runs it as `python3 <script>` in TOOL_EXEC_DIR.",
         'script="$1"',
         '[ -n "$script" ] || { echo "usage: python3 SCRIPT" >&2; exit 2; }',
@@ -97,16 +99,30 @@ def launcher_script(interpreter: Path, user: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def launcher_mark() -> str:
+    """The launcher's second line: names what it passes, so a changed list means a rebuild."""
+    digest = hashlib.sha256(repr((LAUNCHER_VERSION, TOOL_ENV, FIXED_ENV)).encode()).hexdigest()[:12]
+    return f"{LAUNCHER_MARK} {digest}"
+
+
 def is_built(sandbox_dir: Path) -> bool:
+    """True when the sandbox exists and its launcher is the one this code builds."""
     launcher = sandbox_dir / VENV_NAME / "bin" / "python3"
     try:
-        return LAUNCHER_MARK in launcher.read_text()
-    except OSError:
+        return launcher.read_text().splitlines()[1] == launcher_mark()
+    except (OSError, IndexError):
         return False
 
 
-def build(sandbox_dir: Path, *, user: str | None, python: str = sys.executable) -> Path:
-    """Create (or re-create) the sandbox; returns the launcher's path. Idempotent, offline."""
+def default_python() -> str:
+    """The system's interpreter when there is one: the tool user must reach it (an interpreter under
+    /root, e.g. pyenv's, is out of its reach and would run without its standard library)."""
+    return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+def build(sandbox_dir: Path, *, user: str | None, python: str | None = None) -> Path:
+    """Create (or re-create) the sandbox and check it runs; returns the launcher's path. Offline."""
+    python = python or default_python()
     sandbox_dir = sandbox_dir.resolve()
     env_dir = sandbox_dir / VENV_NAME
     base = _base_interpreter(python)
@@ -116,16 +132,42 @@ def build(sandbox_dir: Path, *, user: str | None, python: str = sys.executable) 
     # Letta writes each call's script here (0600, the server's user); the tool user may only pass through.
     os.chmod(sandbox_dir, 0o711)
     subprocess.run([base, "-m", "venv", "--without-pip", str(env_dir)], check=True)
-    interpreter = env_dir / "bin" / Path(base).name
-    if not interpreter.exists():
-        interpreter = Path(os.path.realpath(base))
+    # bin/python3 becomes the launcher; the versioned name points straight at the real interpreter
+    # (venv may have linked it to python3, which would make the launcher start itself).
+    interpreter = env_dir / "bin" / _versioned_name(base)
+    for name in (interpreter.name, "python"):
+        (env_dir / "bin" / name).unlink(missing_ok=True)
+    interpreter.symlink_to(os.path.realpath(base))
+    (env_dir / "bin" / "python").symlink_to(interpreter.name)
     launcher = env_dir / "bin" / "python3"
     if launcher.is_symlink() or launcher.exists():
         launcher.unlink()
     launcher.write_text(launcher_script(interpreter, user))
     launcher.chmod(0o755)
     env_dir.chmod(0o755)
+    _check(sandbox_dir, launcher)
     return launcher
+
+
+def _check(sandbox_dir: Path, launcher: Path) -> None:
+    """Run one script the way Letta will, as the tool user: it must find its own standard library."""
+    probe = sandbox_dir / "vtl-sandbox-check.py"
+    probe.write_text("import json, sys\nprint(json.dumps(sys.prefix))\n")
+    probe.chmod(0o600)
+    try:
+        done = subprocess.run([str(launcher), str(probe)], cwd=sandbox_dir, capture_output=True, text=True, timeout=60)
+    finally:
+        probe.unlink()
+    prefix = done.stdout.strip().strip('"')
+    if done.returncode != 0 or prefix != str(launcher.parent.parent):
+        raise RuntimeError(f"the tool sandbox at {sandbox_dir} does not run (prefix {prefix!r}, exit {done.returncode}): "
+                           f"{done.stderr.strip()[-500:]}")
+
+
+def _versioned_name(python: str) -> str:
+    out = subprocess.run([python, "-c", "import sys; print('python%d.%d' % sys.version_info[:2])"],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 def _base_interpreter(python: str) -> str:
@@ -151,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the slim sandbox Letta runs vtuber-letta's tools in.")
     parser.add_argument("dir", type=Path, help="the directory to give the Letta server as TOOL_EXEC_DIR")
     parser.add_argument("--user", default=TOOL_USER, help="the user tools run as when the server is root")
-    parser.add_argument("--python", default=sys.executable, help="the interpreter to base the venv on")
+    parser.add_argument("--python", default=None, help="the interpreter to base the venv on (default: /usr/bin/python3)")
     args = parser.parse_args(argv)
     launcher = build(args.dir, user=ensure_tool_user(args.user), python=args.python)
     print(f"tool sandbox: {launcher}")

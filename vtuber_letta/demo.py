@@ -34,10 +34,11 @@ BOB = "demo:bob"
 
 # How the stand-in model behaves in this demo (see stack/scripted_model.py for the format).
 DEMO_RULES = [
+    # The reply, a memory write and an expression in one response: one model call (bridge/README.md).
     {"name": "demo-remember-name", "when": {"user_regex": r"my name is (?P<name>\w+)"},
-     "then": {"call_tool": "remember_viewer_fact", "arguments": {"fact": "their name is {name}", "category": "name"}}},
-    {"name": "demo-after-remember", "when": {"after_tool": "remember_viewer_fact", "user_regex": r"my name is (?P<name>\w+)"},
-     "then": {"reply": "Nice to meet you, {name}! I'll remember that. 星星在看着你哦～"}},
+     "then": {"reply": "Nice to meet you, {name}! I'll remember that. 星星在看着你哦～",
+              "tool_calls": [{"name": "remember_viewer_fact", "arguments": {"fact": "their name is {name}", "category": "name"}},
+                             {"name": "set_expression", "arguments": {"expression": "happy"}}]}},
     # Recall only from what is in THIS viewer's memory block, as rendered into the prompt.
     {"name": "demo-recall-name", "when": {"user_contains": "remember my name", "system_contains": "their name is"},
      "then": {"reply_from_block": "human", "line_regex": r"their name is \w+",
