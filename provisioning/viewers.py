@@ -31,6 +31,7 @@ from provisioning.naming import (
 from provisioning.provision import Blueprint, ProvisioningError, find_shared_block, load_blueprint
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
+from vtuber_letta.private_files import write_private
 from vtuber_letta.redis_api import redis_client
 from vtuber_letta.settings import Settings
 
@@ -191,7 +192,7 @@ class ViewerAgents:
             raise ProvisioningError(f"viewer {viewer_id!r} has no agent")
         exported = self.client.agents.export_file(known.agent_id)
         text = exported if isinstance(exported, str) else json.dumps(exported)
-        path.write_text(text, encoding="utf-8")
+        write_private(path, text)  # the viewer's whole memory
         return path
 
     def forget(self, viewer_id: str) -> bool:
