@@ -32,8 +32,9 @@ Rules a producer can rely on (anything else is dead-lettered with a reason, neve
   any script or one of `_ . : @ + = -`.
 - `type`: text, audio (chat; `content` or `input_file` required), super_chat (`meta.amount`
   required), gift (`meta.gift_name` required), membership, enter.
-- `content`: at most 4000 characters. When missing, the text is read from `input_file`, which must
-  resolve (symlinks followed) to a regular UTF-8 file inside the configured uploads folder.
+- `content`: at most 4000 characters. When missing, the text is read from `input_file`: a path
+  relative to the configured uploads folder or absolute under it, naming a regular UTF-8 file, with
+  no `..` and no symbolic link below the uploads folder (`read_input_file`).
 - `meta.memory_type`: permanent (Letta) or temporary (memory-python); missing = permanent
   (configurable). `null` is accepted for every optional field and for `meta` itself; unknown
   `meta` and top-level fields are kept and ignored.
@@ -43,12 +44,13 @@ Rules a producer can rely on (anything else is dead-lettered with a reason, neve
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -332,41 +334,37 @@ def parse_request(raw: bytes | str, *, max_bytes: int) -> LettaRequest:
 
 
 def read_input_file(input_file: str, uploads_dir: Path, max_bytes: int) -> str:
-    """The text of input_file, only if it resolves to a regular file inside uploads_dir.
+    """The text of input_file, a regular UTF-8 file inside uploads_dir; WireError says why not.
 
-    Symlinks are resolved before the check (a link inside uploads pointing at /etc/passwd is
-    refused); the final open does not follow a symlink swapped in afterwards; at most max_bytes
-    are read; the content must be UTF-8.
+    Race-free: the uploads folder is opened once, then every part of the path is opened relative
+    to the folder opened before it, never following a link (O_NOFOLLOW). A check of the path
+    followed by an open of the path would let anyone who can write in uploads swap a folder for
+    a link to / between the two; here the file read is always the one found by that walk. The
+    path may be relative to uploads_dir or absolute under it (as configured, or with its links
+    resolved); `..` and links anywhere below the uploads folder are refused, and so is anything
+    that is not a regular file (a FIFO is never opened, so it cannot block) or is over max_bytes.
     """
     if "\x00" in input_file:
         raise WireError("input_file contains a NUL byte")
-    root = uploads_dir.resolve()
-    candidate = Path(input_file)
-    if not candidate.is_absolute():
-        candidate = root / candidate
+    parts = [part for part in input_file.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise WireError("input_file is outside the uploads folder ('..' is not allowed)")
+    if input_file.startswith("/"):
+        parts = _below_uploads(parts, uploads_dir)
     try:
-        real = candidate.resolve()  # symlinks of the existing part resolved; containment first,
-    except (OSError, RuntimeError):  # so a path outside never reveals whether it exists
-        raise WireError("input_file cannot be resolved") from None
-    if real != root and root not in real.parents:
-        raise WireError("input_file is outside the uploads folder")
-    if not real.exists():
-        raise WireError("input_file does not exist")
-    try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        folder = os.open(uploads_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise WireError(f"input_file cannot be opened ({exc.strerror})") from None
+        raise WireError(f"the uploads folder cannot be opened ({exc.strerror})") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise WireError("input_file is not a regular file")
-        if info.st_size > max_bytes:
-            raise WireError(f"input_file is {info.st_size} bytes; the limit is {max_bytes}")
-        data = os.read(fd, max_bytes + 1)
+        for part in parts[:-1]:
+            inner = _open_below(folder, part, os.O_RDONLY | os.O_DIRECTORY)
+            os.close(folder)
+            folder = inner
+        if not parts:
+            _not_a_file()  # the uploads folder itself
+        data = _read_regular_file(folder, parts[-1], max_bytes)
     finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise WireError(f"input_file is larger than {max_bytes} bytes")
+        os.close(folder)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -376,3 +374,74 @@ def read_input_file(input_file: str, uploads_dir: Path, max_bytes: int) -> str:
     if len(text) > MAX_CONTENT_CHARS:
         raise WireError(f"input_file holds {len(text)} characters; the limit is {MAX_CONTENT_CHARS}")
     return text
+
+
+_SYMLINK_REFUSED = "input_file has a symbolic link in its path (links are never followed)"
+
+
+def _below_uploads(parts: list[str], uploads_dir: Path) -> list[str]:
+    """The parts of an absolute path below the uploads folder (spelt as configured, or resolved)."""
+    for base in (os.path.abspath(uploads_dir), os.path.realpath(uploads_dir)):
+        prefix = [part for part in base.split("/") if part]
+        if parts[:len(prefix)] == prefix:
+            return parts[len(prefix):]
+    raise WireError("input_file is outside the uploads folder")
+
+
+def _open_below(folder: int, name: str, flags: int) -> int:
+    """os.open of `name` inside the open folder, never following a link; WireError on failure."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or _is_link(folder, name):
+            raise WireError(_SYMLINK_REFUSED) from None
+        if exc.errno == errno.ENOENT:
+            raise WireError("input_file does not exist") from None
+        if exc.errno == errno.ENOTDIR:
+            raise WireError("input_file does not exist (a part of its path is not a folder)") from None
+        raise WireError(f"input_file cannot be opened ({exc.strerror})") from None
+
+
+def _is_link(folder: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _read_regular_file(folder: int, name: str, max_bytes: int) -> bytes:
+    try:
+        seen = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        raise WireError("input_file does not exist") from None
+    except OSError as exc:
+        raise WireError(f"input_file cannot be opened ({exc.strerror})") from None
+    if stat.S_ISLNK(seen.st_mode):
+        raise WireError(_SYMLINK_REFUSED)
+    if not stat.S_ISREG(seen.st_mode):
+        _not_a_file()  # before any open: a FIFO or a device is never opened at all
+    # Non-blocking and no controlling terminal, in case something else was swapped in since the
+    # look above; fstat of what was opened is what decides.
+    fd = _open_below(folder, name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            _not_a_file()
+        if info.st_size > max_bytes:
+            raise WireError(f"input_file is {info.st_size} bytes; the limit is {max_bytes}")
+        chunks, size = [], 0
+        while size <= max_bytes:  # one byte more than allowed tells a file that grew since fstat
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise WireError(f"input_file is larger than {max_bytes} bytes")
+    return b"".join(chunks)
+
+
+def _not_a_file() -> NoReturn:
+    raise WireError("input_file is not a regular file")

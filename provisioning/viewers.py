@@ -32,6 +32,7 @@ from tools.memory_client import GATE_TOKEN_ENV as MEMORY_TOKEN_ENV
 from tools.memory_gate import memory_token
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
+from vtuber_letta.private_files import write_private
 from vtuber_letta.redis_api import redis_client
 from vtuber_letta.settings import Settings
 from vtuber_letta.viewer_ids import UNKNOWN_PLATFORM, check_viewer_id, platform_of
@@ -202,7 +203,7 @@ class ViewerAgents:
             raise ProvisioningError(f"viewer {viewer_id!r} has no agent")
         exported = self.client.agents.export_file(known.agent_id)
         text = exported if isinstance(exported, str) else json.dumps(exported)
-        path.write_text(text, encoding="utf-8")
+        write_private(path, text)  # the viewer's whole memory
         return path
 
     def forget(self, viewer_id: str) -> bool:

@@ -22,6 +22,7 @@ from stack.letta_server import LettaServer
 from stack.postgres import Postgres
 from stack.processes import ManagedProcess, StackError, listening_addresses, port_open, wait_until
 from stack.redis_server import RedisServer
+from vtuber_letta.private_files import TRAVERSE_ONLY, make_private, private_dir
 from vtuber_letta.settings import LOOPBACK_HOSTS, Settings
 
 SCRIPTED_MODEL_KEY = "scripted-model-needs-no-key"
@@ -138,8 +139,7 @@ class Stack:
         redis_host, redis_port = settings.redis_address
         self.manages_redis = redis_host in LOOPBACK_HOSTS
         self.manages_letta = settings.letta_host in LOOPBACK_HOSTS
-        self.redis = RedisServer(data, redis_host, redis_port,
-                                 settings.redis_password.get_secret_value() if settings.redis_password else None)
+        self.redis = RedisServer(data, redis_host, redis_port, settings.redis_secret)
         self.postgres = Postgres(self.install, data, settings.postgres_port, run_as=None)
         self.model = None if settings.uses_real_model else ScriptedModelProcess(data, settings.scripted_model_port)
         self.memory_gate = MemoryGateProcess(settings)
@@ -169,6 +169,7 @@ class Stack:
     # ---------------- commands ----------------
     def up(self) -> list[PartStatus]:
         started: list[str] = []
+        self.make_data_private()
         if self.manages_redis and self.redis.start(self.log):
             started.append("redis")
         if self.manages_letta:
@@ -183,12 +184,30 @@ class Stack:
                 started.append("letta")
             if self.memory_gate.start(self.log):
                 started.append("memory-gate")
+        # Again: Letta's schema migration (run before the server, without our umask) leaves
+        # config/.letta readable, and Letta saves its database URI, password included, there.
+        self.make_data_private()
         self.log("started: " + (", ".join(started) if started else "nothing (already up)"))
         statuses = self.status()
         bad = [s for s in statuses if s.state not in ("healthy", "external")]
         if bad:
             raise StackError("not healthy after start: " + ", ".join(f"{s.name} ({s.state})" for s in bad))
         return statuses
+
+    def make_data_private(self) -> None:
+        """The stack's folders private (0700, files 0600), also those an older version made 0755/0644.
+
+        data/letta stays enterable (0711, not listable) for the unprivileged Postgres user on its
+        way to pgdata, which Postgres itself keeps 0700. Not touched: data/ itself and the
+        operator's own folders in it (config, uploads).
+        """
+        letta = self.settings.data_dir / "letta"
+        if self.manages_letta:
+            private_dir(letta, TRAVERSE_ONLY)
+            for name in ("config", "logs", "run"):
+                make_private(private_dir(letta / name))
+        if self.manages_redis:
+            make_private(private_dir(self.settings.data_dir / "redis"))
 
     def down(self) -> list[str]:
         stopped = []

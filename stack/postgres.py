@@ -12,10 +12,12 @@ import signal
 import secrets
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from stack.install import LettaInstall
 from stack.processes import ManagedProcess, as_user, StackError, port_open, run_checked, wait_until
+from vtuber_letta.private_files import TRAVERSE_ONLY, create_private, private_dir, write_private
 
 DB_NAME = "letta"
 DB_USER = "letta"
@@ -46,9 +48,8 @@ class Postgres:
 
     def password(self) -> str:
         if not self.password_file.exists():
-            self.password_file.parent.mkdir(parents=True, exist_ok=True)
-            self.password_file.touch(mode=0o600)
-            self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+            private_dir(self.password_file.parent)
+            create_private(self.password_file, secrets.token_urlsafe(24) + "\n")
         return self.password_file.read_text().strip()
 
     def healthy(self) -> bool:
@@ -92,18 +93,20 @@ class Postgres:
 
     def _initdb(self, log) -> None:
         log(f"postgres: initialising {self.pgdata}")
-        self.pgdata.mkdir(parents=True, exist_ok=True)
-        pwfile = self.letta_dir / "config" / ".initdb-pw"
-        pwfile.write_text(self.password() + "\n")
-        self._own(self.pgdata, pwfile)
-        os.chmod(self.pgdata, 0o700)
+        private_dir(self.pgdata)
+        # initdb reads the password from a file: a 0600 one in a 0700 folder of initdb's own user
+        # (the config folder, where the password files live, is the operator's alone).
+        pwdir = Path(tempfile.mkdtemp(prefix=".initdb-", dir=self.letta_dir))
+        pwfile = pwdir / "pw"
+        write_private(pwfile, self.password() + "\n")
+        self._own(self.pgdata, pwdir, pwfile)
         try:
             run_checked(self._as_user([str(self.install.pg_bin / "initdb"), "-D", str(self.pgdata),
                                        "-U", DB_USER, "--auth=scram-sha-256", f"--pwfile={pwfile}",
                                        "-E", "UTF8", "--locale=C.UTF-8"]),
                         what="initdb", env=self._env())
         finally:
-            pwfile.unlink(missing_ok=True)
+            shutil.rmtree(pwdir, ignore_errors=True)
         with open(self.pgdata / "postgresql.conf", "a") as conf:
             conf.write("\n# vtuber-letta: loopback only, modest footprint for a 2-core machine\n"
                        "listen_addresses = '127.0.0.1'\nmax_connections = 200\nshared_buffers = 128MB\n")
@@ -126,7 +129,8 @@ class Postgres:
     def _check_reachable_by_run_as(self) -> None:
         if not self.run_as:
             return
-        self.letta_dir.mkdir(parents=True, exist_ok=True)
+        if not self.letta_dir.exists():
+            private_dir(self.letta_dir, TRAVERSE_ONLY)
         probe = subprocess.run(as_user(self.run_as, ["test", "-x", str(self.letta_dir)]), capture_output=True)
         if probe.returncode != 0:
             raise StackError(f"postgres runs as the unprivileged user {self.run_as!r}, which cannot reach "

@@ -8,11 +8,13 @@ against it is exactly what the caller asked for.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from stack.processes import free_port
+from vtuber_letta.private_files import TRAVERSE_ONLY
 from vtuber_letta.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,14 +23,16 @@ FOREIGN_ENV_PREFIXES = ("OPENAI_", "OLLAMA_", "LETTA_", "REDIS_", "VTL_")
 
 
 def private_data_dir(prefix: str = "vtl-stack-") -> Path:
-    """A fresh data dir that Postgres' unprivileged user can reach (mkdtemp makes it 0700)."""
+    """A fresh data dir that Postgres' unprivileged user can pass through to its pgdata, and nobody
+    else can list (mkdtemp makes it 0700; 0711)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
+    path.chmod(TRAVERSE_ONLY)
     return path
 
 
 def private_stack_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings of a private stack in data_dir on free loopback ports, scripted model, no `.env`."""
+    """Settings of a private stack in data_dir on free loopback ports, scripted model, a generated
+    Redis password, no `.env`."""
     values: dict[str, Any] = dict(
         letta_api_url=f"http://127.0.0.1:{free_port()}",
         letta_api_key=None,
@@ -36,7 +40,9 @@ def private_stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         redis_url=None,
         redis_host="127.0.0.1",
         redis_port=free_port(),
-        redis_password=None,
+        # A private stack's Redis requires a password, as every deployment's should: what runs
+        # against it gets the password the way a real client does (child_env).
+        redis_password=secrets.token_urlsafe(24),
         openai_api_key=None,
         openai_base_url=None,
         ollama_base_url=None,
@@ -73,8 +79,8 @@ def child_env(settings: Settings, **knobs: Any) -> dict[str, str]:
         "VTL_TEMPLATE": settings.template_name,
         "VTL_PERSONA_CONFIG": str(persona),
     })
-    if settings.redis_password:
-        env["REDIS_PASSWORD"] = settings.redis_password.get_secret_value()
+    if settings.redis_secret:
+        env["REDIS_PASSWORD"] = settings.redis_secret
     env.update(env_values(knobs))
     return env
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from vtuber_letta.private_files import PRIVATE_UMASK, private_dir, write_private
+
 
 class StackError(RuntimeError):
     """A stack part could not be installed, started or stopped; the message says which and why."""
@@ -44,13 +46,15 @@ class ManagedProcess:
         return None
 
     def start(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, user: str | None = None) -> int:
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_file.parent)
+        private_dir(self.pid_file.parent)
         command = list(argv)
         if user:
             command = as_user(user, command)
-        # Logs are the operator's, not every local user's (0600), like the password files beside them.
-        with open(os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        # Logs are the operator's, not every local user's (0600), like the password files beside them;
+        # the part itself runs with umask 077, so what it writes (Redis' append-only file, Letta's
+        # own log and tool folders) is private too.
+        with open(os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab") as log:
             os.chmod(self.log_file, 0o600)
             proc = subprocess.Popen(
                 command,
@@ -60,8 +64,9 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=PRIVATE_UMASK,
             )
-        self.pid_file.write_text(f"{proc.pid}\n")
+        write_private(self.pid_file, f"{proc.pid}\n")
         return proc.pid
 
     def stop(self, *, timeout: float = 20.0) -> bool:

@@ -13,6 +13,12 @@ import redis
 
 from stack.install import ensure_redis_server
 from stack.processes import ManagedProcess, StackError, port_open, wait_until
+from vtuber_letta.private_files import private_dir, write_private
+
+
+def config_quoted(value: str) -> str:
+    """`value` as one argument of a redis.conf line, whatever it holds (spaces, quotes, #)."""
+    return '"' + "".join(f"\\x{byte:02x}" for byte in value.encode()) + '"'
 
 
 class RedisServer:
@@ -41,7 +47,7 @@ class RedisServer:
         if port_open("127.0.0.1", self.port):
             raise StackError(f"port {self.port} is taken by another program: set REDIS_PORT (or REDIS_URL)")
         binary = ensure_redis_server(log)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)  # the append-only file holds every queued viewer message
         argv = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "300 1",
                 "--protected-mode", "yes", "--daemonize", "no"]
@@ -49,8 +55,7 @@ class RedisServer:
         if self.password:
             # A password on the command line would show in `ps`; a 0600 config file keeps it private.
             secret_conf = self.dir / "auth.conf"
-            secret_conf.touch(mode=0o600)
-            secret_conf.write_text(f"requirepass {self.password}\n")
+            write_private(secret_conf, f"requirepass {config_quoted(self.password)}\n")
             argv = [binary, str(secret_conf), *argv[1:]]
         self.process.start(argv, env=env, cwd=self.dir)
         if not wait_until(self._ping, 30):

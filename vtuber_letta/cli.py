@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
+from vtuber_letta.private_files import readable_by_others
 from vtuber_letta.settings import Settings, SettingsError, load_settings
 from vtuber_letta.viewer_ids import InvalidViewerId, check_platform, check_viewer_id
 
@@ -68,7 +70,6 @@ def _provision_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 def _agent_cmd(args: argparse.Namespace, settings: Settings) -> int:
     import json
-    from pathlib import Path
 
     from provisioning.viewers import ViewerAgents
 
@@ -145,8 +146,6 @@ def _memory_gate_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _backup_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from pathlib import Path
-
     from provisioning.backup import BackupError, backup, restore
 
     def log(msg: str) -> None:  # progress on stderr, the report on stdout
@@ -232,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        warn_if_env_file_is_readable_by_others(Path(".env"))
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call drowns the summary
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler
@@ -249,6 +249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+def warn_if_env_file_is_readable_by_others(path: Path) -> None:
+    """`.env` holds the passwords: say so when other users of this machine can read it."""
+    try:
+        exposed = readable_by_others(path)
+    except OSError:
+        return
+    if exposed:
+        print(f"warning: {path} holds passwords and other users can read it: chmod 600 {path}", file=sys.stderr)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

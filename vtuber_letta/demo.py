@@ -27,6 +27,7 @@ from bridge.say import say
 from provisioning.provision import provision
 from stack.manager import Stack, format_status
 from stack.processes import wait_until
+from vtuber_letta.private_files import PRIVATE_FILE, PRIVATE_UMASK
 from vtuber_letta.settings import Settings
 
 ALICE = "demo:alice"
@@ -94,8 +95,10 @@ def _script_model(settings: Settings) -> None:
 def _start_bridge(settings: Settings) -> subprocess.Popen:
     log = settings.data_dir / "bridge-demo.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "vtuber_letta.cli", "bridge"], env={**os.environ},
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE), "ab") as out:
+        os.chmod(log, PRIVATE_FILE)  # the viewers' words are in it
+        proc = subprocess.Popen([sys.executable, "-m", "vtuber_letta.cli", "bridge"], env={**os.environ},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
     checker = [sys.executable, "-m", "vtuber_letta.cli", "bridge", "--check"]
     if not wait_until(lambda: subprocess.run(checker, capture_output=True).returncode == 0, 30, interval=0.5):
         proc.kill()

@@ -15,10 +15,12 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vtuber_letta.private_files import create_private, private_dir
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -202,11 +204,28 @@ class Settings(BaseSettings):
         return self.redis_host, self.redis_port
 
     @property
-    def redis_connection_url(self) -> str:
-        """A redis:// URL for clients (password included when configured)."""
+    def redis_secret(self) -> str | None:
+        """The Redis password clients send (and the local stack's Redis requires): the one in
+        REDIS_URL if it has one, else REDIS_PASSWORD."""
         if self.redis_url:
-            return self.redis_url
-        auth = f":{self.redis_password.get_secret_value()}@" if self.redis_password else ""
+            in_url = urlsplit(self.redis_url).password
+            if in_url:
+                return unquote(in_url)
+        return self.redis_password.get_secret_value() if self.redis_password else None
+
+    @property
+    def redis_connection_url(self) -> str:
+        """A redis:// URL for clients, with the password (REDIS_PASSWORD also applies to a REDIS_URL
+        without one, so docker compose can give the URL and the password separately)."""
+        secret = self.redis_secret
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            if not self.redis_password or parts.password or parts.scheme == "unix":
+                return self.redis_url
+            user = quote(unquote(parts.username), safe="") if parts.username else ""
+            host = parts.netloc.rsplit("@", 1)[-1]
+            return urlunsplit(parts._replace(netloc=f"{user}:{quote(secret, safe='')}@{host}"))
+        auth = f":{quote(secret, safe='')}@" if secret else ""
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
 
     @property
@@ -269,14 +288,11 @@ class Settings(BaseSettings):
 
 
 def _generated_secret(path: Path) -> str:
-    """The secret kept in path, generated (mode 0600) on first use."""
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(24)
-    path.touch(mode=0o600)
-    path.write_text(value + "\n")
-    return value
+    """The secret kept in path, generated (mode 0600) on first use; the first writer wins a race."""
+    if not path.exists():
+        private_dir(path.parent)
+        create_private(path, secrets.token_urlsafe(24) + "\n")
+    return path.read_text().strip()
 
 
 def load_settings(**overrides) -> Settings:

@@ -418,10 +418,10 @@ def build_corpus(ctx: Context) -> list[Case]:
     path_case("if-02", "absolute path of a secret file", secret, "outside the uploads folder")
     path_case("if-03", "relative ../ traversal to the secret", f"../{ctx.secret_file.name}", "outside the uploads folder")
     path_case("if-04", "uploads path with /../ to the secret", f"{up}/../{ctx.secret_file.name}", "outside the uploads folder")
-    path_case("if-05", "symlink in uploads to the secret", "link-to-secret.txt", "outside the uploads folder", kind="audio")
-    path_case("if-06", "symlink in uploads to /etc/passwd", "link-to-passwd", "outside the uploads folder")
+    path_case("if-05", "symlink in uploads to the secret", "link-to-secret.txt", "symbolic link", kind="audio")
+    path_case("if-06", "symlink in uploads to /etc/passwd", "link-to-passwd", "symbolic link")
     path_case("if-07", "file under a symlinked directory pointing outside", f"linked-dir/{ctx.secret_file.name}",
-              "outside the uploads folder")
+              "symbolic link")
     path_case("if-08", "/proc/self/environ (the bridge's own environment)", "/proc/self/environ", "outside the uploads folder")
     path_case("if-09", "NUL byte in the path", "ok.txt\x00/../../etc/passwd", "NUL byte")
     path_case("if-10", "a FIFO inside uploads (must not block)", "a-fifo", "not a regular file")

@@ -226,7 +226,7 @@ def run_corpus(settings, work: Path) -> Run:
                   victim_secret=f"saffron-{rid}-lighthouse", victim_fact=f"loves zebras {rid}")
     cases, good = build_corpus(ctx), build_good_tasks(ctx)
 
-    # A Redis ACL user with a password (the default user stays open for the rest of the session).
+    # The bridge connects as a Redis ACL user with its own password (the stack's default user has another).
     redis_user, redis_password = f"vtl-hostile-{rid}", secrets.token_hex(16)
     r.execute_command("ACL", "SETUSER", redis_user, "reset", "on", f">{redis_password}", "~*", "&*", "+@all")
     host, port = settings.redis_address

@@ -154,37 +154,159 @@ def test_a_task_without_content_may_name_an_input_file():
     assert request.content is None and request.input_file == "/tmp/x/input.txt"
 
 
+@pytest.fixture
+def outside(tmp_path):
+    """A folder next to uploads holding a secret, the target of every planted link."""
+    folder = tmp_path / "outside"
+    (folder / "t-1").mkdir(parents=True)
+    (folder / "secret.txt").write_text("SECRET")
+    (folder / "t-1" / "input.txt").write_text("SECRET")
+    return folder
+
+
 @pytest.mark.parametrize(
     "make_path, reason_part",
     [
         (lambda up, tmp: "/etc/passwd", "outside the uploads folder"),
-        (lambda up, tmp: str(up / ".." / "secret.txt"), "outside the uploads folder"),
-        (lambda up, tmp: "../secret.txt", "outside the uploads folder"),
+        (lambda up, tmp: "/proc/self/environ", "outside the uploads folder"),
+        (lambda up, tmp: str(tmp / "outside" / "secret.txt"), "outside the uploads folder"),
+        (lambda up, tmp: str(up) + "-sibling/secret.txt", "outside the uploads folder"),  # a prefix, not a parent
+        (lambda up, tmp: str(up / ".." / "outside" / "secret.txt"), "'..' is not allowed"),
+        (lambda up, tmp: "../outside/secret.txt", "'..' is not allowed"),
+        (lambda up, tmp: "t-1/../../outside/secret.txt", "'..' is not allowed"),
+        (lambda up, tmp: "t-1/..", "'..' is not allowed"),  # even one that stays inside
+        (lambda up, tmp: "~/../../etc/passwd", "'..' is not allowed"),
         (lambda up, tmp: str(up / "t-1" / "missing.txt"), "does not exist"),
-        (lambda up, tmp: str(up / "link-out"), "outside the uploads folder"),
-        (lambda up, tmp: str(up / "link-passwd"), "outside the uploads folder"),
+        (lambda up, tmp: "no-such-folder/input.txt", "does not exist"),
+        (lambda up, tmp: "file:///etc/passwd", "does not exist"),
+        (lambda up, tmp: "big.txt/input.txt", "a part of its path is not a folder"),
+        (lambda up, tmp: str(up / "link-out"), "symbolic link"),  # a link to a file outside
+        (lambda up, tmp: str(up / "link-passwd"), "symbolic link"),
+        (lambda up, tmp: "link-inside", "symbolic link"),  # even a link to a file inside uploads
+        (lambda up, tmp: "link-dir/secret.txt", "symbolic link"),  # a link to a folder, in the middle
+        (lambda up, tmp: "link-dir-inside/input.txt", "symbolic link"),
+        (lambda up, tmp: "t-1/nested/link-up/input.txt", "symbolic link"),  # deeper down
         (lambda up, tmp: str(up / "t-1"), "not a regular file"),
-        (lambda up, tmp: str(up / "big.txt"), "the limit is 1024"),
+        (lambda up, tmp: ".", "not a regular file"),
+        (lambda up, tmp: str(up), "not a regular file"),
+        (lambda up, tmp: "a-fifo", "not a regular file"),  # never opened, so it cannot block
+        (lambda up, tmp: str(up / "big.txt"), "2000 bytes; the limit is 1024"),
         (lambda up, tmp: str(up / "binary.bin"), "not UTF-8"),
         (lambda up, tmp: str(up / "empty.txt"), "is empty"),
         (lambda up, tmp: str(up / "t-1" / "input.txt") + "\x00", "NUL"),
     ],
 )
-def test_input_file_escapes_and_bad_files_are_refused(uploads, tmp_path, make_path, reason_part):
-    (tmp_path / "secret.txt").write_text("secret")
-    os.symlink(tmp_path / "secret.txt", uploads / "link-out")
+def test_input_file_escapes_and_bad_files_are_refused(uploads, outside, tmp_path, make_path, reason_part):
+    (tmp_path / "uploads-sibling").mkdir()
+    (tmp_path / "uploads-sibling" / "secret.txt").write_text("SECRET")
+    os.symlink(outside / "secret.txt", uploads / "link-out")
     os.symlink("/etc/passwd", uploads / "link-passwd")
+    os.symlink("t-1/input.txt", uploads / "link-inside")
+    os.symlink(outside, uploads / "link-dir", target_is_directory=True)
+    os.symlink("t-1", uploads / "link-dir-inside", target_is_directory=True)
+    (uploads / "t-1" / "nested").mkdir()
+    os.symlink(outside, uploads / "t-1" / "nested" / "link-up", target_is_directory=True)
+    os.mkfifo(uploads / "a-fifo")
     (uploads / "big.txt").write_text("x" * 2000)
     (uploads / "binary.bin").write_bytes(b"\xff\xfe\x00\x01")
     (uploads / "empty.txt").write_text("  \n")
     with pytest.raises(WireError) as caught:
         read_input_file(make_path(uploads, tmp_path), uploads, 1024)
     assert reason_part in caught.value.reason
+    assert "SECRET" not in caught.value.reason
 
 
 def test_a_symlinked_uploads_folder_itself_is_fine(tmp_path, uploads):
+    """The folder the operator configured may be a link; the path may name it either way."""
     os.symlink(uploads, tmp_path / "uploads-link")
-    assert read_input_file(str(tmp_path / "uploads-link" / "t-1" / "input.txt"), tmp_path / "uploads-link", 1024)
+    link = tmp_path / "uploads-link"
+    assert read_input_file(str(link / "t-1" / "input.txt"), link, 1024) == "来自文件的你好"
+    assert read_input_file(str(uploads / "t-1" / "input.txt"), link, 1024) == "来自文件的你好"
+    assert read_input_file("./t-1//input.txt", link, 1024) == "来自文件的你好"
+    with pytest.raises(WireError) as caught:  # a link of someone else's to the configured folder
+        read_input_file(str(link / "t-1" / "input.txt"), uploads, 1024)
+    assert "outside the uploads folder" in caught.value.reason
+
+
+def test_a_missing_uploads_folder_is_a_clear_reason(tmp_path):
+    with pytest.raises(WireError) as caught:
+        read_input_file("t-1/input.txt", tmp_path / "no-uploads", 1024)
+    assert "the uploads folder cannot be opened" in caught.value.reason
+
+
+def _swap_for_link(folder: Path, target: Path) -> None:
+    """What an attacker who can write in uploads does: the folder becomes a link to elsewhere."""
+    folder.rename(folder.with_name(folder.name + "-moved"))
+    os.symlink(target, folder, target_is_directory=True)
+
+
+def test_a_folder_swapped_for_a_link_after_the_checks_began_is_refused(uploads, outside, monkeypatch):
+    """The race of a check-then-open reader: the path is fine when looked at, and t-1 becomes a
+    link to a folder outside just before the file is opened. A reader that checks the path and
+    then opens it by name reads the secret; the walk opens t-1 itself without following links."""
+    real_open, swapped = os.open, []
+
+    def open_then_swap(path, flags, *args, **kwargs):
+        if not swapped:  # just before the reader's first open (of uploads, or of the file by name)
+            swapped.append(path)
+            _swap_for_link(uploads / "t-1", outside / "t-1")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_then_swap)
+    with pytest.raises(WireError) as caught:
+        read_input_file(str(uploads / "t-1" / "input.txt"), uploads, 1024)
+    assert swapped, "the swap never happened: the test proves nothing"
+    assert "symbolic link" in caught.value.reason
+
+
+def test_a_folder_moved_away_mid_walk_still_yields_the_file_found_inside(uploads, outside, monkeypatch):
+    """Once a folder is open, swapping its name for a link changes nothing: the file read is the
+    one inside the folder that was opened (inside uploads when it was opened)."""
+    real_open, opened = os.open, []
+
+    def open_then_swap(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        opened.append(path)
+        if path == "t-1":
+            _swap_for_link(uploads / "t-1", outside / "t-1")
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_swap)
+    assert read_input_file("t-1/input.txt", uploads, 1024) == "来自文件的你好"
+    assert opened[1:] == ["t-1", "input.txt"] and (uploads / "t-1").is_symlink()
+
+
+def test_a_file_swapped_for_a_fifo_is_not_read_and_does_not_block(uploads, monkeypatch):
+    """Between the look at the file and its open it becomes a FIFO: the open does not block
+    (O_NONBLOCK) and fstat of what was opened refuses it."""
+    real_stat, swapped = os.stat, []
+
+    def stat_then_swap(path, *args, **kwargs):
+        info = real_stat(path, *args, **kwargs)
+        if path == "input.txt" and not swapped:
+            swapped.append(path)
+            (uploads / "t-1" / "input.txt").unlink()
+            os.mkfifo(uploads / "t-1" / "input.txt")
+        return info
+
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    with pytest.raises(WireError) as caught:
+        read_input_file("t-1/input.txt", uploads, 1024)
+    assert swapped and "not a regular file" in caught.value.reason
+
+
+def test_a_file_that_grows_past_the_limit_while_read_is_refused(uploads, monkeypatch):
+    real_fstat = os.fstat
+
+    def fstat_then_grow(fd):
+        info = real_fstat(fd)
+        (uploads / "t-1" / "input.txt").write_text("y" * 5000)
+        return info
+
+    monkeypatch.setattr(os, "fstat", fstat_then_grow)
+    with pytest.raises(WireError) as caught:
+        read_input_file("t-1/input.txt", uploads, 1024)
+    assert "larger than 1024 bytes" in caught.value.reason
 
 
 # ---------------------------------------------------------------- outgoing documents and turn text

@@ -3,7 +3,9 @@
 engine), and everything in them is what the code uses: the Letta image tag is the version the
 stack installs, every ${VARIABLE} and every .env.example key is one vtuber-letta (or, for the letta
 container, the Letta server) reads, every service and volume is used, the healthchecks are there
-and the bridge gets longer to stop than it takes to finish its turns."""
+and the bridge gets longer to stop than it takes to finish its turns. And the secrets: Redis
+requires a password every service sends (never on a command line), and Letta runs under the line
+filter that keeps its password out of `docker logs`."""
 
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from tools.memory_client import GATE_URL_ENV
 from stack.install import LETTA_VERSION
+from stack.processes import free_port, wait_until
+from stack.redacting_runner import REDACT_ENV
 from vtuber_letta.cli import build_parser
 from vtuber_letta.settings import Settings
 
@@ -47,9 +52,12 @@ LETTA_SERVER_VARIABLES = {
 LETTA_DOCKERFILE = REPO / "stack" / "letta.Dockerfile"
 # Read by the Python interpreter of our image, not by our settings.
 PYTHON_VARIABLES = {"PYTHONPATH"}
-# What the letta/letta image keeps where (pgvector base image's PGDATA; Letta's LETTA_DIR and its logs).
+# Read in the letta container by our line filter that keeps the password out of `docker logs`.
+RUNNER = "/opt/vtuber-letta/redacting_runner.py"
+# What the letta/letta image keeps where (pgvector base image's PGDATA; Letta's LETTA_DIR and its
+# logs), and the line filter Letta runs under.
 LETTA_MOUNTS = {"/var/lib/postgresql/data": "data/letta/pgdata", "/root/.letta": "data/letta/config",
-                "/root/.letta/logs": "data/letta/logs"}
+                "/root/.letta/logs": "data/letta/logs", RUNNER: "stack/redacting_runner.py"}
 
 
 # --------------------------------------------------------------------------- the validator
@@ -95,11 +103,15 @@ def test_the_validator_schema_checks(tmp_path):
     assert done.returncode != 0 and "stop_grace_periodd" in done.stderr, done.stderr
 
 
-def test_required_variables_stop_compose_with_a_message(tmp_path):
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    done = run_validator(BASE, env_file=empty)
-    assert done.returncode != 0 and "set LETTA_API_KEY in .env" in done.stderr, done.stderr
+@pytest.mark.parametrize("variable", ["LETTA_API_KEY", "LETTA_MODEL", "REDIS_PASSWORD"])
+def test_required_variables_stop_compose_with_a_message(tmp_path, variable):
+    """Each required variable, missing or empty, stops compose with a message naming it."""
+    for missing in ("", f"{variable}=\n"):
+        env = tmp_path / "partial.env"
+        env.write_text("".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines()
+                               if not line.startswith(f"{variable}=")) + missing)
+        done = run_validator(BASE, env_file=env)
+        assert done.returncode != 0 and f"set {variable} in .env" in done.stderr, done.stderr
 
 
 # --------------------------------------------------------------------------- images and variables
@@ -153,8 +165,11 @@ def test_every_container_variable_is_read_by_its_program(config):
     for name, service in config["services"].items():
         env = set(service.get("environment") or {})
         if name == "letta":
-            unknown = env - set(LETTA_SERVER_VARIABLES) - {GATE_URL_ENV}  # read by our tools inside Letta's sandbox
+            # GATE_URL_ENV: read by our tools inside Letta's sandbox; REDACT_ENV: by the line filter.
+            unknown = env - set(LETTA_SERVER_VARIABLES) - {GATE_URL_ENV, REDACT_ENV}
             assert not unknown, f"letta gets {sorted(unknown)}: not Letta server variables we know it reads"
+        elif name == "redis":
+            assert env == {"REDIS_PASSWORD"}, f"redis gets {sorted(env)}: only its password (its command reads it)"
         else:
             unknown = env - SETTINGS_VARIABLES - PYTHON_VARIABLES
             assert not unknown, f"{name} gets {sorted(unknown)}, which vtuber_letta.settings never reads"
@@ -243,13 +258,86 @@ def test_every_volume_is_used(config):
 
 def test_redis_persists_and_everything_has_a_healthcheck(config):
     services = config["services"]
-    assert "--appendonly" in services["redis"]["command"]
+    assert "--appendonly yes" in services["redis"]["command"][-1]
     for name in ("redis", "letta", "memory-gate", "bridge"):
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
     assert services["bridge"]["healthcheck"]["test"][1:] == ["vtuber-letta", "bridge", "--check"]
     assert services["letta"]["healthcheck"]["test"][-1].endswith("/v1/health/")
     assert services["letta"]["environment"]["LETTA_SERVER_SECURE"] == "true"
     assert services["letta"]["environment"]["LETTA_SERVER_PASSWORD"] == _env_example()[0]["LETTA_API_KEY"]
+
+
+# --------------------------------------------------------------------------- secrets
+
+def test_redis_requires_the_password_every_service_sends(config):
+    services = config["services"]
+    password = _env_example()[0]["REDIS_PASSWORD"]
+    assert services["redis"]["environment"]["REDIS_PASSWORD"] == password
+    script = services["redis"]["command"][-1]
+    assert "requirepass $$REDIS_PASSWORD" in script, "redis-server must be given the password"
+    assert password not in " ".join(services["redis"]["command"]), "the password must not be on a command line"
+    for name in ("provision", "bridge"):
+        settings = Settings(_env_file=None, **services[name]["environment"])
+        assert settings.redis_secret == password, f"{name} does not send the Redis password"
+        assert settings.redis_address == ("redis", 6379)
+    health = " ".join(services["redis"]["healthcheck"]["test"])
+    assert "REDISCLI_AUTH=" in health and password not in health and "PONG" in health
+
+
+def test_the_redis_command_starts_redis_with_the_password_from_stdin_only(tmp_path):
+    """The compose command, run here with Debian's redis-server (the image's entrypoint stubbed):
+    Redis then refuses clients without the password, and a password it cannot take is refused by
+    name without being printed."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.skip("redis-server is not installed (`make install` installs it)")
+    stub = tmp_path / "bin" / "docker-entrypoint.sh"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\nexec "$@"\n')
+    stub.chmod(0o755)
+    port, data = free_port(), tmp_path / "data"
+    data.mkdir()
+    script = (yaml.safe_load(BASE.read_text())["services"]["redis"]["command"][-1].replace("$$", "$")
+              .replace("--dir /data", f"--dir {data} --bind 127.0.0.1 --port {port}"))
+    env = {"PATH": f"{stub.parent}:/usr/bin:/bin", "REDIS_PASSWORD": "a-good_password.1~"}
+    server = subprocess.Popen(["sh", "-ec", script], env=env, stdout=subprocess.DEVNULL)
+    try:
+        authed = redis.Redis(port=port, password=env["REDIS_PASSWORD"], socket_timeout=2)
+        assert wait_until(lambda: _pings(authed), 20), "redis did not start"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=2).ping()
+        assert env["REDIS_PASSWORD"].encode() not in open(f"/proc/{server.pid}/cmdline", "rb").read()
+    finally:
+        server.terminate()
+        assert server.wait(20) == 0  # SIGTERM reaches redis-server itself (the shell exec'd it)
+    assert not [p for p in data.rglob("*") if p.stat().st_mode & 0o077], "redis files must be private"
+    bad = subprocess.run(["sh", "-ec", script], env={**env, "REDIS_PASSWORD": "has a space"},
+                         capture_output=True, text=True, timeout=20)
+    assert bad.returncode != 0 and "REDIS_PASSWORD: use only" in bad.stderr and "has a space" not in bad.stderr
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+def test_letta_runs_under_the_line_filter_that_blanks_its_password(config):
+    letta = config["services"]["letta"]
+    assert letta["command"][1:] == [RUNNER, "./letta/server/startup.sh"]  # the image's own CMD, filtered
+    assert letta["environment"][REDACT_ENV] == letta["environment"]["LETTA_SERVER_PASSWORD"]
+
+
+def test_the_letta_images_startup_is_what_the_filter_runs():
+    sdist = Path(Settings(_env_file=None).letta_server_home)
+    sdist = (sdist if sdist.is_absolute() else REPO / sdist) / f"letta-{LETTA_VERSION}"
+    if not (sdist / "Dockerfile").is_file():
+        pytest.skip(f"the Letta {LETTA_VERSION} sdist is not unpacked at {sdist}")
+    dockerfile = (sdist / "Dockerfile").read_text()
+    assert 'CMD ["./letta/server/startup.sh"]' in dockerfile and "python3" in dockerfile
+    assert 'print(f"▶ Using secure mode with password: {random_password}")' in (
+        sdist / "letta/server/rest_api/app.py").read_text(), "Letta no longer prints it: the filter may be dropped"
 
 
 def _seconds(duration: str) -> float:
