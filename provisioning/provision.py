@@ -4,7 +4,9 @@ What it does, in order: checks the server answers (with our password) and that
 the template's model and embedding handles exist; upserts every custom tool
 whose source, tags or return limit differ from ours (a PATCH keeps the old
 schema, so changes always go through upsert); creates the shared persona and
-stream blocks if they are missing.
+stream blocks if they are missing; then brings every existing viewer agent to
+the current template (system prompt, tools, rules, shared blocks, secrets...;
+never its memory or history: provisioning/upgrade.py).
 
 People's edits win: a shared block whose text differs from a fresh render was
 edited in the ADE or through the API, and is kept. Only `--reset-persona`
@@ -89,7 +91,9 @@ def check_handles(client: Letta, model: str, embedding: str) -> None:
 
 
 def provision(settings: Settings, *, dry_run: bool = False, reset_persona: bool = False,
-              client: Letta | None = None, out: Callable[[str], None] = print) -> Summary:
+              client: Letta | None = None, out: Callable[[str], None] = print,
+              progress: Callable[[str], None] | None = None, redis_conn=None,
+              upgrade_agents: bool = True) -> Summary:
     blueprint = load_blueprint(settings)
     client = client or letta_client(settings)
     summary = Summary(dry_run=dry_run)
@@ -107,7 +111,24 @@ def provision(settings: Settings, *, dry_run: bool = False, reset_persona: bool 
         if spec.shared:
             _sync_shared_block(client, blueprint, spec, summary, dry_run=dry_run,
                                reset=reset_persona and spec.label == "persona", out=out)
+    if upgrade_agents:
+        summary.agents = _upgrade_agents(settings, client, blueprint, dry_run=dry_run, progress=progress,
+                                         redis_conn=redis_conn)
     return summary
+
+
+def _upgrade_agents(settings: Settings, client: Letta, blueprint: Blueprint, *, dry_run: bool, progress,
+                    redis_conn):
+    """Every existing viewer agent to the current template (provisioning/upgrade.py)."""
+    from bridge.queue import ViewerHold
+    from provisioning.upgrade import TemplateUpgrade, current_template_state
+    from vtuber_letta.redis_api import redis_client
+
+    hold = None
+    if not dry_run:
+        hold = ViewerHold(redis_conn or redis_client(settings), ttl_ms=int(settings.bridge_lock_ttl * 1000))
+    state = current_template_state(client, blueprint)
+    return TemplateUpgrade(client, blueprint, state, hold=hold, dry_run=dry_run, progress=progress).run()
 
 
 def _sync_tool(client: Letta, name: str, summary: Summary, dry_run: bool) -> None:

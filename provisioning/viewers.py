@@ -29,6 +29,7 @@ from provisioning.naming import (
     viewer_tags,
 )
 from provisioning.provision import Blueprint, ProvisioningError, find_shared_block, load_blueprint
+from provisioning.upgrade import FINGERPRINT_KEY, template_state
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.redis_api import redis_client
@@ -54,6 +55,7 @@ class ViewerAgents:
         self.redis = redis_conn or redis_client(settings)
         self._blueprint = blueprint
         self._create_kwargs: dict | None = None
+        self._fingerprint = ""
 
     @property
     def blueprint(self) -> Blueprint:
@@ -105,8 +107,10 @@ class ViewerAgents:
     def _create(self, viewer_id: str, display_name: str | None, platform: str | None):
         bp = self.blueprint
         human = bp.template.block("human")
+        shared = self._shared_create_kwargs()
         metadata = {"viewer_id": viewer_id, "display_name": display_name or viewer_id,
-                    "platform": platform or _platform_of(viewer_id), "template": bp.template.name}
+                    "platform": platform or _platform_of(viewer_id), "template": bp.template.name,
+                    FINGERPRINT_KEY: self._fingerprint}
         return self.client.agents.create(
             name=agent_name(viewer_id),
             memory_blocks=[{
@@ -118,7 +122,7 @@ class ViewerAgents:
             }],
             tags=viewer_tags(viewer_id, bp.template.name) + [t for t in bp.template.tags if t not in (PRODUCT_TAG,)],
             metadata=metadata,
-            **self._shared_create_kwargs(),
+            **shared,
         )
 
     def _shared_create_kwargs(self) -> dict:
@@ -126,12 +130,16 @@ class ViewerAgents:
         if self._create_kwargs is None:
             bp = self.blueprint
             block_ids = []
+            shared_ids: dict[str, str | None] = {}
             for spec in bp.template.memory_blocks:
                 if spec.shared:
                     block = find_shared_block(self.client, bp.template.name, spec.label)
                     if block is None:
                         raise ProvisioningError(f"the shared {spec.label!r} block is missing: run `vtuber-letta provision`")
                     block_ids.append(block.id)
+                    shared_ids[spec.label] = block.id
+            # What `provision` compares later to tell that this agent is of the current template.
+            self._fingerprint = template_state(bp, shared_ids).fingerprint
             tools = {t.name: t.id for t in self.client.tools.list(names=bp.template.custom_tools)}
             missing = [name for name in bp.template.custom_tools if name not in tools]
             if missing:
