@@ -126,7 +126,7 @@ def _upgrade_agents(settings: Settings, client: Letta, blueprint: Blueprint, *, 
 
     hold = None
     if not dry_run:
-        hold = ViewerHold(redis_conn or redis_client(settings), ttl_ms=int(settings.bridge_lock_ttl * 1000))
+        hold = ViewerHold(redis_conn or redis_client(settings, decode_responses=False), ttl_ms=int(settings.bridge_lock_ttl * 1000))
     state = current_template_state(client, blueprint)
     return TemplateUpgrade(client, blueprint, state, hold=hold, dry_run=dry_run, progress=progress).run()
 

@@ -28,6 +28,7 @@ from provisioning.naming import (
     viewer_tag,
     viewer_tags,
 )
+from provisioning.forget import Forgetter, ForgetReport
 from provisioning.provision import Blueprint, ProvisioningError, find_shared_block, load_blueprint
 from provisioning.upgrade import FINGERPRINT_KEY, template_state
 from vtuber_letta import redis_keys
@@ -202,28 +203,23 @@ class ViewerAgents:
         path.write_text(text, encoding="utf-8")
         return path
 
-    def forget(self, viewer_id: str) -> bool:
-        """Delete the viewer's agent, the blocks only it used, and its map entry ("forget me")."""
-        with self.redis.lock(redis_keys.viewer_lock(viewer_id), timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S):
-            known = self.find(viewer_id)
-            if known is None:
-                self.redis.hdel(redis_keys.VIEWER_AGENTS, viewer_id)
-                return False
-            agent = self.client.agents.retrieve(known.agent_id, include=["agent.blocks"])
-            own_blocks = [b.id for b in agent.blocks or [] if "vtl:shared" not in (b.tags or [])
-                          and not _is_shared_label(self.blueprint, b.label)]
-            self.client.agents.delete(known.agent_id)
-            for block_id in own_blocks:
-                try:
-                    self.client.blocks.delete(block_id)
-                except NotFoundError:
-                    pass  # some servers delete an agent's own blocks with it
-            self.redis.hdel(redis_keys.VIEWER_AGENTS, viewer_id)
-            return True
+    def forget(self, viewer_id: str) -> ForgetReport:
+        """Everything kept about the viewer, in Letta and in Redis ("forget me": provisioning/forget.py)."""
+        check_viewer_id(viewer_id)
 
+        def their_agents() -> list[str]:
+            ids = []
+            mapped = self.redis.hget(redis_keys.VIEWER_AGENTS, viewer_id)
+            if mapped:
+                ids.append(mapped)
+            ids += [a.id for a in self._agents_tagged([viewer_tag(viewer_id)])
+                    if (a.metadata or {}).get("viewer_id") == viewer_id and a.id not in ids]
+            return ids
 
-def _is_shared_label(blueprint: Blueprint, label: str) -> bool:
-    return any(spec.shared and spec.label == label for spec in blueprint.template.memory_blocks)
+        shared_labels = {spec.label for spec in self.blueprint.template.memory_blocks if spec.shared}
+        forgetter = Forgetter(self.settings, self.client, redis_client(self.settings, decode_responses=False),
+                              creation_lock_ttl=LOCK_TTL_S, lock_wait=LOCK_WAIT_S)
+        return forgetter.run(viewer_id, their_agents, shared_labels)
 
 
 def _platform_of(viewer_id: str) -> str:

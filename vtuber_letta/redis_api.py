@@ -8,8 +8,9 @@ import redis.asyncio as aioredis
 from vtuber_letta.settings import Settings
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_connection_url, decode_responses=True, socket_timeout=30)
+def redis_client(settings: Settings, *, decode_responses: bool = True) -> redis.Redis:
+    """Sync client; decode_responses=False for reading the bridge's lists (payloads may not be UTF-8)."""
+    return redis.Redis.from_url(settings.redis_connection_url, decode_responses=decode_responses, socket_timeout=30)
 
 
 def async_redis_client(settings: Settings, *, decode_responses: bool = True, **options) -> aioredis.Redis:
