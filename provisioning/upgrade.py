@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from agent_templates.loader import avatar_secrets, render_system
 from provisioning.naming import PRODUCT_TAG, VIEWER_TAG, viewer_tags
-from provisioning.provision import Blueprint, find_shared_block
+from provisioning.provision import Blueprint
 
 FINGERPRINT_KEY = "template_fingerprint"
 PAGE_SIZE = 100
@@ -100,16 +100,6 @@ def template_state(blueprint: Blueprint, shared_block_ids: dict[str, str | None]
         context_window_limit=t.context_window_limit,
         template_tags=tuple(t.tags),
     )
-
-
-def current_template_state(client: Letta, blueprint: Blueprint) -> TemplateState:
-    """The template state with the shared blocks' ids looked up on the server (None: not there yet)."""
-    ids: dict[str, str | None] = {}
-    for spec in blueprint.template.memory_blocks:
-        if spec.shared:
-            block = find_shared_block(client, blueprint.template.name, spec.label)
-            ids[spec.label] = block.id if block is not None else None
-    return template_state(blueprint, ids)
 
 
 # ------------------------------------------------------------------------------------ comparing

@@ -33,7 +33,7 @@ from provisioning.provision import Blueprint, ProvisioningError, find_shared_blo
 from provisioning.upgrade import FINGERPRINT_KEY, template_state
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
-from vtuber_letta.redis_api import redis_client
+from vtuber_letta.redis_api import bytes_client, redis_client
 from vtuber_letta.settings import Settings
 
 LOCK_TTL_S = 60  # longer than any agent creation; a crashed holder frees it by expiry
@@ -217,7 +217,7 @@ class ViewerAgents:
             return ids
 
         shared_labels = {spec.label for spec in self.blueprint.template.memory_blocks if spec.shared}
-        forgetter = Forgetter(self.settings, self.client, redis_client(self.settings, decode_responses=False),
+        forgetter = Forgetter(self.settings, self.client, bytes_client(self.redis),
                               creation_lock_ttl=LOCK_TTL_S, lock_wait=LOCK_WAIT_S)
         return forgetter.run(viewer_id, their_agents, shared_labels)
 
