@@ -65,7 +65,9 @@ def viewer_queue(viewer_id: str) -> str:
 def viewer_active(viewer_id: str) -> str:
     """The bridge worker lock of one viewer (random token, PX TTL renewed while working).
 
-    Distinct from viewer_lock(): provisioning may take that one inside a turn.
+    Distinct from viewer_lock(): provisioning may take that one inside a turn. `provision` (template
+    upgrades) and `agent forget` take this one too (bridge.queue.ViewerHold), so they never change
+    an agent while its viewer's turn is in flight.
     """
     return f"{VIEWER_ACTIVE_PREFIX}{viewer_id}"
 
