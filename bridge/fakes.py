@@ -53,6 +53,7 @@ class FakeGateway:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.agents: dict[str, str] = {}
+        self.made = 0
         self.sent: list[SentTurn] = []
         self.history: dict[str, dict[str, TurnResult]] = {}
         self.events: list[tuple[str, VerifiedEvent]] = []
@@ -74,7 +75,13 @@ class FakeGateway:
 
     async def ensure_agent(self, viewer_id: str, display_name: str | None, platform: str | None) -> str:
         self._check_up()
-        return self.agents.setdefault(viewer_id, f"agent-{len(self.agents) + 1}")
+        if viewer_id not in self.agents:
+            self.made += 1  # a forgotten viewer gets a new id, never one already used
+            self.agents[viewer_id] = f"agent-{self.made}"
+        return self.agents[viewer_id]
+
+    def forget_cached_agent(self, viewer_id: str) -> bool:
+        return self.agents.pop(viewer_id, None) is not None
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
                         on_text: TextSink | None = None) -> TurnResult:

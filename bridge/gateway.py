@@ -169,6 +169,11 @@ class LettaGateway(Protocol):
         """Write the viewer's verified totals into their memory (idempotent: absolute values)."""
         ...
 
+    def forget_cached_agent(self, viewer_id: str) -> bool:
+        """The viewer was forgotten (`agent forget`): drop any cached agent id of theirs, so the next
+        ensure_agent resolves (creates) it again. True if one was cached."""
+        ...
+
 
 def format_support(support: dict[str, float]) -> str:
     """'0', '30 CNY' or '30 CNY + 5 USD' (currencies sorted, amounts without trailing zeros)."""

@@ -1,10 +1,12 @@
 """The real LettaGateway: provisioning's `ensure` for agents, LettaTurns for messages,
 and the human block's verified section for platform events.
 
-Agent ids are cached per process: a viewer's agent never changes once made, and
-this saves a Redis round trip per task. A 404 on a send means the cached agent was
-deleted (e.g. the viewer asked to be forgotten, then spoke again): the cache entry
-is dropped and the task retried, which re-creates the agent through `ensure`.
+Agent ids are cached per process: a viewer's agent changes only when the viewer is
+forgotten, and the cache saves a Redis round trip per task. `agent forget` publishes the
+viewer on `vtl:agent_invalidations` and the bridge drops the entry (`forget_cached_agent`).
+A bridge that missed it (not subscribed at that moment) gets a 404 on the viewer's next
+turn: the agent is then re-resolved (`ensure`, which creates a fresh agent for a forgotten
+viewer) and the call made once more with it, in the same attempt: never a dead letter.
 """
 
 from __future__ import annotations
@@ -32,18 +34,29 @@ class RealLettaGateway:
         self._client = client or async_letta_client(settings)
         self._agents: dict[str, str] = {}  # viewer id -> agent id
         self._viewer_of: dict[str, str] = {}  # agent id -> viewer id
+        self._profile: dict[str, tuple[str | None, str | None]] = {}  # viewer id -> (display name, platform)
 
-    async def ensure_agent(self, viewer_id: str, display_name: str | None, platform: str | None) -> str:
+    async def ensure_agent(self, viewer_id: str, display_name: str | None, platform: str | None,
+                           *, verify: bool = False) -> str:
         agent_id = self._agents.get(viewer_id)
         if agent_id is None:
             try:
-                agent = await asyncio.to_thread(self._viewers.ensure, viewer_id, display_name, platform)
+                agent = await asyncio.to_thread(self._viewers.ensure, viewer_id, display_name, platform, verify=verify)
             except Exception as exc:  # as_gateway_error passes our own errors through unchanged
                 raise as_gateway_error(exc) from exc
             agent_id = agent.agent_id
             self._agents[viewer_id] = agent_id
             self._viewer_of[agent_id] = viewer_id
+            self._profile[viewer_id] = (display_name, platform)
         return agent_id
+
+    def forget_cached_agent(self, viewer_id: str) -> bool:
+        """Drop the cached agent id of a viewer (it was forgotten); True if one was cached."""
+        agent_id = self._agents.pop(viewer_id, None)
+        if agent_id is not None:
+            self._viewer_of.pop(agent_id, None)
+        self._profile.pop(viewer_id, None)
+        return agent_id is not None
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
                         on_text: TextSink | None = None) -> TurnResult:
@@ -58,10 +71,12 @@ class RealLettaGateway:
         try:
             return await call
         except LettaError as exc:
-            if isinstance(exc.__cause__, NotFoundError):
-                await self._forget_stale(agent_id)
-                raise LettaRetryable(f"agent {agent_id} is gone; re-creating it") from exc
-            raise
+            if not isinstance(exc.__cause__, NotFoundError):
+                raise
+            # The agent is gone (forgotten, and this bridge missed the invalidation): the new one has
+            # never seen these messages, so sending them to it is no second turn.
+            fresh = await self._reresolve(agent_id, exc)
+            return await self._turns.send_turn(fresh, messages, sender_name=sender_name, on_text=on_text)
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         try:
@@ -73,16 +88,30 @@ class RealLettaGateway:
 
     async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
         try:
-            block = await self._client.agents.blocks.retrieve(HUMAN_LABEL, agent_id=agent_id)
-            value = set_fields(block.value, "verified", event.totals.as_block_fields())
-            if value != block.value:
-                await self._client.blocks.update(block.id, value=value)
+            await self._record(agent_id, event)
+        except NotFoundError as exc:  # the agent was forgotten: record into the viewer's fresh agent
+            fresh = await self._reresolve(agent_id, exc)
+            try:
+                await self._record(fresh, event)
+            except Exception as again:
+                raise as_gateway_error(again) from again
         except Exception as exc:
             raise as_gateway_error(exc) from exc
 
-    async def _forget_stale(self, agent_id: str) -> None:
-        viewer_id = self._viewer_of.pop(agent_id, None)
-        if viewer_id is not None:
-            self._agents.pop(viewer_id, None)
-            # verify=True drops the Redis map entry after a definite 404, so the retry creates anew.
-            await asyncio.to_thread(self._viewers.find, viewer_id)
+    async def _record(self, agent_id: str, event: VerifiedEvent) -> None:
+        block = await self._client.agents.blocks.retrieve(HUMAN_LABEL, agent_id=agent_id)
+        value = set_fields(block.value, "verified", event.totals.as_block_fields())
+        if value != block.value:
+            await self._client.blocks.update(block.id, value=value)
+
+    async def _reresolve(self, agent_id: str, cause: BaseException) -> str:
+        """The viewer's agent after a 404 for agent_id: verified against Letta, created if gone."""
+        viewer_id = self._viewer_of.get(agent_id)
+        if viewer_id is None:  # not ours to re-resolve (cannot happen: every id comes from ensure_agent)
+            raise LettaRetryable(f"agent {agent_id} is gone") from cause
+        display_name, platform = self._profile.get(viewer_id, (None, None))
+        self.forget_cached_agent(viewer_id)
+        fresh = await self.ensure_agent(viewer_id, display_name, platform, verify=True)
+        if fresh == agent_id:  # Letta says 404 yet the agent is there: let the retry policy decide
+            raise LettaRetryable(f"agent {agent_id} answered 404 but exists") from cause
+        return fresh

@@ -93,8 +93,8 @@ end
 return 0
 """
 
-# KEYS: active lock, viewer queue, attempts hash, counted hash, pending, then one done key per task,
-#       then one key per output
+# KEYS: active lock, viewer queue, attempts hash, counted hash, pending, the viewer's task index, then one
+#       done key per task, then one key per output
 # ARGV: token, n tasks, done ttl s, dead-letter max length, peek count, viewer, then (expected raw,
 #       task id ('' = unknown), done value ('' = no done marker)) per task, then (op, value) per output
 # The n tasks are the first n of the queue (a coalesced turn answers several at once). When the queue
@@ -110,7 +110,7 @@ for i = 1, n do
   if heads[i] ~= ARGV[4 + 3 * i] then return {-1} end
 end
 local out0 = 6 + 3 * n
-local outputs = #KEYS - 5 - n
+local outputs = #KEYS - 6 - n
 for i = 1, outputs do
   local op = ARGV[out0 + 2 * i - 1]
   if op ~= 'publish' and op ~= 'lpush' and op ~= 'dead_letter' then
@@ -125,11 +125,16 @@ for i = 1, n do
     redis.call('HDEL', KEYS[4], task)
   end
   if done ~= '' then
-    redis.call('SET', KEYS[5 + i], done, 'EX', ARGV[3])
+    redis.call('SET', KEYS[6 + i], done, 'EX', ARGV[3])
+    if task ~= '' then
+      -- the viewer's index of done markers (keyed by task id only): what `agent forget` deletes
+      redis.call('SADD', KEYS[6], task)
+      redis.call('EXPIRE', KEYS[6], ARGV[3])
+    end
   end
 end
 for i = 1, outputs do
-  local key = KEYS[5 + n + i]
+  local key = KEYS[6 + n + i]
   local op, value = ARGV[out0 + 2 * i - 1], ARGV[out0 + 2 * i]
   if op == 'publish' then
     redis.call('PUBLISH', key, value)
@@ -208,6 +213,21 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], '1') == 1 then
   end
 end
 return redis.call('HGETALL', KEYS[2])
+"""
+
+
+# KEYS: active lock, viewer queue, pending, ready; ARGV: token, viewer
+# `agent forget`, while it holds the viewer: drop the viewer's whole queue (tasks routed while it
+# worked included) and let the viewer go, in one step. Returns how many tasks were dropped, -1 if the
+# lock is not ours.
+_DROP_VIEWER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local dropped = redis.call('LLEN', KEYS[2])
+redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('LREM', KEYS[4], 0, ARGV[2])
+return dropped
 """
 
 
@@ -316,6 +336,7 @@ class ViewerQueues:
             keys.BRIDGE_ATTEMPTS,
             keys.BRIDGE_COUNTED,
             keys.BRIDGE_PENDING,
+            keys.viewer_tasks(viewer),
             *(keys.task_done(task.task_id or "") for task in tasks),
             *(out.key for out in outputs),
         ]
@@ -401,6 +422,41 @@ class ViewerQueues:
             "pending_viewers": pending,
             "known_viewers": viewers,
         }
+
+
+class ViewerHold:
+    """Keeps the bridge off one viewer while a command outside it changes that viewer's agent
+    (`provision` upgrading it, `agent forget` deleting it). Synchronous (redis-py), for the CLI.
+
+    It takes the bridge's own worker lock (`vtl:active:{viewer}`, CLAIM) with a token of its own,
+    so no replica can start a turn of that viewer meanwhile, and it never waits for a turn in
+    flight to end: `claim` answers None when the viewer is busy. `release` works like a worker
+    that yields: a viewer whose queue got tasks meanwhile goes back on the ready list at once.
+    """
+
+    def __init__(self, redis_sync, ttl_ms: int):
+        self.redis = redis_sync
+        self.ttl_ms = int(ttl_ms)
+        self._claim = redis_sync.register_script(_CLAIM)
+        self._release = redis_sync.register_script(_RELEASE)
+        self._drop = redis_sync.register_script(_DROP_VIEWER)
+
+    def claim(self, viewer: str) -> str | None:
+        """The token, or None if a worker (or another command) holds the viewer."""
+        import secrets
+
+        token = "hold-" + secrets.token_hex(12)
+        taken = self._claim(keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer)], args=[token, self.ttl_ms, 1])
+        return None if taken is None else token
+
+    def release(self, viewer: str, token: str) -> None:
+        self._release(keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING,
+                            keys.BRIDGE_READY], args=[token, viewer, "yield"])
+
+    def drop_and_release(self, viewer: str, token: str) -> int:
+        """Delete the viewer's queue and let the viewer go (forget); -1 if the hold had expired."""
+        return int(self._drop(keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING,
+                                    keys.BRIDGE_READY], args=[token, viewer]))
 
 
 async def _batched(items: AsyncIterator[T], size: int) -> AsyncIterator[list[T]]:

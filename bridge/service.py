@@ -148,7 +148,8 @@ class BridgeService:
         await self.redis.ping()
         self.metrics.serve(s.bridge_metrics_port, s.bridge_metrics_host)
         await self._beat()
-        background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._sweep_loop())]
+        background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._sweep_loop()),
+                      asyncio.create_task(self._invalidation_loop())]
         intake = asyncio.create_task(self._intake_loop())
         serving: set[asyncio.Task] = set()  # one task per viewer being served
         dispatcher = asyncio.create_task(self._dispatch_loop(serving))
@@ -211,6 +212,32 @@ class BridgeService:
                 await self._beat()
             except (RedisError, OSError) as exc:
                 log.warning("bridge %s: heartbeat failed: %s", self.replica_id, describe_error(exc))
+
+    async def _invalidation_loop(self) -> None:
+        """Drop the cached agent id of every viewer `agent forget` announces (pub/sub). A message
+        missed while (re)subscribing is covered by the gateway: a 404 re-resolves the agent."""
+        forget = getattr(self.gateway, "forget_cached_agent", None)
+        if forget is None:
+            return
+        while True:
+            cancel_point()
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.AGENT_INVALIDATIONS)
+                while True:
+                    cancel_point()
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        viewer = message["data"].decode("utf-8", errors="surrogateescape")
+                        if forget(viewer):
+                            log.info("bridge %s: viewer %s was forgotten: cached agent dropped",
+                                     self.replica_id, loggable(viewer))
+            except (RedisError, OSError) as exc:
+                log.warning("bridge %s: agent invalidations: %s", self.replica_id, describe_error(exc))
+                await asyncio.sleep(1.0)
+            finally:
+                with suppress(RedisError, OSError):
+                    await pubsub.aclose()
 
     # ------------------------------------------------------------------ intake / sweeper
     async def _intake_loop(self) -> None:

@@ -7,6 +7,7 @@ A backup is a folder (mode 0700, files 0600: it holds every viewer's memory):
     agents/*.af          one Agent File per viewer: an extra, portable copy (importable one by one)
     viewer_agents.json   the viewer -> agent map (Redis `vtl:viewer_agents`)
     viewer_stats.json    the platform-verified counters per viewer (Redis `vtl:viewer_stats:*`)
+    forgotten.json       the viewers forgotten so far, as hashes (Redis `vtl:forgotten`): see below
     persona.yaml         the persona config in force (VTL_PERSONA_CONFIG, or the sample when absent)
 
 The dump is consistent on its own (pg_dump reads one snapshot in one transaction), so a backup
@@ -19,6 +20,12 @@ Letta server, drops and recreates the `letta` database, restores the dump in one
 starts Letta again (its `alembic upgrade head` is a no-op at the same revision), rebuilds the
 Redis map from the backup (each entry verified against Letta, which stays the source of truth)
 and copies the persona config back.
+
+"Forget me" reaches backups through tombstones: `agent forget` records the viewer's hash (never
+the id) in `vtl:forgotten`; a restore forgets again (agent, blocks, archives, Redis traces) every
+restored viewer whose hash is in the tombstones it knows: those of the Redis it restores into, of
+the backup itself, and of `--forgotten FILE` (the forgotten.json of any later backup). An older
+backup restored onto a new machine therefore needs the newest backup's forgotten.json.
 
 Only the local stack's database can be dumped (its Postgres is on loopback and ours); with a
 Letta server that the stack does not manage, both commands stop with a message saying so.
@@ -40,7 +47,7 @@ from typing import Callable
 
 from letta_client import APIConnectionError, APIStatusError, NotFoundError
 
-from provisioning.naming import agent_name
+from provisioning.naming import agent_name, viewer_hash
 from stack.install import LETTA_VERSION
 from stack.postgres import DB_NAME, DB_USER
 from stack.processes import StackError, run_checked
@@ -54,6 +61,7 @@ DUMP_FILE = "letta.dump"
 AGENTS_DIR = "agents"
 MAP_FILE = "viewer_agents.json"
 STATS_FILE = "viewer_stats.json"
+FORGOTTEN_FILE = "forgotten.json"
 PERSONA_FILE = "persona.yaml"
 # Tables whose row counts the manifest records (read from the dump) and a restore verifies.
 COUNTED_TABLES = ("organizations", "agents", "block", "blocks_agents", "messages", "tools", "archival_passages")
@@ -150,6 +158,10 @@ def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], 
     _write_private(target / STATS_FILE, json.dumps(stats, ensure_ascii=False, indent=2, sort_keys=True))
     files[STATS_FILE] = _sha256(target / STATS_FILE)
     report.add(f"redis     {len(viewer_map)} map entries in {MAP_FILE}, {len(stats)} viewers' stats in {STATS_FILE}")
+    forgotten = viewers.redis.hgetall(redis_keys.FORGOTTEN)
+    _write_private(target / FORGOTTEN_FILE, json.dumps(forgotten, indent=2, sort_keys=True))
+    files[FORGOTTEN_FILE] = _sha256(target / FORGOTTEN_FILE)
+    report.add(f"redis     {len(forgotten)} forgotten viewers (hashes) in {FORGOTTEN_FILE}")
 
     # 4. The persona config (the sample when no config file exists: that is what is in force).
     persona_source, persona_path = _persona_in_force(settings)
@@ -180,6 +192,7 @@ def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], 
         "agent_files": agent_files,
         "viewer_map": MAP_FILE,
         "viewer_stats": STATS_FILE,
+        "forgotten": FORGOTTEN_FILE,
         "persona_config": {"file": PERSONA_FILE if persona_path else None, "source": persona_source},
         "files": files,
     }
@@ -191,7 +204,7 @@ def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], 
 # ============================================================================ restore
 
 
-def restore(settings: Settings, source: Path, *, force: bool = False,
+def restore(settings: Settings, source: Path, *, force: bool = False, forgotten: Path | None = None,
             log: Callable[[str], None] = print) -> Report:
     """Put a backup back into the local stack (started if needed), which must be empty unless `force`."""
     from provisioning.viewers import ViewerAgents
@@ -201,6 +214,7 @@ def restore(settings: Settings, source: Path, *, force: bool = False,
 
     source = Path(source)
     manifest = read_manifest(source)  # everything is checked before anything is touched
+    extra_tombstones = _read_tombstones(Path(forgotten)) if forgotten else {}
     stack = _local_stack(settings, Stack, log)
     log("restore: bringing the local stack up")
     stack.up()
@@ -284,7 +298,20 @@ def restore(settings: Settings, source: Path, *, force: bool = False,
             redis_conn.hset(redis_keys.viewer_stats(viewer_id), mapping=counters)
     report.add(f"redis     {len(stats)} viewers' stats restored")
 
-    # 4. The persona config.
+    # 4. "Forget me" requests made after the backup was taken: forgotten again.
+    tombstones = {**_backup_tombstones(source, manifest), **extra_tombstones,
+                  **redis_conn.hgetall(redis_keys.FORGOTTEN)}
+    viewers = ViewerAgents(settings, client=client, redis_conn=redis_conn)
+    reforgotten = 0
+    for row in viewers.list():
+        if viewer_hash(row["viewer_id"]) in tombstones:
+            viewers.forget(row["viewer_id"])
+            reforgotten += 1
+    if tombstones:
+        redis_conn.hset(redis_keys.FORGOTTEN, mapping=tombstones)
+    report.add(f"forgotten {reforgotten} restored viewer(s) forgotten again ({len(tombstones)} tombstones known)")
+
+    # 5. The persona config.
     if write_persona:
         persona_target.parent.mkdir(parents=True, exist_ok=True)
         if persona_target.exists() and persona_target.read_text(encoding="utf-8") != persona_text:
@@ -420,6 +447,22 @@ def _restart_letta_quietly(stack, log) -> None:
         stack.letta.start(log)  # migrates the empty database: the stack is usable (and empty) again
     except StackError as exc:
         log(f"restore: the Letta server did not start again: {exc}")
+
+
+def _read_tombstones(path: Path) -> dict[str, str]:
+    """A forgotten.json (viewer hash -> when); BackupError if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"{path}: cannot read the forgotten viewers: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and re.fullmatch(r"[0-9a-f]{32}", k) for k in data):
+        raise BackupError(f"{path}: not a {FORGOTTEN_FILE} (a JSON object of viewer hashes)")
+    return {k: str(v) for k, v in data.items()}
+
+
+def _backup_tombstones(source: Path, manifest: dict) -> dict[str, str]:
+    name = manifest.get("forgotten")  # absent in backups taken before tombstones existed
+    return _read_tombstones(source / name) if name else {}
 
 
 def _read_viewer_stats(redis_conn) -> dict[str, dict[str, str]]:

@@ -4,7 +4,9 @@ What it does, in order: checks the server answers (with our password) and that
 the template's model and embedding handles exist; upserts every custom tool
 whose source, tags or return limit differ from ours (a PATCH keeps the old
 schema, so changes always go through upsert); creates the shared persona and
-stream blocks if they are missing.
+stream blocks if they are missing; then brings every existing viewer agent to
+the current template (system prompt, tools, rules, shared blocks, secrets...;
+never its memory or history: provisioning/upgrade.py).
 
 People's edits win: a shared block whose text differs from a fresh render was
 edited in the ADE or through the API, and is kept. Only `--reset-persona`
@@ -89,7 +91,9 @@ def check_handles(client: Letta, model: str, embedding: str) -> None:
 
 
 def provision(settings: Settings, *, dry_run: bool = False, reset_persona: bool = False,
-              client: Letta | None = None, out: Callable[[str], None] = print) -> Summary:
+              client: Letta | None = None, out: Callable[[str], None] = print,
+              progress: Callable[[str], None] | None = None, redis_conn=None,
+              upgrade_agents: bool = True) -> Summary:
     blueprint = load_blueprint(settings)
     client = client or letta_client(settings)
     summary = Summary(dry_run=dry_run)
@@ -103,11 +107,32 @@ def provision(settings: Settings, *, dry_run: bool = False, reset_persona: bool 
 
     for name in blueprint.template.custom_tools:
         _sync_tool(client, name, summary, dry_run)
+    shared_ids: dict[str, str | None] = {}
     for spec in blueprint.template.memory_blocks:
         if spec.shared:
-            _sync_shared_block(client, blueprint, spec, summary, dry_run=dry_run,
-                               reset=reset_persona and spec.label == "persona", out=out)
+            shared_ids[spec.label] = _sync_shared_block(client, blueprint, spec, summary, dry_run=dry_run,
+                                                        reset=reset_persona and spec.label == "persona", out=out)
+    # Agents are upgraded only onto a complete set of tools and shared blocks (a failure above
+    # already makes the run fail; the next run upgrades them).
+    if upgrade_agents and (summary.ok or dry_run):
+        summary.agents = _upgrade_agents(settings, client, blueprint, shared_ids, dry_run=dry_run,
+                                         progress=progress, redis_conn=redis_conn)
     return summary
+
+
+def _upgrade_agents(settings: Settings, client: Letta, blueprint: Blueprint, shared_ids: dict[str, str | None],
+                    *, dry_run: bool, progress, redis_conn):
+    """Every existing viewer agent to the current template (provisioning/upgrade.py)."""
+    from bridge.queue import ViewerHold
+    from provisioning.upgrade import TemplateUpgrade, template_state
+    from vtuber_letta.redis_api import redis_client
+
+    hold = None
+    if not dry_run:
+        hold = ViewerHold(redis_conn or redis_client(settings, decode_responses=False),
+                          ttl_ms=int(settings.bridge_lock_ttl * 1000))
+    state = template_state(blueprint, shared_ids, settings.memory_gate_secret)
+    return TemplateUpgrade(client, blueprint, state, hold=hold, dry_run=dry_run, progress=progress).run()
 
 
 def _sync_tool(client: Letta, name: str, summary: Summary, dry_run: bool) -> None:
@@ -133,20 +158,22 @@ def _tool_matches(existing, wanted: dict) -> bool:
 
 
 def _sync_shared_block(client: Letta, blueprint: Blueprint, spec, summary: Summary, *,
-                       dry_run: bool, reset: bool, out) -> None:
+                       dry_run: bool, reset: bool, out) -> str | None:
+    """Create or update the shared block; returns its id (None: not created yet, or failed)."""
     label = spec.label
     rendered = blueprint.shared_values[label]
     try:
         block = find_shared_block(client, blueprint.template.name, label)
         if block is None:
+            created_id = None
             if not dry_run:
-                client.blocks.create(
+                created_id = client.blocks.create(
                     label=label, value=rendered, limit=spec.limit, description=spec.description,
                     read_only=spec.read_only, tags=shared_block_tags(blueprint.template.name, label),
                     metadata=_shared_metadata(blueprint, label),
-                )
+                ).id
             summary.add("block", label, "created", "shared, read-only for agents" if spec.read_only else "shared")
-            return
+            return created_id
         changes: dict = {}
         if (block.limit, block.description, bool(block.read_only)) != (spec.limit, spec.description, spec.read_only):
             changes.update(limit=spec.limit, description=spec.description, read_only=spec.read_only)
@@ -161,8 +188,10 @@ def _sync_shared_block(client: Letta, blueprint: Blueprint, spec, summary: Summa
         if changes and not dry_run:
             client.blocks.update(block.id, **changes)
         summary.add("block", label, "updated" if changes else "unchanged", detail or block.id)
+        return block.id
     except APIStatusError as exc:
         summary.add("block", label, "failed", f"HTTP {exc.status_code}: {_short(exc)}")
+        return None
 
 
 def _shared_metadata(blueprint: Blueprint, label: str) -> dict:

@@ -27,13 +27,15 @@ from provisioning.naming import (
     viewer_tag,
     viewer_tags,
 )
+from provisioning.forget import Forgetter, ForgetReport
 from provisioning.provision import Blueprint, ProvisioningError, find_shared_block, load_blueprint
+from provisioning.upgrade import FINGERPRINT_KEY, template_state
 from tools.memory_client import GATE_TOKEN_ENV as MEMORY_TOKEN_ENV
 from tools.memory_gate import memory_token
 from vtuber_letta import redis_keys
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.private_files import write_private
-from vtuber_letta.redis_api import redis_client
+from vtuber_letta.redis_api import bytes_client, redis_client
 from vtuber_letta.settings import Settings
 from vtuber_letta.viewer_ids import UNKNOWN_PLATFORM, check_viewer_id, platform_of
 
@@ -57,6 +59,7 @@ class ViewerAgents:
         self.redis = redis_conn or redis_client(settings)
         self._blueprint = blueprint
         self._create_kwargs: dict | None = None
+        self._fingerprint = ""
 
     @property
     def blueprint(self) -> Blueprint:
@@ -109,8 +112,9 @@ class ViewerAgents:
     def _create(self, viewer_id: str, display_name: str | None, platform: str):
         bp = self.blueprint
         human = bp.template.block("human")
+        shared = self._shared_create_kwargs()
         metadata = {"viewer_id": viewer_id, "display_name": display_name or viewer_id,
-                    "platform": platform, "template": bp.template.name}
+                    "platform": platform, "template": bp.template.name, FINGERPRINT_KEY: self._fingerprint}
         agent = self.client.agents.create(
             name=agent_name(viewer_id),
             memory_blocks=[{
@@ -122,7 +126,7 @@ class ViewerAgents:
             }],
             tags=viewer_tags(viewer_id, bp.template.name) + [t for t in bp.template.tags if t not in (PRODUCT_TAG,)],
             metadata=metadata,
-            **self._shared_create_kwargs(),
+            **shared,
         )
         # The memory tools' token is bound to the agent id, known only now (tools/memory_gate.py).
         self.client.agents.update(agent.id, secrets=self.agent_secrets(agent.id))
@@ -138,12 +142,16 @@ class ViewerAgents:
         if self._create_kwargs is None:
             bp = self.blueprint
             block_ids = []
+            shared_ids: dict[str, str | None] = {}
             for spec in bp.template.memory_blocks:
                 if spec.shared:
                     block = find_shared_block(self.client, bp.template.name, spec.label)
                     if block is None:
                         raise ProvisioningError(f"the shared {spec.label!r} block is missing: run `vtuber-letta provision`")
                     block_ids.append(block.id)
+                    shared_ids[spec.label] = block.id
+            # What `provision` compares later to tell that this agent is of the current template.
+            self._fingerprint = template_state(bp, shared_ids, self.settings.memory_gate_secret).fingerprint
             tools = {t.name: t.id for t in self.client.tools.list(names=bp.template.custom_tools)}
             missing = [name for name in bp.template.custom_tools if name not in tools]
             if missing:
@@ -206,27 +214,21 @@ class ViewerAgents:
         write_private(path, text)  # the viewer's whole memory
         return path
 
-    def forget(self, viewer_id: str) -> bool:
-        """Delete the viewer's agent, the blocks only it used, and its map entry ("forget me")."""
+    def forget(self, viewer_id: str) -> ForgetReport:
+        """Everything kept about the viewer, in Letta and in Redis ("forget me": provisioning/forget.py)."""
         check_viewer_id(viewer_id)
-        with self.redis.lock(redis_keys.viewer_lock(viewer_id), timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S):
-            known = self.find(viewer_id)
-            if known is None:
-                self.redis.hdel(redis_keys.VIEWER_AGENTS, viewer_id)
-                return False
-            agent = self.client.agents.retrieve(known.agent_id, include=["agent.blocks"])
-            own_blocks = [b.id for b in agent.blocks or [] if "vtl:shared" not in (b.tags or [])
-                          and not _is_shared_label(self.blueprint, b.label)]
-            self.client.agents.delete(known.agent_id)
-            for block_id in own_blocks:
-                try:
-                    self.client.blocks.delete(block_id)
-                except NotFoundError:
-                    pass  # some servers delete an agent's own blocks with it
-            self.redis.hdel(redis_keys.VIEWER_AGENTS, viewer_id)
-            return True
 
+        def their_agents() -> list[str]:
+            ids = []
+            mapped = self.redis.hget(redis_keys.VIEWER_AGENTS, viewer_id)
+            if mapped:
+                ids.append(mapped)
+            ids += [a.id for a in self._agents_tagged([viewer_tag(viewer_id)])
+                    if (a.metadata or {}).get("viewer_id") == viewer_id and a.id not in ids]
+            return ids
 
-def _is_shared_label(blueprint: Blueprint, label: str) -> bool:
-    return any(spec.shared and spec.label == label for spec in blueprint.template.memory_blocks)
+        shared_labels = {spec.label for spec in self.blueprint.template.memory_blocks if spec.shared}
+        forgetter = Forgetter(self.settings, self.client, bytes_client(self.redis),
+                              creation_lock_ttl=LOCK_TTL_S, lock_wait=LOCK_WAIT_S)
+        return forgetter.run(viewer_id, their_agents, shared_labels)
 

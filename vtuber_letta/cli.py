@@ -63,7 +63,10 @@ def _demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
 def _provision_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from provisioning.provision import provision
 
-    summary = provision(settings, dry_run=args.dry_run, reset_persona=args.reset_persona)
+    def progress(msg: str) -> None:  # thousands of agents: a line every 100 on stderr, the report on stdout
+        print(msg, file=sys.stderr, flush=True)
+
+    summary = provision(settings, dry_run=args.dry_run, reset_persona=args.reset_persona, progress=progress)
     print(summary.render())
     return 0 if summary.ok else 1
 
@@ -95,8 +98,12 @@ def _agent_cmd(args: argparse.Namespace, settings: Settings) -> int:
         path = viewers.export(args.user_id, Path(args.output))
         print(f"exported {args.user_id!r} to {path}")
         return 0
-    forgotten = viewers.forget(args.user_id)
-    print(f"forgot {args.user_id!r}" if forgotten else f"viewer {args.user_id!r} had no agent")
+    from provisioning.forget import ForgetError
+
+    try:
+        print(viewers.forget(args.user_id).render())
+    except ForgetError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -155,7 +162,8 @@ def _backup_cmd(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "backup":
             print(backup(settings, Path(args.dir), log=log).render())
         else:
-            print(restore(settings, Path(args.dir), force=args.force, log=log).render())
+            forgotten = Path(args.forgotten) if args.forgotten else None
+            print(restore(settings, Path(args.dir), force=args.force, forgotten=forgotten, log=log).render())
     except BackupError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -220,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd = sub.add_parser("restore", help="restore a backup DIR into the (empty) local stack")
     restore_cmd.add_argument("dir")
     restore_cmd.add_argument("--force", action="store_true", help="replace a stack that is not empty")
+    restore_cmd.add_argument("--forgotten", metavar="FILE",
+                             help="forgotten.json of a later backup: viewers forgotten since are forgotten again")
     restore_cmd.set_defaults(handler=_backup_cmd)
 
     demo = sub.add_parser("demo", help="bring the stack up and run a short scripted conversation")

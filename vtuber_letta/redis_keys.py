@@ -54,6 +54,12 @@ VIEWER_ACTIVE_PREFIX = f"{PREFIX}:active:"
 TASK_DONE_PREFIX = f"{PREFIX}:done:"
 BRIDGE_HEARTBEAT_PREFIX = f"{PREFIX}:bridge:"
 VIEWER_STATS_PREFIX = f"{PREFIX}:viewer_stats:"
+VIEWER_TASKS_PREFIX = f"{PREFIX}:viewer_tasks:"
+# pub/sub: a viewer id whose agent was deleted (`agent forget`); every bridge drops its cached agent id.
+AGENT_INVALIDATIONS = f"{PREFIX}:agent_invalidations"
+# hash viewer hash (provisioning.naming.viewer_hash) -> when forgotten (ISO time); never expires.
+# A restore applies it to the backup it restores (provisioning/backup.py): no raw id is kept.
+FORGOTTEN = f"{PREFIX}:forgotten"
 
 
 def viewer_queue(viewer_id: str) -> str:
@@ -64,7 +70,9 @@ def viewer_queue(viewer_id: str) -> str:
 def viewer_active(viewer_id: str) -> str:
     """The bridge worker lock of one viewer (random token, PX TTL renewed while working).
 
-    Distinct from viewer_lock(): provisioning may take that one inside a turn.
+    Distinct from viewer_lock(): provisioning may take that one inside a turn. `provision` (template
+    upgrades) and `agent forget` take this one too (bridge.queue.ViewerHold), so they never change
+    an agent while its viewer's turn is in flight.
     """
     return f"{VIEWER_ACTIVE_PREFIX}{viewer_id}"
 
@@ -72,6 +80,12 @@ def viewer_active(viewer_id: str) -> str:
 def task_done(task_id: str) -> str:
     """Set (with a TTL) when a task was acknowledged; holds the response JSON."""
     return f"{TASK_DONE_PREFIX}{task_id}"
+
+
+def viewer_tasks(viewer_id: str) -> str:
+    """Set of one viewer's task ids that have a done marker (same TTL as the markers, refreshed by
+    FINISH): how `agent forget` finds that viewer's markers, which are keyed by task id only."""
+    return f"{VIEWER_TASKS_PREFIX}{viewer_id}"
 
 
 def bridge_heartbeat(replica_id: str) -> str:

@@ -25,6 +25,7 @@ from bridge.letta_gateway import RealLettaGateway
 from bridge.say import say
 from bridge.service import run_bridge
 from provisioning.backup import DUMP_FILE, MANIFEST, read_manifest
+from provisioning.naming import viewer_hash
 from provisioning.provision import find_shared_block, provision
 from provisioning.viewers import ViewerAgents
 from stack.install import LETTA_VERSION
@@ -209,6 +210,33 @@ def test_restore_into_a_stack_that_is_not_empty_is_refused_without_force(private
     assert "not empty" in done.stderr and "--force" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert {row["agent_id"] for row in ViewerAgents(private.settings).list()} == agents_before
+
+
+def test_a_viewer_forgotten_after_a_backup_stays_forgotten_when_it_is_restored(private, backup_dir):
+    if not (backup_dir / MANIFEST).exists():
+        pytest.fail("needs the backup of the round-trip test (run the whole module)")
+    settings = private.settings
+    viewers = ViewerAgents(settings)
+    bob = viewers.find(BOB)
+    assert bob is not None
+    assert "1 agent" in viewers.forget(BOB).render()
+    later = private.data_dir / "backups" / "later"
+    done = private.cli("backup", str(later))
+    assert done.returncode == 0, done.stderr
+    assert viewer_hash(BOB) in json.loads((later / "forgotten.json").read_text())
+    assert BOB not in (later / "forgotten.json").read_text()  # hashes only
+
+    # The older backup still holds Bob; restoring it must not bring him back.
+    done = private.cli("restore", "--force", "--forgotten", str(later / "forgotten.json"), str(backup_dir))
+    assert done.returncode == 0, done.stderr
+    assert "1 restored viewer(s) forgotten again" in done.stdout, done.stdout
+    restored = ViewerAgents(settings)
+    assert restored.find(BOB) is None
+    assert restored.find(ALICE) is not None
+    r = redis_client(settings)
+    assert r.hget(redis_keys.VIEWER_AGENTS, BOB) is None and not r.exists(redis_keys.viewer_stats(BOB))
+    assert r.hexists(redis_keys.FORGOTTEN, viewer_hash(BOB))
+    r.close()
 
 
 def test_damaged_or_incomplete_backups_are_refused_before_anything_changes(private, backup_dir, tmp_path):

@@ -471,3 +471,35 @@ def test_one_log_line_per_task_without_secrets(redis_url, tmp_path, caplog):
     (dead,) = [line for line in lines if line.startswith("task=t-2 ")]
     assert "outcome=dead_letter" in dead
     assert "s3cret-password" not in caplog.text
+
+
+# ---------------------------------------------------------------- forget me: the bridge's side
+
+
+@scenario
+async def test_done_markers_are_indexed_per_viewer_for_forget(r, url, tmp_path):
+    settings = make_settings(url, tmp_path)
+    async with running(settings, FakeGateway()):
+        await push(r, task("t-ix-1", content="a"), task("t-ix-2", content="b"))
+        await wait_for(lambda: r.exists(keys.task_done("t-ix-2")), what="both answered")
+    assert await r.smembers(keys.viewer_tasks("bilibili:1")) == {b"t-ix-1", b"t-ix-2"}
+    assert 0 < await r.ttl(keys.viewer_tasks("bilibili:1")) <= settings.bridge_done_ttl
+
+
+@scenario
+async def test_a_forgotten_viewer_announced_on_pubsub_loses_its_cached_agent(r, url, tmp_path):
+    settings = make_settings(url, tmp_path)
+    gateway = FakeGateway()
+    async with running(settings, gateway):
+        await push(r, task("t-fg-1", content="a"))
+        await wait_for(lambda: r.exists(keys.task_done("t-fg-1")), what="the first task")
+        first = gateway.agents["bilibili:1"]
+
+        async def dropped():
+            await r.publish(keys.AGENT_INVALIDATIONS, "bilibili:1")
+            return "bilibili:1" not in gateway.agents
+
+        await wait_for(dropped, what="the cached agent to be dropped")
+        await push(r, task("t-fg-2", content="b"))
+        await wait_for(lambda: r.exists(keys.task_done("t-fg-2")), what="the second task")
+    assert gateway.agents["bilibili:1"] != first

@@ -158,14 +158,16 @@ def test_dry_run_on_an_empty_server_reports_would_create_and_sends_nothing(setti
     )
     report = summary.render()
     assert report.count("would create") == 7
-    assert report.splitlines()[-1] == "dry run, nothing sent: 7 created, 0 updated, 0 unchanged, 0 failed"
+    assert report.splitlines()[-1] == ("dry run, nothing sent: 7 created, 0 updated, 0 unchanged, 0 failed; "
+                                       "0 agents to upgrade / 0 already current / 0 failed")
 
     requests = sent(vcr)
     assert mutating(requests) == []
     assert [r.path for r in requests[:2]] == ["/v1/models/", "/v1/models/embedding"]
     assert sorted(dict(r.query)["name"] for r in calls(requests, "GET", "/v1/tools/")) == sorted(TOOL_NAMES)
     assert sorted(dict(r.query)["label"] for r in calls(requests, "GET", "/v1/blocks/")) == ["persona", "stream"]
-    assert len(requests) == 2 + len(TOOL_NAMES) + 2
+    assert [r.path for r in calls(requests, "GET", "/v1/agents/")] == ["/v1/agents/"]  # no agent to upgrade
+    assert len(requests) == 2 + len(TOOL_NAMES) + 2 + 1
 
 
 def test_provision_on_an_empty_server_creates_tools_and_shared_blocks(settings, vcr):
@@ -244,6 +246,8 @@ def test_ensure_creates_one_agent_for_an_awkward_viewer_id_and_finds_it_again_by
     assert len(creates) == 1
     create = body(creates[0])
     assert create["name"] == first.name
+    fingerprint = create["metadata"].pop("template_fingerprint")  # what provision compares later
+    assert re.fullmatch(r"[0-9a-f]{32}", fingerprint)
     assert create["metadata"] == {"viewer_id": AWKWARD_VIEWER, "display_name": "Zoë ✨", "platform": "twitch",
                                   "template": "vtuber"}
     assert viewer_tag(AWKWARD_VIEWER) in create["tags"] and VIEWER_TAG in create["tags"]
@@ -303,7 +307,8 @@ def test_set_stream_updates_the_shared_stream_block(settings, vcr):
 def test_forget_deletes_the_viewer_agent_and_its_own_block(settings, redis_conn, vcr):
     agents = ViewerAgents(settings, redis_conn=redis_conn)  # Redis is empty: found in Letta by tag
 
-    assert agents.forget(AWKWARD_VIEWER) is True
+    report = agents.forget(AWKWARD_VIEWER)
+    assert (report.removed["agents"], report.removed["blocks"]) == (1, 1), report.render()
 
     requests = sent(vcr)
     deleted = [r.path for r in requests if r.method == "DELETE"]
