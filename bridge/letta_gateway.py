@@ -12,7 +12,7 @@ viewer) and the call made once more with it, in the same attempt: never a dead l
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Sequence
+from typing import Sequence
 
 from letta_client import AsyncLetta, NotFoundError
 
@@ -60,16 +60,8 @@ class RealLettaGateway:
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
                         on_text: TextSink | None = None) -> TurnResult:
-        return await self._turn(agent_id, self._turns.send_turn(agent_id, messages, sender_name=sender_name,
-                                                                on_text=on_text))
-
-    async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
-                            on_text: TextSink | None = None) -> TurnResult:
-        return await self._turn(agent_id, self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text))
-
-    async def _turn(self, agent_id: str, call: Awaitable[TurnResult]) -> TurnResult:
         try:
-            return await call
+            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text)
         except LettaError as exc:
             if not isinstance(exc.__cause__, NotFoundError):
                 raise
@@ -77,6 +69,17 @@ class RealLettaGateway:
             # never seen these messages, so sending them to it is no second turn.
             fresh = await self._reresolve(agent_id, exc)
             return await self._turns.send_turn(fresh, messages, sender_name=sender_name, on_text=on_text)
+
+    async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
+                            on_text: TextSink | None = None) -> TurnResult:
+        try:
+            return await self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text)
+        except LettaError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):
+                raise
+            # Gone mid-turn: the retry finds nothing in the new agent's history and sends the task anew.
+            await self._reresolve(agent_id, exc)
+            raise LettaRetryable(f"agent {agent_id} is gone mid-turn; the task goes to the new one") from exc
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         try:

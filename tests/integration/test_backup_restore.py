@@ -82,6 +82,8 @@ class PrivateStack:
             "VTL_POSTGRES_PORT": str(s.postgres_port), "VTL_SCRIPTED_MODEL_PORT": str(s.scripted_model_port),
             "VTL_PERSONA_CONFIG": str(s.persona_config), "VTL_MEMORY_GATE_URL": s.memory_gate_url,
         }
+        if s.redis_password:
+            env["REDIS_PASSWORD"] = s.redis_password.get_secret_value()
         return subprocess.run([sys.executable, "-m", "vtuber_letta.cli", *args], env=env, cwd=self.data_dir,
                               capture_output=True, text=True, timeout=600)
 

@@ -51,7 +51,10 @@ def cli_env(settings) -> dict[str, str]:
         VTL_DATA_DIR=str(settings.data_dir),
         VTL_PERSONA_CONFIG=str(Path(settings.persona_config).resolve()),
         VTL_LOG_LEVEL="WARNING",
+        VTL_MEMORY_GATE_URL=settings.memory_gate_url,
     )
+    if settings.redis_password:
+        env["REDIS_PASSWORD"] = settings.redis_password.get_secret_value()
     return env
 
 

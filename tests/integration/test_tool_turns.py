@@ -36,7 +36,7 @@ def viewers(stack_settings, provisioned):
 
 @pytest.fixture(scope="module")
 def turns(stack_settings, provisioned):
-    return LettaTurns.from_settings(stack_settings)
+    return stack_settings  # each send builds its client in its own event loop (see send)
 
 
 @pytest.fixture
@@ -51,7 +51,8 @@ def send(turns, agent_id, text, streamed=True):
         pieces.append(piece)
 
     async def go():
-        return await turns.send_turn(agent_id, [TurnMessage(f"task-{uuid.uuid4().hex}", text)], sender_name="Shape",
+        letta = LettaTurns.from_settings(turns)  # an async client belongs to the loop it was made in
+        return await letta.send_turn(agent_id, [TurnMessage(f"task-{uuid.uuid4().hex}", text)], sender_name="Shape",
                                      on_text=on_text if streamed else None)
 
     result = asyncio.run(go())
@@ -219,3 +220,16 @@ def test_a_persona_edit_during_a_memory_tool_turn_survives(stack_settings, clien
         assert parse_facts(human_of(client, agent)) == {"likes": ["likes tea"]}
     finally:
         client.blocks.update(persona.id, value=original)
+
+
+def test_a_phone_number_is_refused_by_the_gate_in_a_real_turn(scripted, turns, agent, client):
+    before = human_of(client, agent)
+    scripted.add_rules({"name": "after-refusal", "when": {"after_tool": "remember_viewer_fact"},
+                        "then": {"reply": "Please don't share that in chat!"}})
+    scripted.reply_with_tools("doxx", None, ("remember_viewer_fact", {"fact": "phone 138 1234 5678", "category": "about"}))
+    result = send(turns, agent, "my phone is 138 1234 5678")
+    assert result.reply_text == "Please don't share that in chat!" and not result.memory_updated
+    # What the model was shown for its call: the gate's refusal, with what to do instead.
+    [shown] = [m["content"] for m in scripted.requests(1)[0]["messages"] if m.get("role") == "tool"][-1:]
+    assert "Error: that looks like a phone number" in shown and "ask the viewer" in shown
+    assert human_of(client, agent) == before and "5678" not in human_of(client, agent)

@@ -83,9 +83,10 @@ class Turns:
         self.model = model
         self.all_requests: list[dict] = []  # every request of every turn of the module
 
-    def send(self, agent_id: str, text: str):
+    def send(self, agent_id: str, text: str, **extra):
         before = max((r["seq"] for r in self.model.requests(1)), default=0)
-        response = self.client.agents.messages.create(agent_id=agent_id, messages=[{"role": "user", "content": text}])
+        response = self.client.agents.messages.create(agent_id=agent_id, messages=[{"role": "user", "content": text}],
+                                                      **extra)
         requests = [r for r in self.model.requests() if r["seq"] > before]
         self.all_requests.extend(requests)
         return response, requests
@@ -231,11 +232,13 @@ def test_avatar_tools_accept_valid_names_and_list_them_for_unknown_ones(avatar_t
 def test_stay_silent_ends_the_turn_without_a_reply(model, turns, viewer_b):
     model.add_rules({"name": "spam", "when": {"user_contains": "cheap followers"},
                      "then": call("stay_silent", reason="spam")})
-    response, requests = turns.send(viewer_b.agent_id, "BUY CHEAP FOLLOWERS at spam.example")
+    # As the bridge sends it: one model step per request, and the bridge never asks for another
+    # after stay_silent (bridge/letta_turns.py; the agents have no Letta tool rules).
+    response, requests = turns.send(viewer_b.agent_id, "BUY CHEAP FOLLOWERS at spam.example", max_steps=1)
     assert tool_returns(response) == [("stay_silent", "success", "Staying silent: spam")]
     assert said(response) == []
     assert [m.message_type for m in response.messages][-1] == "tool_return_message"
-    assert response.stop_reason.stop_reason == "tool_rule"
+    assert response.stop_reason.stop_reason == "max_steps"
     assert len(requests) == 1, "the model was asked again after stay_silent"
 
 
