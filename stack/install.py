@@ -17,8 +17,8 @@ import fcntl
 import hashlib
 import json
 import os
-import pwd
 import shutil
+import subprocess
 import sys
 import tarfile
 import tomllib
@@ -78,7 +78,7 @@ class LettaInstall:
             installed = self._ensure_server(log)
             if not tool_sandbox.is_built(self.tool_sandbox):
                 log(f"tool sandbox: building {self.tool_sandbox} (standard library only, no letta)")
-                tool_sandbox.build(self.tool_sandbox, user=tool_sandbox.ensure_tool_user(tool_sandbox.TOOL_USER))
+                tool_sandbox.build(self.tool_sandbox, user=tool_sandbox.ensure_system_user(tool_sandbox.TOOL_USER))
                 installed = True
             return installed
 
@@ -152,14 +152,10 @@ def ensure_redis_server(log=print) -> str:
 
 def ensure_stack_user(name: str) -> str | None:
     """The unprivileged user that runs Postgres when we are root (None when we are not root)."""
-    if os.geteuid() != 0:
-        return None
     try:
-        pwd.getpwnam(name)
-    except KeyError:
-        run_checked(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                    what=f"creating the system user {name!r} for Postgres")
-    return name
+        return tool_sandbox.ensure_system_user(name)
+    except subprocess.CalledProcessError as exc:
+        raise StackError(f"creating the system user {name!r} for Postgres failed: {exc.stderr or exc}") from None
 
 
 @contextmanager

@@ -38,60 +38,12 @@ class PartStatus:
     listens: tuple[str, ...] = ()  # every TCP address the part's processes listen on
 
 
-class ScriptedModelProcess:
-    """The stand-in for the upstream model (see stack/scripted_model.py)."""
+class HttpPart:
+    """A part of ours that answers GET /health with {"status": "ok"} on a loopback port."""
 
-    def __init__(self, data_dir: Path, port: int):
-        self.port = port
-        self.process = ManagedProcess(
-            name="scripted-model",
-            pid_file=data_dir.resolve() / "letta" / "run" / "scripted-model.pid",
-            log_file=data_dir.resolve() / "letta" / "logs" / "scripted-model.log",
-            marker=f"stack.scripted_model --host 127.0.0.1 --port {port}",
-        )
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def healthy(self) -> bool:
-        if self.process.pid() is None:
-            return False
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
-                return json.loads(resp.read()).get("status") == "ok"
-        except (OSError, ValueError):
-            return False
-
-    def start(self, log=print) -> bool:
-        if self.process.pid() is not None:
-            return False
-        if port_open("127.0.0.1", self.port):
-            raise StackError(f"port {self.port} is taken by another program: set VTL_SCRIPTED_MODEL_PORT")
-        repo_root = Path(__file__).resolve().parent.parent
-        self.process.start([sys.executable, "-m", "stack.scripted_model", "--host", "127.0.0.1", "--port", str(self.port)],
-                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root)}, cwd=repo_root)
-        if not wait_until(self.healthy, 30):
-            raise StackError(f"scripted model did not start on {self.address}:\n{self.process.log_tail()}")
-        return True
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout=10)
-
-
-class MemoryGateProcess:
-    """The memory gate (tools/memory_gate.py), run with the project's own interpreter."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.host, self.port = settings.memory_gate_address
-        data = settings.data_dir.resolve()
-        self.process = ManagedProcess(
-            name="memory-gate",
-            pid_file=data / "letta" / "run" / "memory-gate.pid",
-            log_file=data / "letta" / "logs" / "memory-gate.log",
-            marker=f"vtuber_letta.cli memory-gate --port {self.port}",
-        )
+    host = "127.0.0.1"
+    port: int
+    process: ManagedProcess
 
     @property
     def address(self) -> str:
@@ -105,6 +57,49 @@ class MemoryGateProcess:
                 return json.loads(resp.read()).get("status") == "ok"
         except (OSError, ValueError):
             return False
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=10)
+
+
+class ScriptedModelProcess(HttpPart):
+    """The stand-in for the upstream model (see stack/scripted_model.py)."""
+
+    def __init__(self, data_dir: Path, port: int):
+        self.port = port
+        self.process = ManagedProcess(
+            name="scripted-model",
+            pid_file=data_dir.resolve() / "letta" / "run" / "scripted-model.pid",
+            log_file=data_dir.resolve() / "letta" / "logs" / "scripted-model.log",
+            marker=f"stack.scripted_model --host 127.0.0.1 --port {port}",
+        )
+
+    def start(self, log=print) -> bool:
+        if self.process.pid() is not None:
+            return False
+        if port_open("127.0.0.1", self.port):
+            raise StackError(f"port {self.port} is taken by another program: set VTL_SCRIPTED_MODEL_PORT")
+        repo_root = Path(__file__).resolve().parent.parent
+        self.process.start([sys.executable, "-m", "stack.scripted_model", "--host", "127.0.0.1", "--port", str(self.port)],
+                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root)}, cwd=repo_root)
+        if not wait_until(self.healthy, 30):
+            raise StackError(f"scripted model did not start on {self.address}:\n{self.process.log_tail()}")
+        return True
+
+
+class MemoryGateProcess(HttpPart):
+    """The memory gate (tools/memory_gate.py), run with the project's own interpreter."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.host, self.port = settings.memory_gate_address
+        data = settings.data_dir.resolve()
+        self.process = ManagedProcess(
+            name="memory-gate",
+            pid_file=data / "letta" / "run" / "memory-gate.pid",
+            log_file=data / "letta" / "logs" / "memory-gate.log",
+            marker=f"vtuber_letta.cli memory-gate --port {self.port}",
+        )
 
     def start(self, log=print) -> bool:
         if self.process.pid() is not None:
@@ -125,9 +120,6 @@ class MemoryGateProcess:
         if not wait_until(self.healthy, 30):
             raise StackError(f"memory gate did not start on {self.address}:\n{self.process.log_tail()}")
         return True
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout=10)
 
 
 class Stack:

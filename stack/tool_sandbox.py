@@ -177,8 +177,9 @@ def _base_interpreter(python: str) -> str:
     return out.stdout.strip() or python
 
 
-def ensure_tool_user(name: str) -> str | None:
-    """The unprivileged user tools run as when the server is root (None when it is not)."""
+def ensure_system_user(name: str) -> str | None:
+    """An unprivileged system user (made if missing) when we are root; None when we are not.
+    Tools run as one (TOOL_USER), Postgres as another: a tool must never be able to read pgdata."""
     if os.geteuid() != 0:
         return None
     try:
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", default=TOOL_USER, help="the user tools run as when the server is root")
     parser.add_argument("--python", default=None, help="the interpreter to base the venv on (default: /usr/bin/python3)")
     args = parser.parse_args(argv)
-    launcher = build(args.dir, user=ensure_tool_user(args.user), python=args.python)
+    launcher = build(args.dir, user=ensure_system_user(args.user), python=args.python)
     print(f"tool sandbox: {launcher}")
     for name, value in server_env(args.dir.resolve()).items():
         print(f"{name}={value}")

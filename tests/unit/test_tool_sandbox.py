@@ -46,7 +46,7 @@ def sandbox():
     root = Path(tempfile.mkdtemp(prefix="vtl-sandbox-test-"))
     root.chmod(0o755)
     built = root / "sandbox"
-    user = tool_sandbox.ensure_tool_user(tool_sandbox.TOOL_USER)
+    user = tool_sandbox.ensure_system_user(tool_sandbox.TOOL_USER)
     tool_sandbox.build(built, user=user)
     yield built, user
     shutil.rmtree(root, ignore_errors=True)
