@@ -277,14 +277,8 @@ def restore(settings: Settings, source: Path, *, force: bool = False, forgotten:
             continue
         redis_conn.hset(redis_keys.VIEWER_AGENTS, viewer_id, agent_id)
         kept += 1
-    viewers = ViewerAgents(settings, client=client, redis_conn=redis_conn)
-    listed = viewers.list()  # hsetnx for any not in the map
-    # Each agent's memory token is bound to this stack's gate secret (tools/memory_gate.py), which
-    # need not be the backed-up stack's: issue them anew, or every memory tool would be refused.
-    for row in listed:
-        client.agents.update(row["agent_id"], secrets=viewers.agent_secrets(row["agent_id"]))
-    line = (f"redis     {kept} map entries restored and verified against Letta; {len(listed)} viewer agents in "
-            "Letta (memory tokens issued for this stack)")
+    listed = ViewerAgents(settings, client=client, redis_conn=redis_conn).list()  # hsetnx for any not in the map
+    line = f"redis     {kept} map entries restored and verified against Letta; {len(listed)} viewer agents in Letta"
     if dropped:
         line += f"; {len(dropped)} entries had no matching agent in the dump and were left out"
     report.add(line)
@@ -322,6 +316,15 @@ def restore(settings: Settings, source: Path, *, force: bool = False, forgotten:
         report.add(f"persona   {persona_target} restored")
     else:
         report.add("persona   the backup used the sample persona config; nothing to copy")
+
+    # 6. Each agent's memory token is bound to this stack's gate secret (tools/memory_gate.py), which
+    # need not be the backed-up stack's: issue them anew (with the persona config now in force, which
+    # names the avatar's expressions and motions), or every memory tool would be refused.
+    viewers = ViewerAgents(settings, client=client, redis_conn=redis_conn)
+    rows = viewers.list()
+    for row in rows:
+        client.agents.update(row["agent_id"], secrets=viewers.agent_secrets(row["agent_id"]))
+    report.add(f"tokens    memory tokens issued to {len(rows)} viewer agents for this stack's memory gate")
     return report
 
 

@@ -59,8 +59,10 @@ CRASH_KNOBS = dict(VTL_BRIDGE_LOCK_TTL=8, VTL_BRIDGE_HEARTBEAT_TTL=2, VTL_BRIDGE
 
 
 def run_id() -> str:
-    """A short random tag so viewer ids and texts of one run never meet those of another."""
-    return uuid.uuid4().hex[:8]
+    """A short random tag so viewer ids and texts of one run never meet those of another. Letters
+    only: a fact holding a long run of digits is refused as a possible phone number
+    (tools/contact_details.py), and a hex tag is now and then all digits."""
+    return uuid.uuid4().hex[:8].translate(str.maketrans("0123456789", "ghijklmnop"))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:

@@ -67,12 +67,6 @@ DOC = REPO_ROOT / "docs" / "RELIABILITY.md"
 RUN_TIMEOUT = 240.0  # the whole corpus; it normally takes well under a minute
 STALL_TIMEOUT = 20.0  # nothing accounted for this long while the bridge is idle: stop waiting
 TEMPLATE = "vtuber"
-def _letters(rid: str) -> str:
-    """rid with letters for digits: a fact with a long run of digits is refused as a possible phone
-    number (tools/contact_details.py), and a hex id is sometimes all digits."""
-    return rid.translate(str.maketrans("0123456789", "ghijklmnop"))
-
-
 # A turn that outlives LETTA_TIMEOUT on the client may still finish on the server, and the retry can
 # then send it a second time (bridge/README.md, "Residual risk"); on a busy build machine tool turns
 # took over 30 s. Timeouts are not this module's subject: the client waits longer (the lock outlives it).
@@ -229,7 +223,7 @@ def run_corpus(settings, work: Path) -> Run:
     rid = run_id()
     uploads, secret_file, marker = make_uploads(work, rid)
     ctx = Context(rid=rid, uploads=uploads, secret_file=secret_file, secret_marker=marker,
-                  victim_secret=f"saffron-{rid}-lighthouse", victim_fact=f"loves zebras {_letters(rid)}")
+                  victim_secret=f"saffron-{rid}-lighthouse", victim_fact=f"loves zebras {rid}")
     cases, good = build_corpus(ctx), build_good_tasks(ctx)
 
     # The bridge connects as a Redis ACL user with its own password (the stack's default user has another).
