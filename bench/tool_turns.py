@@ -97,8 +97,9 @@ async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter):
 
 
 def sandbox_runs(settings, agent_id: str) -> int:
+    """Tool returns in the agent's history: one per sandbox run (several calls of one step share a message)."""
     client = letta_client(settings)
-    return sum(1 for m in client.agents.messages.list(agent_id, limit=1000).items
+    return sum(len(getattr(m, "tool_returns", None) or [m]) for m in client.agents.messages.list(agent_id, limit=1000).items
                if m.message_type == "tool_return_message")
 
 

@@ -18,7 +18,7 @@ What this builds, under one directory (the server's TOOL_EXEC_DIR):
                            - when started as root, drops to an unprivileged user first, so a tool
                              cannot read the server's /proc/<pid>/environ or its 0600 files;
                            - runs the venv's interpreter isolated (-I: no PYTHON* variables, no
-                             user site, no script directory on sys.path).
+                             user site, no script directory on sys.path; -S: no site at all).
 
 Standard library only and runnable as a script, so the Docker image of the Letta server builds
 the same thing (`python3 tool_sandbox.py /opt/vtl-tool-sandbox --user vtl-tools`).
@@ -39,7 +39,7 @@ from pathlib import Path
 VENV_NAME = "venv"
 TOOL_USER = "vtl-tools"  # the user tools run as when the server runs as root
 LAUNCHER_MARK = "# vtuber-letta tool sandbox launcher"
-LAUNCHER_VERSION = 1  # bump when launcher_script changes, so `make install` rebuilds old sandboxes
+LAUNCHER_VERSION = 2  # bump when launcher_script changes, so `make install` rebuilds old sandboxes
 
 # Every environment variable a tool may read; nothing else crosses into a tool process.
 # LETTA_AGENT_ID / LETTA_TOOL_ID are set by Letta for each call; the VTL_* ones are the
@@ -79,7 +79,7 @@ def launcher_script(interpreter: Path, user: str | None) -> str:
     """
     keep = " ".join(f'"{name}=${{{name}-}}"' for name in TOOL_ENV)
     fixed = " ".join(f"{name}={shlex.quote(value)}" for name, value in FIXED_ENV.items())
-    run = f"{shlex.quote(str(interpreter))} -I"
+    run = f"{shlex.quote(str(interpreter))} -I -S"  # isolated, and no site: the venv holds no package
     lines = [
         "#!/bin/sh",
         launcher_mark(),
@@ -152,15 +152,15 @@ def build(sandbox_dir: Path, *, user: str | None, python: str | None = None) -> 
 def _check(sandbox_dir: Path, launcher: Path) -> None:
     """Run one script the way Letta will, as the tool user: it must find its own standard library."""
     probe = sandbox_dir / "vtl-sandbox-check.py"
-    probe.write_text("import json, sys\nprint(json.dumps(sys.prefix))\n")
+    probe.write_text("import json, sys\nprint(json.dumps(sys.executable))\n")
     probe.chmod(0o600)
     try:
         done = subprocess.run([str(launcher), str(probe)], cwd=sandbox_dir, capture_output=True, text=True, timeout=60)
     finally:
         probe.unlink()
-    prefix = done.stdout.strip().strip('"')
-    if done.returncode != 0 or prefix != str(launcher.parent.parent):
-        raise RuntimeError(f"the tool sandbox at {sandbox_dir} does not run (prefix {prefix!r}, exit {done.returncode}): "
+    executable = done.stdout.strip().strip('"')
+    if done.returncode != 0 or not executable.startswith(str(launcher.parent) + "/"):
+        raise RuntimeError(f"the tool sandbox at {sandbox_dir} does not run ({executable!r}, exit {done.returncode}): "
                            f"{done.stderr.strip()[-500:]}")
 
 

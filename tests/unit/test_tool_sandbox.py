@@ -24,7 +24,7 @@ for module in ("pydantic", "letta_client", "tools"):
         found[module] = True
     except ImportError:
         found[module] = False
-print(json.dumps({"env": dict(os.environ), "uid": os.getuid(), "prefix": sys.prefix, "imports": found}))
+print(json.dumps({"env": dict(os.environ), "uid": os.getuid(), "executable": sys.executable, "imports": found}))
 """
 
 
@@ -60,7 +60,7 @@ def test_a_tool_sees_only_the_variables_tools_read_and_no_package(sandbox, tmp_p
     assert not any(value in json.dumps(report["env"]) for value in ("sk-secret", "pw@h", "enc"))
     # This test's own interpreter has pydantic and our packages; the sandbox has neither.
     assert report["imports"] == {"pydantic": False, "letta_client": False, "tools": False}
-    assert report["prefix"] == str(path / "venv")
+    assert report["executable"].startswith(str(path / "venv" / "bin") + "/")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the user switch happens only when the server runs as root")
