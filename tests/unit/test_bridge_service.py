@@ -254,6 +254,30 @@ async def test_a_killed_bridge_loses_nothing_and_the_next_one_does_not_resend(r,
 
 
 @scenario
+async def test_a_turn_killed_after_its_tool_step_is_finished_not_replayed_as_silence(r, url, tmp_path):
+    settings = make_settings(url, tmp_path)
+    # The first attempt's tools ran (an expression), then the bridge died before the agent spoke.
+    half_done = TurnResult(reply_text="", silent=True, unfinished=True,
+                           avatar_calls=(AvatarCall("set_expression", {"expression": "happy"}),))
+    gateway = FakeGateway(reply=lambda viewer, message: half_done, hold=asyncio.Event())
+    stop_a = asyncio.Event()
+    async with Outputs(url) as out:
+        bridge_a = asyncio.create_task(run_bridge(settings, gateway, stop_event=stop_a, replica_id="a"))
+        await push(r, task("t-1", content="hi"))
+        await asyncio.wait_for(gateway.send_started.wait(), 10)
+        bridge_a.cancel()
+        await asyncio.gather(bridge_a, return_exceptions=True)
+        await wait_for(lambda: _not(check_bridge(settings, "a")), what="TTL expiry")
+        gateway.hold = None
+        async with running(settings, gateway, "b"):
+            await wait_for(out.responses, what="answer")
+    [response] = out.responses()
+    assert response["task_id"] == "t-1" and response["response_text"] == "(after the tools)"
+    assert gateway.sends_of("t-1") == 1  # never sent twice
+    assert gateway.continued == [("agent-1", "t-1")]  # its next step was asked for instead
+
+
+@scenario
 async def test_duplicate_deliveries_are_answered_once(r, url, tmp_path):
     settings = make_settings(url, tmp_path)
     gateway = FakeGateway()
