@@ -42,18 +42,15 @@ CUE_FIRST = "expression, cue first"
 
 def rules(pacing: dict) -> list[dict]:
     """One rule per kind, chosen by a marker in the viewer's text; cue-first answers its words next."""
-    out = [{"name": "after-cue", "when": {"after_tool": "set_expression", "user_contains": "[k6]"},
+    out = [{"name": "after-cue", "when": {"after_tool": "set_expression", "user_contains": marker(CUE_FIRST)},
             "then": {"reply": REPLY, **pacing}}]
     for index, (kind, calls) in enumerate(KINDS.items()):
-        when = {"user_regex": rf"\[k{index}\] (?P<n>\d+)"}
         then: dict = {**pacing}
         if calls:
             then["tool_calls"] = [{"name": name, "arguments": args} for name, args in calls]
-        if kind != "stay_silent" and kind != CUE_FIRST:
+        if kind not in ("stay_silent", CUE_FIRST):
             then["reply"] = REPLY
-        if kind == "plain":
-            then = {"reply": REPLY, **pacing}
-        out.append({"name": f"kind-{index}", "when": when, "then": then})
+        out.append({"name": f"kind-{index}", "when": {"user_regex": rf"\[k{index}\] (?P<n>\d+)"}, "then": then})
     return out
 
 

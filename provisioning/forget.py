@@ -146,19 +146,9 @@ class Forgetter:
         c.agents.delete(agent_id)
         report.removed["agents"] += 1
         report.removed["messages"] += messages  # ON DELETE CASCADE with the agent
-        for block_id in own_blocks:
-            try:
-                c.blocks.delete(block_id)
-                report.removed["blocks"] += 1
-            except NotFoundError:
-                pass
+        _delete_each(own_blocks, c.blocks.delete, report, "blocks")
         # Our agents never share an archive (each gets its own default one on first insert).
-        for archive_id in archives:
-            try:
-                c.archives.delete(archive_id)
-                report.removed["archives"] += 1
-            except NotFoundError:
-                pass
+        _delete_each(archives, c.archives.delete, report, "archives")
         report.removed["passages"] += passages if archives else 0
 
     # ------------------------------------------------------------------ Redis
@@ -249,3 +239,13 @@ class Forgetter:
         entry = _json(raw) or {}
         task = entry.get("task_id")
         return [task] if isinstance(task, str) and task else []
+
+
+def _delete_each(ids: list[str], delete: Callable[[str], object], report: ForgetReport, kind: str) -> None:
+    """Delete each id, counting what went; one already gone (deleted with the agent) is no error."""
+    for object_id in ids:
+        try:
+            delete(object_id)
+            report.removed[kind] += 1
+        except NotFoundError:
+            pass
