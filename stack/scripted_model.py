@@ -84,6 +84,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -630,10 +631,34 @@ def response_summary(answer: Answer) -> dict:
             "tool_calls": [{"name": call.name, "id": call.id, "arguments": call.arguments} for call in answer.calls]}
 
 
+EMBEDDING_WORD = re.compile(r"[^\W_]+")
+CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def embedding_tokens(text: str) -> list[str]:
+    """The words of text, case-folded; runs of CJK characters count character by character (no spaces there)."""
+    tokens = []
+    for word in EMBEDDING_WORD.findall(unicodedata.normalize("NFKC", text).casefold()):
+        tokens.extend(CJK_CHAR.findall(word) if CJK_CHAR.search(word) else [word])
+    return tokens
+
+
 def embedding_vector(text: str, dimensions: int) -> list[float]:
-    """A unit vector that depends only on (text, dimensions)."""
-    raw = hashlib.shake_256(text.encode("utf-8")).digest(2 * dimensions)
-    values = [v / 32767.5 - 1.0 for v in struct.unpack(f"<{dimensions}H", raw)]
+    """A unit vector that depends only on (text, dimensions): a hashed bag of words.
+
+    Texts that share words point the same way, so a vector search over archival passages
+    (issue 19's per-viewer tier) finds a fact by its words, deterministically. Each word adds
+    +-1 at two hashed positions; text without words falls back to a hash of the whole text.
+    """
+    values = [0.0] * dimensions
+    for token in embedding_tokens(text):
+        digest = hashlib.blake2b(token.encode("utf-8"), digest_size=16).digest()
+        for offset in (0, 8):
+            position = int.from_bytes(digest[offset:offset + 4], "little") % dimensions
+            values[position] += 1.0 if digest[offset + 4] & 1 else -1.0
+    if not any(values):
+        raw = hashlib.shake_256(text.encode("utf-8")).digest(2 * dimensions)
+        values = [v / 32767.5 - 1.0 for v in struct.unpack(f"<{dimensions}H", raw)]
     norm = math.sqrt(sum(v * v for v in values)) or 1.0
     return [v / norm for v in values]
 

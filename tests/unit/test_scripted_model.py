@@ -379,6 +379,18 @@ def test_embeddings_deterministic_unit_vectors(base):
     assert call(base, "POST", "/v1/embeddings", {"model": "m", "input": "a", "dimensions": "8"})[0] == 400
 
 
+def test_embeddings_are_a_bag_of_words_so_vector_search_finds_shared_words():
+    def cosine(a, b):
+        va, vb = (scripted_model.embedding_vector(t, 1536) for t in (a, b))
+        return sum(x * y for x, y in zip(va, vb))
+
+    fact = "has a cat named Mochi"
+    assert math.isclose(cosine(fact, "Has a CAT named mochi!"), 1.0, rel_tol=1e-9)  # case and punctuation blind
+    assert cosine(fact, "cat Mochi") > cosine(fact, "plays the piano at night") + 0.3
+    assert cosine("喜欢原神和猫", "原神") > cosine("喜欢原神和猫", "钢琴") + 0.3  # CJK counts by character
+    assert scripted_model.embedding_vector("!!!", 8) != scripted_model.embedding_vector("???", 8)  # no words: hashed
+
+
 # ---------------------------------------------------------------- errors
 
 def test_bad_requests_get_openai_style_errors(base):
