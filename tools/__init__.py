@@ -11,10 +11,11 @@ No tool takes `agent_state`: it would import all of `letta` into every call (sec
 Letta write a start-of-step copy of the agent's memory back afterwards, shared blocks included.
 
 Guarantees the tools keep (tests/unit/test_tools.py checks them as the sandbox runs them):
-- the memory tools change only the block labelled `human` of the calling agent, through the
-  memory gate (tools/memory_gate.py), which applies the tools/human_block.py rules to the block
-  as the server has it at that moment (format, limit, the verified section byte for byte), and
-  accepts only the calling agent's own token;
+- the memory tools change only the block labelled `human` of the calling agent and that agent's
+  own archival passages (its long-term tier), through the memory gate (tools/memory_gate.py),
+  which applies the tools/human_block.py and tools/memory_tiers.py rules to the block as the
+  server has it at that moment (format, limit, the verified section byte for byte), and accepts
+  only the calling agent's own token; recall_viewer_facts reads only that agent's passages;
 - the avatar tools and stay_silent change no memory at all.
 """
 
@@ -29,6 +30,7 @@ from tools import avatar_names, memory_client
 from tools.avatar_names import AVATAR_EXPRESSIONS_ENV, AVATAR_MOTIONS_ENV
 from tools.forget_viewer_fact import forget_viewer_fact
 from tools.play_motion import play_motion
+from tools.recall_viewer_facts import recall_viewer_facts
 from tools.remember_viewer_fact import remember_viewer_fact
 from tools.set_expression import set_expression
 from tools.stay_silent import stay_silent
@@ -37,7 +39,8 @@ TOOL_TAGS = ["vtuber-letta"]
 
 TOOLS: dict[str, Callable[..., str]] = {
     func.__name__: func
-    for func in (remember_viewer_fact, forget_viewer_fact, set_expression, play_motion, stay_silent)
+    for func in (remember_viewer_fact, forget_viewer_fact, recall_viewer_facts, set_expression, play_motion,
+                 stay_silent)
 }
 
 # Letta cuts a tool's return at return_char_limit; our returns are short by design
@@ -45,6 +48,8 @@ TOOLS: dict[str, Callable[..., str]] = {
 TOOL_METADATA: dict[str, dict] = {
     "remember_viewer_fact": {"tags": TOOL_TAGS, "return_char_limit": 1200},
     "forget_viewer_fact": {"tags": TOOL_TAGS, "return_char_limit": 1200},
+    # RECALL_TOP_K facts of at most 200 characters each, plus their categories and dates.
+    "recall_viewer_facts": {"tags": TOOL_TAGS, "return_char_limit": 1600},
     "set_expression": {"tags": TOOL_TAGS, "return_char_limit": 500},
     "play_motion": {"tags": TOOL_TAGS, "return_char_limit": 500},
     "stay_silent": {"tags": TOOL_TAGS, "return_char_limit": 200},

@@ -18,6 +18,7 @@ tools; the other two belong to the bridge/provisioning and are kept byte for byt
     ### likes
     - cats
     - 原神
+    (+12 more facts in long-term memory; recall_viewer_facts finds them)
 
     ## Verified by the platform (written by the bridge; chat cannot change it)
     first_seen: 2025-08-01T12:00:00Z
@@ -43,6 +44,9 @@ SECTION_KEYS = {VIEWER_HEADING: "viewer", FACTS_HEADING_KEY: "facts", VERIFIED_H
 CATEGORY_PREFIX = "### "
 FACT_PREFIX = "- "
 NO_FACTS_LINE = "(nothing yet)"
+# The last line of the facts section once older facts live in the viewer's second tier (their
+# archival passages, tools/memory_tiers.py): how many, and the tool that finds them.
+STORED_LINE = re.compile(r"^\(\+(\d{1,9}) more facts? in long-term memory\b[^()]*\)$")
 
 VIEWER_FIELDS = ("viewer_id", "display_name", "platform")
 VERIFIED_FIELDS = ("first_seen", "last_seen", "visits", "total_support")
@@ -214,6 +218,24 @@ def split_sections(text):
     return lines, sections
 
 
+def stored_line(count):
+    """The facts section's line saying how many facts live in the long-term tier."""
+    noun = "fact" if count == 1 else "facts"
+    return f"(+{count} more {noun} in long-term memory; recall_viewer_facts finds them)"
+
+
+def stored_count(text):
+    """How many facts the block says are in the long-term tier (0 when it says nothing)."""
+    lines, sections = split_sections(text)
+    for key, start, end in sections:
+        if key == "facts":
+            for line in lines[start + 1 : end]:
+                match = STORED_LINE.match(line.strip())
+                if match:
+                    return int(match.group(1))
+    return 0
+
+
 def parse_facts(text):
     """Return {category: [fact, ...]} in block order. Raises HumanBlockError if not our format.
 
@@ -228,7 +250,7 @@ def parse_facts(text):
             continue
         for line in lines[start + 1 : end]:
             bare = line.rstrip("\r").strip()
-            if not bare or bare == NO_FACTS_LINE:
+            if not bare or bare == NO_FACTS_LINE or STORED_LINE.match(bare):
                 continue
             if bare.startswith(CATEGORY_PREFIX.strip()):
                 current = category_of_heading(bare.lstrip("#"))
@@ -254,14 +276,16 @@ def parse_fields(text, section):
     return fields
 
 
-def format_facts_lines(facts):
-    """The facts section (heading included) for {category: [fact, ...]}."""
+def format_facts_lines(facts, stored=0):
+    """The facts section (heading included) for {category: [fact, ...]} and `stored` facts in the tier."""
     lines = [FACTS_HEADING]
     for name, values in facts.items():
         if values:
             lines.append(CATEGORY_PREFIX + name)
             lines.extend(FACT_PREFIX + value for value in values)
-    if len(lines) == 1:
+    if stored > 0:
+        lines.append(stored_line(stored))
+    elif len(lines) == 1:
         lines.append(NO_FACTS_LINE)
     return lines
 
@@ -284,8 +308,13 @@ def format_human_block(viewer_id, display_name, platform, first_seen, facts=None
     return "\n".join(lines)
 
 
-def replace_facts(text, facts):
-    """Return text with only the facts section rewritten; every other byte is kept."""
+def replace_facts(text, facts, stored=None):
+    """Return text with only the facts section rewritten; every other byte is kept.
+
+    stored: the count for the long-term line; None keeps the count the block shows now.
+    """
+    if stored is None:
+        stored = stored_count(text)
     lines, sections = split_sections(text)
     for key, start, end in sections:
         if key != "facts":
@@ -294,7 +323,7 @@ def replace_facts(text, facts):
         trailing = 0
         while trailing < len(old_body) - 1 and not old_body[-1 - trailing].strip():
             trailing += 1
-        new_body = format_facts_lines(facts) + [""] * trailing
+        new_body = format_facts_lines(facts, stored) + [""] * trailing
         return "\n".join(lines[:start] + new_body + lines[end:])
     raise HumanBlockError("the human block has no facts section.")
 

@@ -11,10 +11,14 @@ without `letta` and without `agent_state`, and ask this service over loopback HT
    the block format's rules (tools/human_block.py: format, limit, verified section kept byte for
    byte, support claims refused) and refuses contact and identifying details
    (tools/contact_details.py), and writes the block back only when it changed; calls for one
-   agent are serialised here, so two calls of one turn cannot overwrite each other.
+   agent are serialised here, so two calls of one turn cannot overwrite each other;
+3. with a second tier (tools/fact_tier.py: the agent's own archival passages), keeps the block
+   under its limit by moving older facts there instead of refusing (the policy is
+   tools/memory_tiers.py), brings a fact told again back, forgets in both tiers, and answers
+   recall_viewer_facts by searching that agent's passages only.
 
 Routes: POST /v1/remember {"agent_id", "token", "fact", "category"}, POST /v1/forget {"agent_id",
-"token", "fact"}, GET /health. Answers: 200 {"message": ...} when done or already so, 200
+"token", "fact"}, POST /v1/recall {"agent_id", "token", "query"}, GET /health. Answers: 200 {"message": ...} when done or already so, 200
 {"error": ...} for what the model should act on (the tool prefixes "Error: "), 400/403/404/413 with
 {"error"} for bad requests, 503 {"error"} when Letta cannot be reached.
 """
@@ -26,13 +30,36 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tools.contact_details import contact_detail_error, find_contact_detail
-from tools.human_block import DEFAULT_HUMAN_LIMIT, HUMAN_LABEL, HumanBlockError, add_fact, remove_fact
+from tools.human_block import (
+    DEFAULT_HUMAN_LIMIT,
+    HUMAN_LABEL,
+    HumanBlockError,
+    add_fact,
+    collapse_spaces,
+    fact_key,
+    find_fact,
+    normalize_fact,
+    parse_facts,
+    remove_fact,
+    stored_count,
+)
+from tools.memory_tiers import (
+    RECALL_TOP_K,
+    after_tier_forget,
+    clean_query,
+    describe_candidates,
+    format_recall,
+    plan_remember,
+    tier_matches,
+)
+
+if TYPE_CHECKING:
+    from tools.fact_tier import FactTier
 
 log = logging.getLogger("vtuber_letta.memory_gate")
 
@@ -65,6 +92,20 @@ class StoreUnavailable(Exception):
     """The store (Letta) could not be asked; nothing was changed."""
 
 
+class letta_call:
+    """`with letta_call():` turns Letta being unreachable into StoreUnavailable (nothing changed, try later)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from letta_client import APIConnectionError, APITimeoutError
+
+        if kind is not None and issubclass(kind, (APIConnectionError, APITimeoutError)):
+            raise StoreUnavailable(kind.__name__) from exc
+        return False
+
+
 class LettaBlockStore:
     """Human blocks on a real Letta server (letta-client 1.12.1)."""
 
@@ -72,24 +113,19 @@ class LettaBlockStore:
         self._client = client
 
     def read(self, agent_id: str) -> HumanBlock | None:
-        from letta_client import APIConnectionError, APITimeoutError, NotFoundError
+        from letta_client import NotFoundError
 
         try:
-            block = self._client.agents.blocks.retrieve(HUMAN_LABEL, agent_id=agent_id)
+            with letta_call():
+                block = self._client.agents.blocks.retrieve(HUMAN_LABEL, agent_id=agent_id)
         except NotFoundError:
             return None
-        except (APIConnectionError, APITimeoutError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
         limit = block.limit if isinstance(block.limit, int) and block.limit > 0 else DEFAULT_HUMAN_LIMIT
         return HumanBlock(block.id, block.value or "", limit)
 
     def write(self, block: HumanBlock, value: str) -> None:
-        from letta_client import APIConnectionError, APITimeoutError
-
-        try:
+        with letta_call():
             self._client.blocks.update(block.block_id, value=value)
-        except (APIConnectionError, APITimeoutError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
 
 
 class GateRefusal(Exception):
@@ -100,37 +136,50 @@ class GateRefusal(Exception):
         self.status = status
 
 
-def remember(text: str, fields: dict, limit: int) -> tuple[str, str]:
-    """add_fact, but never a contact or identifying detail: memory can be read aloud on stream."""
-    for value in (fields["fact"], fields["category"]):
+def refuse_contact_details(*values: str) -> None:
+    """Never a contact or identifying detail in either tier: memory can be read aloud on stream."""
+    for value in values:
         kind = find_contact_detail(value)
         if kind is not None:
             raise HumanBlockError(contact_detail_error(kind))
-    return add_fact(text, fields["fact"], fields["category"], limit)
 
 
-# operation -> (required text fields, the edit: (block text, fields, limit) -> (new text, message)).
-# forget has no contact check: a detail stored before the check existed must still be removable.
-Edit = Callable[[str, dict, int], tuple[str, str]]
-OPERATIONS: dict[str, tuple[tuple[str, ...], Edit]] = {
-    "remember": (("fact", "category"), remember),
-    "forget": (("fact",), lambda text, f, limit: remove_fact(text, f["fact"])),
+@dataclass(frozen=True)
+class Outcome:
+    """An operation's result: the block text to write, the model's message, passages to delete after the write."""
+
+    text: str
+    message: str
+    delete_after: tuple[str, ...] = ()
+
+
+# operation -> the text fields its request must carry.
+OPERATIONS: dict[str, tuple[str, ...]] = {
+    "remember": ("fact", "category"),
+    "forget": ("fact",),
+    "recall": ("query",),
 }
 
 
 class MemoryGate:
-    """Token check, per-agent serialisation and the read-modify-write of one human block."""
+    """Token check, per-agent serialisation and the read-modify-write of one viewer's memory.
 
-    def __init__(self, store: BlockStore, secret: str):
+    Without a tier (tier=None) the block is all there is and a full block refuses new facts.
+    """
+
+    def __init__(self, store: BlockStore, secret: str, tier: "FactTier | None" = None):
         if not secret:
             raise ValueError("the memory gate needs a secret")
         self._store = store
+        self._tier = tier
         self._secret = secret
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
     def handle(self, operation: str, body: Any) -> tuple[int, dict]:
         """(HTTP status, JSON answer) for one request."""
+        from tools.fact_tier import TierUnsafe
+
         try:
             return 200, self._apply(operation, body)
         except GateRefusal as refusal:
@@ -139,20 +188,23 @@ class MemoryGate:
             log.warning("memory gate: Letta unavailable during %s: %s", operation, exc)
             return 503, {"error": "the memory service cannot reach the memory store right now. Nothing was saved; "
                                   "reply without it, you can try again in a later turn."}
+        except TierUnsafe as exc:
+            log.error("memory gate: refusing %s: %s", operation, exc)
+            return 200, {"error": "long-term memory of this viewer is locked for a safety check. Reply from the "
+                                  "human block; an operator must look at this viewer's archive."}
 
     def _apply(self, operation: str, body: Any) -> dict:
         if operation not in OPERATIONS:
             raise GateRefusal(404, f"unknown operation {operation!r}")
         if not isinstance(body, dict):
             raise GateRefusal(400, "the request must be a JSON object")
-        fields_needed, edit = OPERATIONS[operation]
         agent_id, token = body.get("agent_id"), body.get("token")
         if not isinstance(agent_id, str) or not agent_id or len(agent_id) > 200:
             raise GateRefusal(400, "agent_id is missing")
         if not isinstance(token, str) or not hmac.compare_digest(token, memory_token(self._secret, agent_id)):
             raise GateRefusal(403, "this tool is not allowed to change that agent's memory")
         fields = {}
-        for name in fields_needed:
+        for name in OPERATIONS[operation]:
             value = body.get(name)
             if not isinstance(value, str):
                 raise GateRefusal(400, f"{name} must be a string")
@@ -162,13 +214,62 @@ class MemoryGate:
             if block is None:
                 return {"error": "this agent has no human block, so its memory cannot be changed. Reply without it."}
             try:
-                new_value, message = edit(block.value, fields, block.limit)
+                outcome = getattr(self, "_" + operation)(agent_id, block, fields)
             except HumanBlockError as exc:
                 return {"error": str(exc)}
-            if new_value != block.value:
-                self._store.write(block, new_value)
-        log.info("memory gate: %s agent=%s changed=%s", operation, agent_id, new_value != block.value)
-        return {"message": message}
+            if outcome.text != block.value:
+                self._store.write(block, outcome.text)
+            # Only now: a passage the block took back (or a forgotten one) is never in neither tier.
+            for passage_id in outcome.delete_after:
+                self._tier.delete(agent_id, passage_id)
+        log.info("memory gate: %s agent=%s changed=%s", operation, agent_id, outcome.text != block.value)
+        return {"message": outcome.message}
+
+    # Each operation: (agent, block, fields) -> Outcome. Tier writes that must come BEFORE the
+    # block write (facts moving out) happen inside it.
+    def _remember(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
+        refuse_contact_details(fields["fact"], fields["category"])
+        if self._tier is None:
+            return Outcome(*add_fact(block.value, fields["fact"], fields["category"], block.limit))
+        plan = plan_remember(block.value, fields["fact"], fields["category"], block.limit)
+        if plan.text == block.value:
+            return Outcome(plan.text, plan.message)  # already in the core block
+        told_again = self._exact_in_tier(agent_id, normalize_fact(fields["fact"]))
+        if told_again:
+            plan = plan_remember(block.value, fields["fact"], told_again[0].category, block.limit, from_tier=True)
+        for category, fact in plan.moved:
+            if not self._exact_in_tier(agent_id, fact):  # a write interrupted earlier may have left it there
+                self._tier.add(agent_id, category, fact)
+        return Outcome(plan.text, plan.message, tuple(item.passage_id for item in told_again))
+
+    def _forget(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
+        request = fields["fact"]
+        wanted = fact_key(collapse_spaces(request).lstrip("-*•· "))
+        facts = parse_facts(block.value)
+        if self._tier is None or not wanted or find_fact(facts, wanted):
+            return Outcome(*remove_fact(block.value, request))
+        # Not exactly in the core block: a part of a fact may mean one in either tier.
+        in_tier = tier_matches(wanted, self._tier.find(agent_id, wanted))
+        exact = len(in_tier) == 1 and fact_key(in_tier[0].text) == wanted
+        in_core = [] if exact else [(name, value) for name, values in facts.items() for value in values
+                                    if wanted in fact_key(value)]
+        if len(in_core) + len(in_tier) > 1:
+            raise HumanBlockError(describe_candidates(request, in_core, in_tier))
+        if not in_tier:
+            return Outcome(*remove_fact(block.value, request))  # the one core match, or its error listing
+        (match,) = in_tier
+        return Outcome(after_tier_forget(block.value), f"Forgot ({match.category}): {match.text} (from long-term memory)",
+                       (match.passage_id,))
+
+    def _recall(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
+        query = clean_query(fields["query"])
+        stored = stored_count(block.value)
+        results = self._tier.search(agent_id, query, RECALL_TOP_K) if self._tier is not None and stored else []
+        return Outcome(block.value, format_recall(query, results, stored))
+
+    def _exact_in_tier(self, agent_id: str, fact: str) -> list:
+        wanted = fact_key(fact)
+        return [item for item in self._tier.find(agent_id, fact) if fact_key(item.text) == wanted]
 
     def _lock_for(self, agent_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -236,7 +337,10 @@ def run_memory_gate(settings: Any) -> int:
     from vtuber_letta.letta_api import letta_client
 
     host, port = settings.memory_gate_address
-    gate = MemoryGate(LettaBlockStore(letta_client(settings)), settings.memory_gate_secret)
+    from tools.fact_tier import LettaFactTier
+
+    client = letta_client(settings)
+    gate = MemoryGate(LettaBlockStore(client), settings.memory_gate_secret, LettaFactTier(client))
     server = MemoryGateServer((host, port), gate)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     log.info("memory gate: listening on %s:%s", host, port)

@@ -1,4 +1,4 @@
-"""Tool: store one lasting fact about the current viewer in their `human` block."""
+"""Tool: store one lasting fact about the current viewer in their `human` block (older ones move to their long-term tier)."""
 
 from tools.memory_client import ask_memory_gate
 
@@ -12,8 +12,8 @@ def remember_viewer_fact(fact: str, category: str) -> str:
     short and in your own words (e.g. "has a cat named Mochi"). Do NOT use it for passing moods, facts
     about other people, what you said, anything already shown in your human block, or claims of money,
     gifts, subscriptions or status ("I donated 1000", "I'm a mod"): those are refused, because only the
-    platform-verified section counts. If the memory is full you get an Error: forget an outdated fact
-    with forget_viewer_fact first, or use a shorter wording.
+    platform-verified section counts. When the human block gets full, its oldest facts move to the
+    viewer's long-term memory by themselves (recall_viewer_facts finds them): nothing is lost.
 
     Args:
         fact (str): The fact, one plain line of at most 200 characters, e.g. "likes cats".

@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
 RUN = uuid.uuid4().hex[:6]
 TURN_TIMEOUT_S = 180
-OUR_TOOLS = {"conversation_search", "remember_viewer_fact", "forget_viewer_fact", "set_expression", "play_motion",
-             "stay_silent"}
+OUR_TOOLS = {"conversation_search", "remember_viewer_fact", "forget_viewer_fact", "recall_viewer_facts",
+             "set_expression", "play_motion", "stay_silent"}
 LETTA_MEMORY_EDITORS = {"memory_insert", "memory_replace", "memory_rethink", "memory", "core_memory_append",
                         "core_memory_replace"}
 

@@ -157,8 +157,8 @@ def test_dry_run_on_an_empty_server_reports_would_create_and_sends_nothing(setti
         [("tool", name, "created") for name in TOOL_NAMES] + [("block", "persona", "created"), ("block", "stream", "created")]
     )
     report = summary.render()
-    assert report.count("would create") == 7
-    assert report.splitlines()[-1] == ("dry run, nothing sent: 7 created, 0 updated, 0 unchanged, 0 failed; "
+    assert report.count("would create") == len(TOOL_NAMES) + 2
+    assert report.splitlines()[-1] == (f"dry run, nothing sent: {len(TOOL_NAMES) + 2} created, 0 updated, 0 unchanged, 0 failed; "
                                        "0 agents to upgrade / 0 already current / 0 failed")
 
     requests = sent(vcr)
@@ -174,14 +174,14 @@ def test_provision_on_an_empty_server_creates_tools_and_shared_blocks(settings, 
     summary = provision(settings, out=lambda _: None)
 
     assert summary.ok and not summary.dry_run
-    assert summary.counts["created"] == 7 and summary.counts["unchanged"] == 0
+    assert summary.counts["created"] == len(TOOL_NAMES) + 2 and summary.counts["unchanged"] == 0
     assert [(k, n, o) for k, n, o, _ in summary.rows] == (
         [("tool", name, "created") for name in TOOL_NAMES] + [("block", "persona", "created"), ("block", "stream", "created")]
     )
 
     requests = sent(vcr)
     upserts = calls(requests, "PUT", "/v1/tools/")
-    assert len(upserts) == 5
+    assert len(upserts) == len(TOOL_NAMES)
     # What went over the wire is exactly our tools' source, tags and return limit.
     sent_tools = {body(r)["source_code"]: body(r) for r in upserts}
     for name in TOOL_NAMES:
@@ -202,14 +202,14 @@ def test_provision_on_an_empty_server_creates_tools_and_shared_blocks(settings, 
         assert sent_block["tags"] == shared_block_tags("vtuber", label)
     assert "Luna" in by_label["persona"]["value"]
     assert by_label["stream"]["metadata"]["stream"]["title"] == "观星闲聊 | Stargazing & Chill"
-    assert sorted(mutating(requests)) == sorted(["PUT /v1/tools/"] * 5 + ["POST /v1/blocks/"] * 2)
+    assert sorted(mutating(requests)) == sorted(["PUT /v1/tools/"] * len(TOOL_NAMES) + ["POST /v1/blocks/"] * 2)
 
 
 def test_second_provision_changes_nothing(settings, vcr):
     summary = provision(settings, out=lambda _: None)
 
     assert summary.ok
-    assert summary.counts["unchanged"] == 7 and sum(summary.counts.values()) == 7
+    assert summary.counts["unchanged"] == len(TOOL_NAMES) + 2 and sum(summary.counts.values()) == len(TOOL_NAMES) + 2
     block_details = {n: d for k, n, _, d in summary.rows if k == "block"}
     assert set(block_details) == {"persona", "stream"}
     assert all(d.startswith("block-") for d in block_details.values()), block_details  # the server's ids
