@@ -5,6 +5,7 @@ A backup is a folder (mode 0700, files 0600: it holds every viewer's memory):
     manifest.json        written last: versions, alembic revision, time, counts, sha256 of every file
     letta.dump           pg_dump (custom format) of the Letta database: the primary copy
     agents/*.af          one Agent File per viewer: an extra, portable copy (importable one by one)
+    agents/*.tier.json   each viewer's long-term tier (archival passages; an Agent File has none)
     viewer_agents.json   the viewer -> agent map (Redis `vtl:viewer_agents`)
     viewer_stats.json    the platform-verified counters per viewer (Redis `vtl:viewer_stats:*`)
     forgotten.json       the viewers forgotten so far, as hashes (Redis `vtl:forgotten`): see below
@@ -110,7 +111,7 @@ def backup(settings: Settings, target: Path, *, log: Callable[[str], None] = pri
 
 
 def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], None]) -> Report:
-    from provisioning.viewers import ViewerAgents
+    from provisioning.viewers import ViewerAgents, tier_path, write_tier_file
 
     report = Report(f"backup written to {target}")
     files: dict[str, str] = {}
@@ -148,8 +149,13 @@ def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], 
         text = exported if isinstance(exported, str) else json.dumps(exported, ensure_ascii=False)
         _write_private(target / relative, text)
         files[relative] = _sha256(target / relative)
-        agent_files.append({"viewer_id": row["viewer_id"], "agent_id": row["agent_id"], "file": relative})
-    report.add(f"agents    {len(agent_files)} Agent File(s) in {AGENTS_DIR}/")
+        tier_relative = tier_path(Path(relative)).as_posix()
+        passages = write_tier_file(viewers.client, row["viewer_id"], row["agent_id"], target / tier_relative)
+        files[tier_relative] = _sha256(target / tier_relative)
+        agent_files.append({"viewer_id": row["viewer_id"], "agent_id": row["agent_id"], "file": relative,
+                            "tier_file": tier_relative, "passages": passages})
+    report.add(f"agents    {len(agent_files)} Agent File(s) and long-term tiers "
+               f"({sum(f['passages'] for f in agent_files)} passages) in {AGENTS_DIR}/")
 
     # 3. The viewer -> agent map and the viewers' verified counters (Redis).
     _write_private(target / MAP_FILE, json.dumps(viewer_map, ensure_ascii=False, indent=2, sort_keys=True))
@@ -188,7 +194,8 @@ def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], 
         "template": settings.template_name,
         "database": {"file": DUMP_FILE, "format": "pg_dump custom", "name": DB_NAME, "counts": counts},
         "counts": {"viewers": len(viewer_map), "agent_files": len(agent_files), "viewer_stats": len(stats),
-                   "agents": counts["agents"], "blocks": counts["block"], "messages": counts["messages"]},
+                   "agents": counts["agents"], "blocks": counts["block"], "messages": counts["messages"],
+                   "passages": counts["archival_passages"]},
         "agent_files": agent_files,
         "viewer_map": MAP_FILE,
         "viewer_stats": STATS_FILE,

@@ -95,8 +95,8 @@ def _agent_cmd(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(shown, ensure_ascii=False, indent=2, default=str))
         return 0
     if args.action == "export":
-        path = viewers.export(args.user_id, Path(args.output))
-        print(f"exported {args.user_id!r} to {path}")
+        path, tier_file, passages = viewers.export(args.user_id, Path(args.output))
+        print(f"exported {args.user_id!r} to {path} and their long-term tier ({passages} passages) to {tier_file}")
         return 0
     from provisioning.forget import ForgetError
 
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent_sub.add_parser("list", help="every viewer agent")
     for name, text in (("show", "a viewer's agent and memory"), ("forget", "delete a viewer's agent and memory")):
         agent_sub.add_parser(name, help=text).add_argument("user_id")
-    export = agent_sub.add_parser("export", help="the viewer's agent as an Agent File (.af)")
+    export = agent_sub.add_parser("export", help="the viewer's agent as an Agent File (.af), and their long-term tier beside it (.tier.json)")
     export.add_argument("user_id")
     export.add_argument("-o", "--output", required=True)
     agent.set_defaults(handler=_agent_cmd)
