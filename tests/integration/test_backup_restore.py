@@ -4,7 +4,8 @@ remember_viewer_fact call), the shared persona is edited by API; `vtuber-letta b
 is wiped (processes stopped, Postgres and Redis data and the persona config deleted) and started
 empty; `vtuber-letta restore`. Then the fact, the persona edit, the persona config, the viewer map
 and the viewer's counters are back, and a turn through the bridge is answered by the same agent
-from its memory. A second restore into the now non-empty stack is refused without --force."""
+from its memory. Alice's long-term tier (facts the gate moved to her archival passages) is in the
+backup beside her Agent File and comes back with the database: the same passages, found again. A second restore into the now non-empty stack is refused without --force."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from stack.install import LETTA_VERSION
 from stack.manager import Stack
 from stack.private import REPO_ROOT, private_data_dir, private_stack_settings
 from tests.integration.scripted import ScriptedModel, request_text
+from tests.integration.tier_helpers import Gate, fill_until_moved, recalled_facts
+from tools.human_block import stored_count
 from vtuber_letta import redis_keys
 from vtuber_letta.demo import DEMO_RULES
 from vtuber_letta.letta_api import letta_client
@@ -42,6 +45,9 @@ pytestmark = pytest.mark.integration
 ALICE = "twitch:backup-alice"
 BOB = "bilibili:4242"
 PERSONA_EDIT = "Edited in the ADE before the backup: Luna now ends every stream with 'see you among the stars'."
+TIER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+              "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+              "twentyone", "twentytwo", "twentythree", "twentyfour", "twentyfive", "twentysix")
 CONFIG_MARKER = "# persona config of the backup test (restored from the backup)"
 
 
@@ -139,8 +145,17 @@ def test_backup_wipe_restore_keeps_memory_persona_and_map(private, backup_dir):
     assert "Nice to meet you, Alice" in reply["response_text"], reply
     alice = viewers.find(ALICE)
     assert alice is not None
+    # She comes back often: enough facts that the oldest move to her long-term tier.
+    gate = Gate(settings)
+    facts = [f"told a long story about lantern festival number {word} and the paper boats on the river that "
+             "night, which she still remembers every single autumn" for word in TIER_WORDS]
+    fill_until_moved(gate, alice.agent_id, [(fact, "about") for fact in facts])
     alice_memory = human_block(client, alice.agent_id)
     assert "their name is Alice" in alice_memory
+    stored = stored_count(alice_memory)
+    assert stored > 0
+    passages_before = sorted((p.id, p.text) for p in client.agents.passages.list(alice.agent_id, limit=1000))
+    assert len(passages_before) == stored and facts[0] in dict(passages_before).values()
     bob = viewers.ensure(BOB, "Bob", "bilibili")
     # ... and the streamer edits the shared persona (as in the ADE).
     persona = find_shared_block(client, settings.template_name, "persona")
@@ -161,6 +176,9 @@ def test_backup_wipe_restore_keeps_memory_persona_and_map(private, backup_dir):
     assert json.loads((backup_dir / "viewer_agents.json").read_text()) == {ALICE: alice.agent_id, BOB: bob.agent_id}
     alice_af = next(f for f in manifest["agent_files"] if f["viewer_id"] == ALICE)
     assert "their name is Alice" in (backup_dir / alice_af["file"]).read_text(encoding="utf-8")
+    tier = json.loads((backup_dir / alice_af["tier_file"]).read_text(encoding="utf-8"))
+    assert sorted((p["id"], p["text"]) for p in tier["passages"]) == passages_before
+    assert alice_af["passages"] == stored and manifest["counts"]["passages"] == stored
     assert (backup_dir / DUMP_FILE).stat().st_mode & 0o077 == 0, "the dump holds every viewer's memory: 0600"
     r.close()
 
@@ -182,6 +200,9 @@ def test_backup_wipe_restore_keeps_memory_persona_and_map(private, backup_dir):
     assert r.hget(redis_keys.VIEWER_AGENTS, BOB) == bob.agent_id
     assert ViewerAgents(settings).ensure(ALICE).agent_id == alice.agent_id
     assert human_block(client, alice.agent_id) == alice_memory
+    # Her long-term tier is back (embeddings included: the search finds it by its words).
+    assert sorted((p.id, p.text) for p in client.agents.passages.list(alice.agent_id, limit=1000)) == passages_before
+    assert facts[0] in recalled_facts(gate.recall(alice.agent_id, facts[0]))
     assert "their name is Alice" not in human_block(client, bob.agent_id)
     # The shared persona edit is back, and it is still the block every agent shares.
     restored_persona = find_shared_block(client, settings.template_name, "persona")
