@@ -33,7 +33,8 @@ from stack.install import LETTA_VERSION
 from stack.manager import Stack
 from stack.private import REPO_ROOT, private_data_dir, private_stack_settings
 from tests.integration.scripted import ScriptedModel, request_text
-from tests.integration.tier_helpers import Gate, fill_until_moved, recalled_facts
+from tests.integration.tier_helpers import fill_until_moved
+from tools.gate_client import GateClient, recalled_facts
 from tools.human_block import stored_count
 from vtuber_letta import redis_keys
 from vtuber_letta.demo import DEMO_RULES
@@ -146,7 +147,7 @@ def test_backup_wipe_restore_keeps_memory_persona_and_map(private, backup_dir):
     alice = viewers.find(ALICE)
     assert alice is not None
     # She comes back often: enough facts that the oldest move to her long-term tier.
-    gate = Gate(settings)
+    gate = GateClient.from_settings(settings)
     facts = [f"told a long story about lantern festival number {word} and the paper boats on the river that "
              "night, which she still remembers every single autumn" for word in TIER_WORDS]
     fill_until_moved(gate, alice.agent_id, [(fact, "about") for fact in facts])

@@ -25,7 +25,8 @@ from letta_client import NotFoundError
 
 from provisioning.viewers import ViewerAgents, tier_path
 from tests.integration.scripted import request_text
-from tests.integration.tier_helpers import Gate, fill_until_moved, recalled_facts
+from tests.integration.tier_helpers import fill_until_moved
+from tools.gate_client import GateClient, recalled_facts
 from tools.human_block import parse_facts, set_fields, stored_count
 from tools.memory_tiers import FACT_TAG
 from vtuber_letta.letta_api import letta_client
@@ -60,7 +61,7 @@ def viewers(stack_settings, provisioned):
 
 @pytest.fixture(scope="module")
 def gate(stack_settings, provisioned):
-    return Gate(stack_settings)
+    return GateClient.from_settings(stack_settings)
 
 
 @pytest.fixture(scope="module")
