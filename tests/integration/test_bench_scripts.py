@@ -30,6 +30,9 @@ EXPECTED = {
     "scale": ["| thread pool |", "| RSS (VmRSS), no tracing | 10000 |"],
     "ttfs": ["| first sentence / whole reply (streaming on, per turn) |", CLEAN_BRIDGE],
     "burst": ["Every message got its response in every burst", CLEAN_BRIDGE],
+    # The scripted model always searches: every answer reaches the prompt, from either tier.
+    "recall": ["| large (96 facts) | 12 | 2 | 2 | 100 % |", "| small (24 facts) | 1 | 2 | 2 | 100 % |",
+               "| recall (searches the tier) | 6 |"],
 }
 
 
