@@ -212,3 +212,18 @@ def test_export_carries_the_tier_and_forget_removes_every_passage(regular, viewe
         client.archives.retrieve(archive.id)
     hits = client.passages.search(query=told[10], limit=50)
     assert all(item.passage.text not in told for item in hits)
+
+
+def test_an_archive_attached_to_a_second_agent_locks_the_tier_instead_of_leaking(viewers, gate, client):
+    owner = viewers.ensure(f"twitch:owner-{RUN}", "Owner", "twitch").agent_id
+    facts = [f"the owner of the {colour} {noun} told me a long tale about it on the way home from the "
+             "market, and laughs about it whenever the rain comes back" for colour in COLOURS for noun in NOUNS[:3]]
+    fill_until_moved(gate, owner, [(fact, "about") for fact in facts])
+    assert stored_count(client.agents.blocks.retrieve("human", agent_id=owner).value) > 0
+    (archive,) = client.archives.list(agent_id=owner)
+    # What an operator must never do (docs/OPERATIONS.md): the same archive on another viewer's agent.
+    other = viewers.ensure(f"twitch:intruder-{RUN}", "Intruder", "twitch").agent_id
+    client.agents.archives.attach(archive.id, agent_id=other)
+    answer = gate.recall(owner, facts[0])
+    assert answer.startswith("Error: long-term memory of this viewer is locked"), answer
+    assert facts[0] not in answer

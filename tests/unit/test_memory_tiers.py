@@ -274,3 +274,61 @@ def test_an_interrupted_move_leaves_facts_in_both_tiers_never_in_neither(world):
     call("remember", fact=told[-1], category="anime")
     everywhere = core_facts(blocks) + tier.texts("agent-a")
     assert set(told) <= set(everywhere) and len(everywhere) == len(set(everywhere))  # no duplicate either
+
+
+# ------------------------------------------------------------------ the Letta side refuses a shared archive
+
+class FakeLetta:
+    """Just what LettaFactTier's archive check and search ask of letta-client."""
+
+    def __init__(self, archive_agents):
+        self.archive_agents = archive_agents  # archive id -> agent ids attached
+        self.searches = 0
+        outer = self
+
+        class Passages:
+            def search(self, agent_id, query, top_k):
+                outer.searches += 1
+                result = type("R", (), {"id": "p1", "content": "likes cats", "tags": passage_tags("likes"),
+                                        "timestamp": "2026-01-02T00:00:00"})
+                return type("S", (), {"results": [result]})
+
+        class Archives:
+            def list(self, agent_id):
+                return [type("A", (), {"id": a}) for a, agents in outer.archive_agents.items() if agent_id in agents]
+
+        self.agents = type("Agents", (), {"passages": Passages()})()
+        self.archives = Archives()
+
+    def get(self, path, cast_to):
+        archive_id = path.split("/")[3]
+        return [{"id": agent} for agent in self.archive_agents[archive_id]]
+
+
+def test_the_letta_tier_searches_an_own_archive_and_refuses_a_shared_one():
+    from tools.fact_tier import LettaFactTier, TierUnsafe
+
+    own = LettaFactTier(FakeLetta({"archive-1": ["agent-a"]}))
+    assert [f.text for f in own.search("agent-a", "cats", 5)] == ["likes cats"]
+    shared = FakeLetta({"archive-1": ["agent-a", "agent-b"]})
+    with pytest.raises(TierUnsafe, match="shared with 1 other agent"):
+        LettaFactTier(shared).search("agent-a", "cats", 5)
+    assert shared.searches == 0  # refused before any search
+    two = FakeLetta({"archive-1": ["agent-a"], "archive-2": ["agent-a"]})
+    with pytest.raises(TierUnsafe, match="2 archives"):
+        LettaFactTier(two).search("agent-a", "cats", 5)
+
+
+def test_the_gate_answers_a_locked_tier_with_an_error_the_model_can_act_on(world):
+    from tools.fact_tier import TierUnsafe
+
+    blocks, tier, call = world
+    for i in range(40):
+        call("remember", fact=f"likes song number {i}", category="songs")
+
+    def unsafe(*_args):
+        raise TierUnsafe("archive shared")
+
+    tier.search = unsafe
+    answer = call("recall", query="songs")
+    assert answer.startswith("Error: long-term memory of this viewer is locked") and "human block" in answer
