@@ -28,7 +28,7 @@ import time
 from typing import Any, Protocol
 
 from tools.memory_gate import letta_call
-from tools.memory_tiers import StoredFact, category_of_tags, is_fact_passage, passage_tags
+from tools.memory_tiers import FACT_TAG, StoredFact, category_of_tags, is_fact_passage, is_tier_passage, passage_tags
 
 ARCHIVE_CHECK_TTL_S = 300.0
 FIND_LIMIT = 50  # passages containing a forget/remember text; more than any real overlap
@@ -36,14 +36,14 @@ SEARCH_OVERFETCH = 3  # search top_k * this, then our own tag filter (Letta filt
 
 
 class FactTier(Protocol):
-    def add(self, agent_id: str, category: str, text: str) -> None:
-        """Store one fact as a passage of the agent."""
+    def add(self, agent_id: str, category: str, text: str, kind: str = FACT_TAG) -> None:
+        """Store one fact (or, kind=EPISODE_TAG, one episode) as a passage of the agent."""
 
     def find(self, agent_id: str, text: str) -> list[StoredFact]:
         """The agent's fact passages whose text contains text (case-insensitive)."""
 
     def search(self, agent_id: str, query: str, top_k: int) -> list[StoredFact]:
-        """The agent's fact passages closest in meaning to query, best first."""
+        """The agent's fact and episode passages closest in meaning to query, best first."""
 
     def delete(self, agent_id: str, passage_id: str) -> None:
         """Delete one passage that find/search returned for this agent."""
@@ -61,9 +61,9 @@ class LettaFactTier:
         self._checked: dict[str, float] = {}
         self._guard = threading.Lock()
 
-    def add(self, agent_id: str, category: str, text: str) -> None:
+    def add(self, agent_id: str, category: str, text: str, kind: str = FACT_TAG) -> None:
         with letta_call():
-            self._client.agents.passages.create(agent_id, text=text, tags=passage_tags(category))
+            self._client.agents.passages.create(agent_id, text=text, tags=passage_tags(category, kind))
 
     def find(self, agent_id: str, text: str) -> list[StoredFact]:
         with letta_call():
@@ -74,7 +74,7 @@ class LettaFactTier:
         self._check_own_archive(agent_id)
         with letta_call():
             answer = self._client.agents.passages.search(agent_id, query=query, top_k=top_k * SEARCH_OVERFETCH)
-        found = [_stored(r.id, r.content, r.tags, r.timestamp) for r in answer.results if is_fact_passage(r.tags)]
+        found = [_stored(r.id, r.content, r.tags, r.timestamp) for r in answer.results if is_tier_passage(r.tags)]
         return found[:top_k]
 
     def delete(self, agent_id: str, passage_id: str) -> None:

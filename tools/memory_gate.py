@@ -18,7 +18,8 @@ without `letta` and without `agent_state`, and ask this service over loopback HT
    recall_viewer_facts by searching that agent's passages only.
 
 Routes: POST /v1/remember {"agent_id", "token", "fact", "category"}, POST /v1/forget {"agent_id",
-"token", "fact"}, POST /v1/recall {"agent_id", "token", "query"}, GET /health. Answers: 200 {"message": ...} when done or already so, 200
+"token", "fact"}, POST /v1/recall {"agent_id", "token", "query"}, POST /v1/episode {"agent_id",
+"token", "date", "summary"} (stream end, provisioning/episodes.py; never a tool), GET /health. Answers: 200 {"message": ...} when done or already so, 200
 {"error": ...} for what the model should act on (the tool prefixes "Error: "), 400/403/404/413 with
 {"error"} for bad requests, 503 {"error"} when Letta cannot be reached.
 """
@@ -45,15 +46,20 @@ from tools.human_block import (
     find_fact,
     normalize_fact,
     parse_facts,
+    parse_fields,
     remove_fact,
     stored_count,
 )
 from tools.memory_tiers import (
+    EPISODE_CATEGORY,
+    EPISODE_TAG,
+    LAST_STREAM_FIELD,
     RECALL_TOP_K,
     after_tier_forget,
     clean_query,
     describe_candidates,
     format_recall,
+    plan_episode,
     plan_remember,
     tier_matches,
 )
@@ -158,6 +164,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "remember": ("fact", "category"),
     "forget": ("fact",),
     "recall": ("query",),
+    "episode": ("date", "summary"),
 }
 
 
@@ -237,9 +244,7 @@ class MemoryGate:
         told_again = self._exact_in_tier(agent_id, normalize_fact(fields["fact"]))
         if told_again:
             plan = plan_remember(block.value, fields["fact"], told_again[0].category, block.limit, from_tier=True)
-        for category, fact in plan.moved:
-            if not self._exact_in_tier(agent_id, fact):  # a write interrupted earlier may have left it there
-                self._tier.add(agent_id, category, fact)
+        self._move_out(agent_id, plan.moved)
         return Outcome(plan.text, plan.message, tuple(item.passage_id for item in told_again))
 
     def _forget(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
@@ -264,8 +269,24 @@ class MemoryGate:
     def _recall(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
         query = clean_query(fields["query"])
         stored = stored_count(block.value)
-        results = self._tier.search(agent_id, query, RECALL_TOP_K) if self._tier is not None and stored else []
+        # Nothing was ever moved out and no episode written: no search (saves a Letta call per recall).
+        searchable = stored or LAST_STREAM_FIELD in parse_fields(block.value, "viewer")
+        results = self._tier.search(agent_id, query, RECALL_TOP_K) if self._tier is not None and searchable else []
         return Outcome(block.value, format_recall(query, results, stored))
+
+    def _episode(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
+        if self._tier is None:
+            raise HumanBlockError("episodes need the long-term tier, which this gate has not got.")
+        plan, episode = plan_episode(block.value, fields["date"], fields["summary"], block.limit)
+        self._tier.add(agent_id, EPISODE_CATEGORY, episode, EPISODE_TAG)
+        self._move_out(agent_id, plan.moved)
+        return Outcome(plan.text, plan.message)
+
+    def _move_out(self, agent_id: str, moved) -> None:
+        """Write the facts leaving the block to tier 2 (before the block is written)."""
+        for category, fact in moved:
+            if not self._exact_in_tier(agent_id, fact):  # a write interrupted earlier may have left it there
+                self._tier.add(agent_id, category, fact)
 
     def _exact_in_tier(self, agent_id: str, fact: str) -> list:
         wanted = fact_key(fact)

@@ -22,10 +22,16 @@ facts, not at every remember). Which fact moves is decided here, deterministical
    category is down to nothing.
 
 The block ends with "(+N more facts in long-term memory; recall_viewer_facts finds them)".
+
 Facts are written to tier 2 BEFORE the block drops them: a crash in between leaves a fact in
 both tiers, never in neither.
+
+Episodes: at the end of a stream (provisioning/episodes.py) one dated summary per viewer who spoke
+goes to tier 2 (tag EPISODE_TAG) and the newest one into the block's viewer section as
+`last_stream: YYYY-MM-DD: …`, fitted by the same policy; recall finds old episodes too.
 """
 
+import re
 from dataclasses import dataclass
 
 from tools.contact_details import redact_contact_details
@@ -33,6 +39,7 @@ from tools.human_block import (
     DEFAULT_HUMAN_LIMIT,
     MAX_LISTING_CHARS,
     HumanBlockError,
+    collapse_spaces,
     fact_key,
     find_fact,
     normalize_category,
@@ -40,10 +47,16 @@ from tools.human_block import (
     parse_facts,
     quoted,
     replace_facts,
+    set_fields,
     stored_count,
 )
 
 FACT_TAG = "vtl:fact"  # every tier-2 passage that holds one fact of the viewer
+EPISODE_TAG = "vtl:episode"  # a stream-end summary of what the viewer and the VTuber talked about
+EPISODE_CATEGORY = "last stream"
+LAST_STREAM_FIELD = "last_stream"  # the viewer-section field with the newest episode
+MAX_EPISODE_CHARS = 300
+EPISODE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 CATEGORY_TAG_PREFIX = "category:"
 ESSENTIAL_CATEGORIES = ("name", "pronouns", "language")
 RECALL_TOP_K = 5  # passages per recall: the per-turn prompt budget of tier 2 (docs/RELIABILITY.md)
@@ -84,9 +97,9 @@ class Plan:
     moved: tuple[tuple[str, str], ...] = ()
 
 
-def passage_tags(category):
-    """The tags of a tier-2 passage holding one fact of `category`."""
-    return [FACT_TAG, CATEGORY_TAG_PREFIX + category]
+def passage_tags(category, kind=FACT_TAG):
+    """The tags of a tier-2 passage: one fact of `category`, or (kind=EPISODE_TAG) an episode."""
+    return [kind, CATEGORY_TAG_PREFIX + category]
 
 
 def category_of_tags(tags):
@@ -98,8 +111,13 @@ def category_of_tags(tags):
 
 
 def is_fact_passage(tags):
-    """True for passages this module wrote (a viewer's archive holds nothing else today)."""
+    """True for a passage holding one fact (what remember and forget look at)."""
     return FACT_TAG in (tags or ())
+
+
+def is_tier_passage(tags):
+    """True for any passage this module wrote: facts and episodes (what recall shows)."""
+    return bool({FACT_TAG, EPISODE_TAG} & set(tags or ()))
 
 
 def next_to_move(facts):
@@ -169,6 +187,27 @@ def plan_remember(text, fact, category, limit, *, from_tier=False, policy=DEFAUL
         message += (f". {len(moved)} older {noun} moved to long-term memory (recall_viewer_facts finds them), "
                     "so nothing was lost")
     return Plan(new_text, message, moved)
+
+
+def clean_episode(date, summary):
+    """(date, the episode's text) ready to store, contact details hidden; HumanBlockError if unusable."""
+    date = str(date).strip()
+    if not EPISODE_DATE.fullmatch(date):
+        raise HumanBlockError(f"the episode date must be YYYY-MM-DD, not '{quoted(date)}'.")
+    text = redact_contact_details(collapse_spaces(summary).replace("<", "‹").replace(">", "›"))
+    if not text:
+        raise HumanBlockError("the episode summary is empty.")
+    if len(text) > MAX_EPISODE_CHARS:
+        text = text[: MAX_EPISODE_CHARS - 1] + "…"
+    return date, f"{date}: {text}"
+
+
+def plan_episode(text, date, summary, limit, policy=DEFAULT_POLICY):
+    """Plan storing one episode: the block shows it as last_stream (older facts move if it gets full)."""
+    date, episode = clean_episode(date, summary)
+    with_field = set_fields(text, "viewer", {LAST_STREAM_FIELD: episode})
+    new_text, moved = fit_block(with_field, parse_facts(with_field), stored_count(with_field), limit, policy)
+    return Plan(new_text, f"Episode of {date} stored", moved), episode
 
 
 def tier_matches(wanted, stored_facts):

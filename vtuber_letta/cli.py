@@ -108,6 +108,11 @@ def _agent_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stream_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "end":
+        from provisioning.episodes import end_stream
+
+        print(end_stream(settings, since_hours=args.since_hours).render())
+        return 0
     from provisioning.stream import set_stream
 
     print(set_stream(settings, {"title": args.title, "topic": args.topic, "game": args.game,
@@ -202,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream_set = stream_sub.add_parser("set", help="update the stream for every viewer's agent")
     for field in ("title", "topic", "game", "language", "schedule"):
         stream_set.add_argument(f"--{field}")
+    stream_end = stream_sub.add_parser(
+        "end", help="one dated summary per viewer who spoke (one model call each; VTL_EPISODES=false: none)")
+    stream_end.add_argument("--since-hours", type=float, default=6.0, help="who spoke in the last N hours (default 6)")
     stream_cmd.set_defaults(handler=_stream_cmd)
 
     bridge = sub.add_parser("bridge", help="run the Redis bridge (letta_requests -> Letta -> replies)")

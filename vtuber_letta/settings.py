@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     persona_config: Path = Field(Path("data/config/persona.yaml"), alias="VTL_PERSONA_CONFIG")
 
     # ======================= bridge (bridge/; owned by the bridge) =======================
+    # Stream-end episodes (provisioning/episodes.py): one model call per viewer who spoke, run by
+    # `vtuber-letta stream end`, never by the bridge. Off: stream end summarises nobody.
+    episodes_enabled: bool = Field(True, alias="VTL_EPISODES")
     # Switches named after the host's plan (letta.enabled, letta.fallback_to_memory,
     # letta.memory_type_routing). A task without meta.memory_type counts as
     # VTL_BRIDGE_DEFAULT_MEMORY_TYPE (permanent: a viewer's words are remembered unless

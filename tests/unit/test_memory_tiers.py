@@ -157,13 +157,17 @@ class Tier:
         self.passages: dict[str, list[StoredFact]] = {}
         self.ids = itertools.count()
         self.fail_adds_after: int | None = None
+        self.kinds: dict[str, str] = {}  # passage id -> kind, for the passages that are not facts
 
-    def add(self, agent_id, category, text):
+    def add(self, agent_id, category, text, kind="vtl:fact"):
         if self.fail_adds_after is not None:
             if self.fail_adds_after == 0:
                 raise StoreUnavailable("down")
             self.fail_adds_after -= 1
-        self.passages.setdefault(agent_id, []).append(StoredFact(f"passage-{next(self.ids)}", category, text))
+        passage_id = f"passage-{next(self.ids)}"
+        self.passages.setdefault(agent_id, []).append(StoredFact(passage_id, category, text))
+        if kind != "vtl:fact":
+            self.kinds[passage_id] = kind
 
     def find(self, agent_id, text):
         return [p for p in self.passages.get(agent_id, []) if text.lower() in p.text.lower()]
@@ -332,3 +336,55 @@ def test_the_gate_answers_a_locked_tier_with_an_error_the_model_can_act_on(world
     tier.search = unsafe
     answer = call("recall", query="songs")
     assert answer.startswith("Error: long-term memory of this viewer is locked") and "human block" in answer
+
+
+# ------------------------------------------------------------------ episodes
+
+@pytest.mark.parametrize("date, summary, expected", [
+    ("2026-12-02", "We talked about  kites\tand tea.", "2026-12-02: We talked about kites and tea."),
+    ("2026-12-02", "We talked about calling 555-123-4567", "2026-12-02: We talked about calling [hidden]"),
+    ("2026-12-02", "<b>We</b> talked", "2026-12-02: ‹b›We‹/b› talked"),
+    ("2026-12-02", "x" * 400, "2026-12-02: " + "x" * 299 + "…"),
+])
+def test_clean_episode(date, summary, expected):
+    from tools.memory_tiers import clean_episode
+
+    assert clean_episode(date, summary) == (date, expected)
+
+
+@pytest.mark.parametrize("date, summary, message", [
+    ("02.12.2026", "We talked", "YYYY-MM-DD"),
+    ("2026-12-02", "   ", "empty"),
+])
+def test_clean_episode_refuses(date, summary, message):
+    from tools.memory_tiers import clean_episode
+
+    with pytest.raises(HumanBlockError, match=message):
+        clean_episode(date, summary)
+
+
+def test_an_episode_goes_to_the_tier_and_the_block_shows_the_newest(world):
+    from tools.human_block import parse_fields
+
+    blocks, tier, call = world
+    assert call("recall", query="kites").startswith("Nothing about this viewer")
+    assert call("episode", date="2026-12-01", summary="We talked about kites.") == "Episode of 2026-12-01 stored"
+    assert call("episode", date="2026-12-02", summary="We talked about tea and 555-123-4567.").startswith("Episode")
+    fields = parse_fields(blocks.blocks["agent-a"].value, "viewer")
+    assert fields["last_stream"] == "2026-12-02: We talked about tea and [hidden]."
+    assert [kind for kind in tier.kinds.values()] == ["vtl:episode", "vtl:episode"]
+    assert "- (last stream) 2026-12-01: We talked about kites." in call("recall", query="kites")
+    assert call("remember", fact="2026-12-01: We talked about kites.", category="other").startswith("Remembered")
+    assert call("episode", date="yesterday", summary="x").startswith("Error: the episode date")
+
+
+def test_an_episode_on_a_full_block_moves_facts_instead_of_overflowing(world):
+    blocks, tier, call = world
+    number = itertools.count()
+    while len(blocks.blocks["agent-a"].value) < 1000:  # 1,080 (90 %) would move facts
+        call("remember", fact=f"likes puzzle box model {next(number)}", category="likes")
+    before = len(tier.texts("agent-a"))
+    assert before == 0
+    call("episode", date="2026-12-02", summary="We talked about " + "puzzle boxes and their hidden drawers " * 3)
+    assert len(blocks.blocks["agent-a"].value) <= 1200
+    assert len(tier.texts("agent-a")) > before + 1  # the episode and at least one moved fact

@@ -1,0 +1,57 @@
+"""Stream-end episodes on the real stack (provisioning/episodes.py through the real memory gate).
+
+A viewer who spoke gets one dated summary: in their long-term tier (found by recall) and in their
+block as last_stream, contact details hidden; one model call each, none for a viewer who did not
+speak; no message is added to the viewer's history; VTL_EPISODES=false summarises nobody.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from provisioning.episodes import end_stream
+from provisioning.viewers import ViewerAgents
+from tools.gate_client import GateClient
+from tools.human_block import parse_fields
+from tools.memory_tiers import EPISODE_TAG
+from vtuber_letta.letta_api import letta_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
+
+RUN = uuid.uuid4().hex[:6]
+SUMMARY = "We talked about kites and jasmine tea, and they said to call 555-123-4567."
+
+
+def test_stream_end_stores_one_episode_per_viewer_who_spoke(provisioned, client, scripted):
+    settings = provisioned
+    viewers = ViewerAgents(settings)
+    talker = viewers.ensure(f"twitch:talker-{RUN}", "Talker", "twitch").agent_id
+    quiet = viewers.ensure(f"twitch:quiet-{RUN}", "Quiet", "twitch").agent_id
+    messages = letta_client(settings, for_messages=True).with_options(timeout=180)
+    for text in ("I love flying kites!", "and jasmine tea after that"):
+        messages.agents.messages.create(agent_id=talker, messages=[{"role": "user", "content": text}])
+    history = sum(1 for _ in client.agents.messages.list(talker, limit=200))
+    scripted.add_rules({"name": "episode", "when": {"system_contains": "episode notes"}, "then": {"reply": SUMMARY}})
+
+    off = end_stream(settings.model_copy(update={"episodes_enabled": False}))
+    assert off.render().startswith("episodes are off") and scripted.chat_requests("episode") == 0
+
+    report = end_stream(settings)
+    done = [viewer for viewer, _ in report.summarised]
+    print(report.render())
+    assert f"twitch:talker-{RUN}" in done and f"twitch:quiet-{RUN}" not in done
+    assert scripted.chat_requests("episode") == len(done)  # one model call per viewer who spoke
+
+    today = datetime.now(timezone.utc).date().isoformat()
+    block = client.agents.blocks.retrieve("human", agent_id=talker).value
+    shown = parse_fields(block, "viewer")["last_stream"]
+    assert shown.startswith(f"{today}: We talked about kites and jasmine tea") and "555" not in block
+    episodes = [p for p in client.agents.passages.list(talker, limit=100) if EPISODE_TAG in (p.tags or [])]
+    assert len(episodes) == 1 and "555-123-4567" not in episodes[0].text and "[hidden]" in episodes[0].text
+    recalled = GateClient.from_settings(settings).recall(talker, "kites")
+    assert f"- (last stream) {today}: We talked about kites" in recalled
+    assert "last_stream" not in client.agents.blocks.retrieve("human", agent_id=quiet).value
+    assert sum(1 for _ in client.agents.messages.list(talker, limit=200)) == history  # not a turn
