@@ -128,7 +128,7 @@ def rows_by_name(summary) -> dict[str, tuple[str, str]]:
 def test_second_provision_changes_nothing_and_dry_run_sends_nothing(stack, client, provisioned):
     settings = stack.settings
     before = server_snapshot(client)
-    assert len(provisioned.rows) == 7  # five tools, persona, stream
+    assert len(provisioned.rows) == 8  # six tools, persona, stream
 
     again = provision(settings, out=lambda _: None)
     assert again.ok
