@@ -25,7 +25,7 @@ import random
 import time
 
 from bench.common import (
-    _http_json, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id, scripted_rules,
+    _http_json, _text, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id, scripted_rules,
     table,
 )
 from tools.gate_client import GateClient
@@ -73,11 +73,7 @@ def last_prompts(settings, count: int) -> list[str]:
 
 
 def said(response) -> str:
-    parts = []
-    for m in response.messages:
-        if m.message_type == "assistant_message":
-            parts.append(m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
-    return " ".join(parts)
+    return " ".join(_text(m.content) for m in response.messages if m.message_type == "assistant_message")
 
 
 def main() -> None:
