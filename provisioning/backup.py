@@ -111,7 +111,8 @@ def backup(settings: Settings, target: Path, *, log: Callable[[str], None] = pri
 
 
 def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], None]) -> Report:
-    from provisioning.viewers import ViewerAgents, tier_path, write_tier_file
+    from provisioning.tier_files import tier_path, write_tier_file
+    from provisioning.viewers import ViewerAgents
 
     report = Report(f"backup written to {target}")
     files: dict[str, str] = {}

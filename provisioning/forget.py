@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 from letta_client import NotFoundError
 
 from provisioning.naming import viewer_hash
+from provisioning.tier_files import tier_rows
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.viewer_ids import check_viewer_id
 
@@ -141,7 +142,7 @@ class Forgetter:
         own_blocks = [b.id for b in agent.blocks or [] if "vtl:shared" not in (b.tags or [])
                       and b.label not in shared_labels]
         archives = [a.id for a in c.archives.list(agent_id=agent_id)]
-        passages = sum(1 for _ in c.agents.passages.list(agent_id, limit=1000))
+        passages = len(tier_rows(c, agent_id))  # every page: a regular's tier holds thousands
         messages = sum(1 for _ in c.agents.messages.list(agent_id, limit=500))
         c.agents.delete(agent_id)
         report.removed["agents"] += 1

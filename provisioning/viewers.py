@@ -28,6 +28,7 @@ from provisioning.naming import (
     viewer_tags,
 )
 from provisioning.forget import Forgetter, ForgetReport
+from provisioning.tier_files import tier_path, write_tier_file
 from provisioning.provision import Blueprint, ProvisioningError, find_shared_block, load_blueprint
 from provisioning.upgrade import FINGERPRINT_KEY, template_state
 from tools.memory_client import GATE_TOKEN_ENV as MEMORY_TOKEN_ENV
@@ -41,39 +42,6 @@ from vtuber_letta.viewer_ids import UNKNOWN_PLATFORM, check_viewer_id, platform_
 
 LOCK_TTL_S = 60  # longer than any agent creation; a crashed holder frees it by expiry
 LOCK_WAIT_S = 120
-TIER_PAGE = 100
-TIER_FORMAT = "vtuber-letta viewer tier v1"
-
-
-def tier_path(agent_file: Path) -> Path:
-    """Where the viewer's long-term tier goes beside their Agent File: x.af -> x.tier.json."""
-    return agent_file.with_name(agent_file.stem + ".tier.json")
-
-
-def tier_rows(client: Letta, agent_id: str) -> list[dict]:
-    """The agent's long-term tier (its own archival passages), oldest first, without embeddings.
-
-    An Agent File of Letta 0.16.8 carries no archival passages, so exports and backups write
-    these beside it (the backup's database dump holds them too, embeddings included).
-    """
-    rows: list[dict] = []
-    after = None
-    while True:
-        page = client.agents.passages.list(agent_id, limit=TIER_PAGE, ascending=True,
-                                           **({"after": after} if after else {}))
-        rows += [{"id": p.id, "text": p.text, "tags": list(p.tags or []),
-                  "created_at": p.created_at.isoformat() if p.created_at else None} for p in page]
-        if len(page) < TIER_PAGE:
-            return rows
-        after = page[-1].id
-
-
-def write_tier_file(client: Letta, viewer_id: str, agent_id: str, path: Path) -> int:
-    """Write the viewer's tier as JSON (private: it is their memory); returns how many passages."""
-    rows = tier_rows(client, agent_id)
-    write_private(path, json.dumps({"format": TIER_FORMAT, "viewer_id": viewer_id, "agent_id": agent_id,
-                                    "passages": rows}, ensure_ascii=False, indent=1))
-    return len(rows)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import uuid
 import pytest
 from letta_client import NotFoundError
 
-from provisioning.viewers import ViewerAgents, tier_path
+from provisioning.tier_files import tier_path
+from provisioning.viewers import ViewerAgents
 from tests.integration.scripted import request_text
 from tests.integration.tier_helpers import fill_until_moved
 from tools.gate_client import GateClient, recalled_facts
