@@ -46,7 +46,8 @@ class EpisodeReport:
     def render(self) -> str:
         if not self.enabled:
             return "episodes are off (VTL_EPISODES=false): nobody was summarised"
-        lines = [f"episode  {viewer}: stored ({seconds * 1000:.0f} ms model call)" for viewer, seconds in self.summarised]
+        lines = [f"episode  {viewer}: stored ({seconds * 1000:.0f} ms model call)"
+                 for viewer, seconds in self.summarised]
         lines += [f"skipped  {viewer}: {why}" for viewer, why in self.skipped]
         total = sum(seconds for _, seconds in self.summarised)
         lines.append(f"{len(self.summarised)} episode(s) stored, {len(self.skipped)} skipped; "

@@ -92,7 +92,8 @@ class LettaFactTier:
                 agents = self._client.get(f"/v1/archives/{archive_id}/agents", cast_to=object)
                 others = [a.get("id") for a in agents or [] if isinstance(a, dict) and a.get("id") != agent_id]
                 if others:
-                    raise TierUnsafe(f"archive {archive_id} of agent {agent_id} is shared with {len(others)} other agent(s)")
+                    raise TierUnsafe(f"archive {archive_id} of agent {agent_id} is shared with "
+                                     f"{len(others)} other agent(s)")
         if len(archives) > 1:
             raise TierUnsafe(f"agent {agent_id} has {len(archives)} archives")
         with self._guard:

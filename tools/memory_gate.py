@@ -241,7 +241,10 @@ class MemoryGate:
         plan = plan_remember(block.value, fields["fact"], fields["category"], block.limit)
         if plan.text == block.value:
             return Outcome(plan.text, plan.message)  # already in the core block
-        told_again = self._exact_in_tier(agent_id, normalize_fact(fields["fact"]))
+        # A block that never moved anything out has no tier to look in: no Letta call for most viewers.
+        told_again = []
+        if stored_count(block.value):
+            told_again = self._exact_in_tier(agent_id, normalize_fact(fields["fact"]))
         if told_again:
             plan = plan_remember(block.value, fields["fact"], told_again[0].category, block.limit, from_tier=True)
         self._move_out(agent_id, plan.moved)
@@ -263,8 +266,8 @@ class MemoryGate:
         if not in_tier:
             return Outcome(*remove_fact(block.value, request))  # the one core match, or its error listing
         (match,) = in_tier
-        return Outcome(after_tier_forget(block.value), f"Forgot ({match.category}): {match.text} (from long-term memory)",
-                       (match.passage_id,))
+        message = f"Forgot ({match.category}): {match.text} (from long-term memory)"
+        return Outcome(after_tier_forget(block.value), message, (match.passage_id,))
 
     def _recall(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
         query = clean_query(fields["query"])

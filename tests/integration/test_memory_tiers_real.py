@@ -155,7 +155,8 @@ def test_the_prompt_of_a_500_fact_viewer_is_at_most_a_quarter_larger_than_of_a_5
         regular, viewers, gate, client, scripted, stack_settings):
     agent_id, told, _ = regular
     fifty = viewers.ensure(f"twitch:fifty-{RUN}", "Fifty", "twitch").agent_id
-    fill_until_moved(gate, fifty, [(fact, category) for stream in five_hundred_facts()[:5] for fact, category in stream])
+    fifty_facts = [item for stream in five_hundred_facts()[:5] for item in stream]
+    fill_until_moved(gate, fifty, fifty_facts)
     messages = letta_client(stack_settings, for_messages=True).with_options(timeout=180)
     sizes = {}
     for name, agent in (("50", fifty), ("500", agent_id)):
