@@ -254,7 +254,7 @@ class MemoryGate:
         request = fields["fact"]
         wanted = fact_key(collapse_spaces(request).lstrip("-*•· "))
         facts = parse_facts(block.value)
-        if self._tier is None or not wanted or find_fact(facts, wanted):
+        if self._tier is None or not wanted or find_fact(facts, wanted) or not stored_count(block.value):
             return Outcome(*remove_fact(block.value, request))
         # Not exactly in the core block: a part of a fact may mean one in either tier.
         in_tier = tier_matches(wanted, self._tier.find(agent_id, wanted))
