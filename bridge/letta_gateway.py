@@ -16,7 +16,9 @@ from typing import Sequence
 
 from letta_client import AsyncLetta, NotFoundError
 
-from bridge.gateway import LettaError, LettaRetryable, TextSink, TurnMessage, TurnResult, VerifiedEvent
+from bridge.gateway import (
+    LettaError, LettaRetryable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink,
+)
 from bridge.letta_turns import LettaTurns, as_gateway_error
 from provisioning.viewers import ViewerAgents
 from tools.human_block import set_fields
@@ -59,21 +61,24 @@ class RealLettaGateway:
         return agent_id is not None
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
-                        on_text: TextSink | None = None) -> TurnResult:
+                        on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
         try:
-            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text)
+            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text,
+                                               on_words_done=on_words_done)
         except LettaError as exc:
             if not isinstance(exc.__cause__, NotFoundError):
                 raise
             # The agent is gone (forgotten, and this bridge missed the invalidation): the new one has
             # never seen these messages, so sending them to it is no second turn.
             fresh = await self._reresolve(agent_id, exc)
-            return await self._turns.send_turn(fresh, messages, sender_name=sender_name, on_text=on_text)
+            return await self._turns.send_turn(fresh, messages, sender_name=sender_name, on_text=on_text,
+                                               on_words_done=on_words_done)
 
     async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
-                            on_text: TextSink | None = None) -> TurnResult:
+                            on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
         try:
-            return await self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text)
+            return await self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text,
+                                                   on_words_done=on_words_done)
         except LettaError as exc:
             if not isinstance(exc.__cause__, NotFoundError):
                 raise

@@ -21,7 +21,7 @@ import re
 import unicodedata
 import uuid
 from dataclasses import replace
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from letta_client import AsyncLetta
 
@@ -31,10 +31,12 @@ from bridge.gateway import (
     LettaPermanentError,
     LettaRetryable,
     LettaUnavailable,
+    TextSink,
     TurnMessage,
     TurnResult,
+    WordsDoneSink,
 )
-from bridge.replies import content_text, field_of, merge_steps, parse_letta_response, parse_messages
+from bridge.replies import SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")
@@ -81,6 +83,20 @@ class _SinkFailed(Exception):
     """Carries an exception of the caller's on_text through the Letta error mapping unchanged."""
 
 
+class _Sinks:
+    """The caller's callbacks for one turn; on_words_done is called at most once per turn."""
+
+    def __init__(self, on_text: TextSink | None, on_words_done: WordsDoneSink | None):
+        self.on_text = on_text
+        self._on_words_done = on_words_done
+        self._called = False
+
+    async def words_done(self) -> None:
+        if self._on_words_done is not None and not self._called:
+            self._called = True
+            await self._on_words_done()
+
+
 class LettaTurns:
     """send_turn / find_answered against a real Letta server."""
 
@@ -117,10 +133,12 @@ class LettaTurns:
         messages: Sequence[TurnMessage],
         *,
         sender_name: str | None,
-        on_text: Callable[[str], Awaitable[None]] | None = None,
+        on_text: TextSink | None = None,
+        on_words_done: WordsDoneSink | None = None,
     ) -> TurnResult:
         """One turn. With `on_text`, the reply is streamed token by token (Letta's `stream_tokens`)
-        and every piece of assistant text is handed to on_text as it arrives.
+        and every piece of assistant text is handed to on_text as it arrives; `on_words_done` is
+        called when a tool call starts after the words of a step (see StreamedTurn.words_done).
 
         One model step per request (`max_steps=1`): a step that speaks (with or without tool calls
         in the same response) ends the turn, so an avatar cue or a memory write written beside the
@@ -128,9 +146,11 @@ class LettaTurns:
         (`continue_turn`), up to MAX_STEPS_PER_TURN; stay_silent ends the turn."""
         if not messages:
             raise ValueError("a turn needs at least one message")
-        result = await self._step(agent_id, self.request_messages(messages, sender_name), on_text)
+        sinks = _Sinks(on_text, on_words_done)
+        result = await self._step(agent_id, self.request_messages(messages, sender_name), sinks)
         if result.unfinished:
-            result = await self.continue_turn(agent_id, messages[-1].task_id, result, on_text=on_text)
+            result = await self.continue_turn(agent_id, messages[-1].task_id, result, on_text=on_text,
+                                              on_words_done=on_words_done)
         return result
 
     async def continue_turn(
@@ -139,25 +159,25 @@ class LettaTurns:
         task_id: str,
         so_far: TurnResult,
         *,
-        on_text: Callable[[str], Awaitable[None]] | None = None,
+        on_text: TextSink | None = None,
+        on_words_done: WordsDoneSink | None = None,
     ) -> TurnResult:
         """Ask the agent for its next step after a step that called tools without speaking (also a
         turn found half done in the history after a crash). Each step's request carries one system
         note (Letta refuses an empty request), with an otid derived from the task, so the whole turn
         stays findable from the task's user message."""
         result = so_far
+        sinks = _Sinks(on_text, on_words_done)
         for step in range(so_far.steps, MAX_STEPS_PER_TURN):
             note = {"role": "system", "content": CONTINUE_NOTE, "otid": otid_for(f"{task_id}#step-{step + 1}")}
-            result = merge_steps(result, await self._step(agent_id, [note], on_text))
+            result = merge_steps(result, await self._step(agent_id, [note], sinks))
             if not result.unfinished:
                 return result
         return replace(result, unfinished=False, silent=not result.reply_text)
 
-    async def _step(
-        self, agent_id: str, body: list[dict[str, Any]], on_text: Callable[[str], Awaitable[None]] | None
-    ) -> TurnResult:
+    async def _step(self, agent_id: str, body: list[dict[str, Any]], sinks: "_Sinks") -> TurnResult:
         try:
-            if on_text is None:
+            if sinks.on_text is None:
                 response = await self._client.agents.messages.create(agent_id, messages=body, max_steps=1)
                 return parse_letta_response(response)
             stream = await self._client.agents.messages.create(
@@ -180,11 +200,13 @@ class LettaTurns:
                         done = True
                         break
                     delta = turn.add(json.loads(data))
-                    if delta:
-                        try:
-                            await on_text(delta)
-                        except Exception as exc:
-                            raise _SinkFailed() from exc
+                    try:
+                        if delta:
+                            await sinks.on_text(delta)
+                        if turn.words_done:
+                            await sinks.words_done()
+                    except Exception as exc:
+                        raise _SinkFailed() from exc
             finally:
                 if done:
                     self._drain(events, response)
@@ -244,6 +266,12 @@ class StreamedTurn:
     assistant text of a chunk ("\n" first when a new assistant message starts, the separator
     `parse_messages` puts between messages); `result` parses the rebuilt messages like a
     non-streamed response, so both paths answer alike.
+
+    `words_done` turns True when a tool call (other than stay_silent) starts right after assistant
+    text: models write their words first and their tool calls after them, so the reply is complete
+    while Letta still has the calls' arguments to receive and the tools to run (~0.1 s each, a
+    memory write more) before the step ends. Text that comes after a tool call anyway still
+    arrives through `add`.
     """
 
     def __init__(self) -> None:
@@ -253,6 +281,8 @@ class StreamedTurn:
         self._stop: str | None = None
         self._error: str | None = None
         self._spoke = False
+        self.words_done = False
+        self._unnamed_after_words: dict[str, Any] | None = None
 
     def add(self, chunk: Any) -> str:
         kind = field_of(chunk, "message_type")
@@ -267,7 +297,12 @@ class StreamedTurn:
             self._spoke = True
             return out
         if kind == "tool_call_message":
-            self._add_tool_call(chunk)
+            after_words = self._ends_with_words()
+            call = self._add_tool_call(chunk)
+            if call is not None and (after_words or call is self._unnamed_after_words):
+                # Decided once the call's name is known (it may come in a later piece).
+                self._unnamed_after_words = None if call["name"] else call
+                self.words_done = self.words_done or call["name"] not in ("", SILENT_TOOL)
         elif kind == "tool_return_message":
             self._messages.append({
                 "message_type": kind,
@@ -288,6 +323,10 @@ class StreamedTurn:
         stop = {"stop_reason": self._stop} if self._stop else None
         return parse_letta_response({"messages": self._messages, "stop_reason": stop})
 
+    def _ends_with_words(self) -> bool:
+        last = self._messages[-1] if self._messages else None
+        return last is not None and last["message_type"] == "assistant_message" and last["content"].strip() != ""
+
     def _assistant(self, message_id: str | None) -> dict[str, Any]:
         """The assistant message a text chunk belongs to (a chunk without id: the latest one)."""
         message = self._by_id.get(message_id) if message_id else None
@@ -300,7 +339,9 @@ class StreamedTurn:
             self._messages.append(message)
         return message
 
-    def _add_tool_call(self, chunk: Any) -> None:
+    def _add_tool_call(self, chunk: Any) -> dict[str, Any] | None:
+        """Adds the pieces of a tool_call_message chunk; returns the first call it touched."""
+        first = None
         deltas = field_of(chunk, "tool_calls")
         if not isinstance(deltas, list) or not deltas:
             single = field_of(chunk, "tool_call")
@@ -313,6 +354,8 @@ class StreamedTurn:
                 self._messages.append({"message_type": "tool_call_message", "tool_calls": [call]})
             call["name"] = call["name"] or field_of(delta, "name") or ""
             call["arguments"] += field_of(delta, "arguments") or ""
+            first = first or call
+        return first
 
 
 async def sse_events(response: Any) -> AsyncIterator[tuple[str | None, str]]:

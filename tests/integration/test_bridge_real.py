@@ -95,6 +95,8 @@ def test_memory_survives_bridge_and_letta_restart_and_stays_per_viewer(stack, pr
     reply = by_task(wait_for_replies(r, [told_id], 90, bridge))[told_id]
     assert reply[0]["text"] == f"Nice to meet you, {name}! I'll remember that. 星星在看着你哦～"
     assert scripted.used("demo-remember-name") == 1  # the fact went through the real tool call
+    # Her words came before the calls in that response: they went to speech while the tools ran.
+    assert r.exists(keys.task_spoken(told_id)) == 1 and len(reply) == 1
 
     # Stop the bridge gracefully (exit 0, heartbeat gone), restart Letta, start a new bridge.
     assert bridge.stop() == 0, bridge.log_tail()

@@ -443,6 +443,62 @@ def test_stream_chunks_of_several_messages_are_separated_and_errors_surface():
         stopped.result()
 
 
+WORDS = {"message_type": "assistant_message", "id": "a", "content": "Hi there!"}
+
+
+def call_piece(name: str | None, call_id: str = "c1", arguments: str = "") -> dict:
+    return {"message_type": "tool_call_message", "tool_call": {"name": name, "tool_call_id": call_id, "arguments": arguments}}
+
+
+@pytest.mark.parametrize("chunks, done_after", [
+    ([WORDS, call_piece("set_expression")], 1),  # words, then a cue: done when the cue starts
+    ([WORDS, call_piece(None), call_piece("set_expression")], 2),  # the call's name in a later piece
+    ([call_piece("set_expression"), WORDS], None),  # cue first: the words end with the step
+    ([WORDS, call_piece("stay_silent")], None),  # silence chosen after all: nothing to hand off
+    ([WORDS], None),  # a plain reply ends with the step
+    ([{**WORDS, "content": "  "}, call_piece("play_motion")], None),  # no words yet
+    ([call_piece("play_motion", "c0"), WORDS, call_piece("remember_viewer_fact", "c2")], 2),
+])
+def test_a_streamed_step_knows_when_its_words_are_complete(chunks, done_after):
+    turn = StreamedTurn()
+    seen = []
+    for chunk in chunks:
+        turn.add(chunk)
+        seen.append(turn.words_done)
+    assert seen == [done_after is not None and i >= done_after for i in range(len(chunks))]
+
+
+def test_words_done_is_called_once_as_soon_as_a_tool_call_follows_the_words():
+    class WordsFirst(FakeLettaHttp):  # the model's usual shape: words, then two calls, then Letta runs them
+        def __call__(self, request):
+            self.requests.append(request)
+            reply = [
+                msg("assistant_message", id="m-1", content="好呀，我记住啦！"),
+                msg("tool_call_message", tool_call={"name": "set_expression", "arguments": '{"expression": "happy"}', "tool_call_id": "c1"}),
+                msg("tool_call_message", tool_call={"name": "remember_viewer_fact", "arguments": '{"fact": "likes cats"}', "tool_call_id": "c2"}),
+                msg("tool_return_message", tool_call_id="c1", status="success", tool_return="Expression set: happy"),
+                msg("tool_return_message", tool_call_id="c2", status="success", tool_return="Remembered"),
+            ]
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(token_chunks(reply)))
+
+    events: list[str] = []
+
+    async def on_text(delta: str) -> None:
+        events.append(f"text:{delta}")
+
+    async def on_words_done() -> None:
+        events.append("words done")
+
+    async def scenario():
+        return await turns_with(WordsFirst()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None,
+                                                        on_text=on_text, on_words_done=on_words_done)
+
+    result = asyncio.run(scenario())
+    assert events.count("words done") == 1
+    assert "".join(e[5:] for e in events[:events.index("words done")]) == "好呀，我记住啦！"  # every word first
+    assert result.reply_text == "好呀，我记住啦！" and result.memory_updated and not result.unfinished
+
+
 def test_find_answered_tells_which_tasks_a_coalesced_turn_carried():
     http = FakeLettaHttp()
 
