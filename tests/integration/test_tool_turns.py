@@ -85,7 +85,7 @@ def test_text_and_an_avatar_cue_in_one_response_take_one_model_call(scripted, tu
 def test_the_words_are_complete_before_letta_runs_the_tools_when_the_model_writes_them_first(
         scripted, turns, agent, position):
     scripted.reply_with_tools("words-first", "Welcome back! I remember you.", expression(),
-                              ("remember_viewer_fact", {"fact": "came back today", "category": "visits"}),
+                              ("remember_viewer_fact", {"fact": "drinks oolong tea", "category": "likes"}),
                               text_position=position)
     events: list = []  # text pieces, and WORDS_DONE where it was called
 
