@@ -63,6 +63,7 @@ class FakeGateway:
         self.history: dict[str, dict[str, TurnResult]] = {}
         self.events: list[tuple[str, VerifiedEvent]] = []
         self.find_calls: list[tuple[str, str]] = []
+        self.settled: list[str] = []  # agents whose runs were settled before a lookup
         self.continued: list[tuple[str, str]] = []
         self.overlaps = 0
         self.in_flight = 0
@@ -135,6 +136,12 @@ class FakeGateway:
                 await on_words_done()
         self.history.setdefault(agent_id, {})[task_id] = replace(step, answered=so_far.answered or (task_id,))
         return step
+
+    async def settle_runs(self, agent_id: str) -> int:
+        """The fake's runs end with their send (a killed client's run is over at once)."""
+        self._check_up()
+        self.settled.append(agent_id)
+        return 0
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         self._check_up()

@@ -166,6 +166,12 @@ class LettaGateway(Protocol):
         find_answered found half done after a crash): the agent's next steps, merged into so_far."""
         ...
 
+    async def settle_runs(self, agent_id: str) -> int:
+        """Wait until none of the agent's runs is in flight (an earlier attempt's outlives its
+        client); how many were. Raises LettaUnavailable if one still is after LETTA_TIMEOUT.
+        Called before find_answered and any resend, so a task is never in two live runs."""
+        ...
+
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         """The turn that already answered task_ids[0], if the agent's history has it, else None;
         `answered` lists which of task_ids that turn carried."""

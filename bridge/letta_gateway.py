@@ -86,6 +86,14 @@ class RealLettaGateway:
             await self._reresolve(agent_id, exc)
             raise LettaRetryable(f"agent {agent_id} is gone mid-turn; the task goes to the new one") from exc
 
+    async def settle_runs(self, agent_id: str) -> int:
+        try:
+            return await self._turns.settle_runs(agent_id)
+        except LettaError as exc:
+            if isinstance(exc.__cause__, NotFoundError):
+                return 0  # a deleted agent runs nothing
+            raise
+
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         try:
             return await self._turns.find_answered(agent_id, task_ids)

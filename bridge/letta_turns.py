@@ -16,11 +16,13 @@ or 5xx, and Letta has no per-agent lock. The bridge owns the retry policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import unicodedata
 import uuid
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Sequence
 
 from letta_client import AsyncLetta
@@ -44,6 +46,10 @@ MAX_NAME_CHARS = 64
 # A turn asks for at most this many model steps: the first, plus continuations after steps that
 # only called tools (a memory write, then a search, then the reply is 3).
 MAX_STEPS_PER_TURN = 4
+# A run still `running` after this long is an orphan of a crashed server (Letta 0.16.8 never ends
+# those), not an attempt in flight: Letta's own model streams give up after 600 s.
+ORPHANED_RUN_AGE_S = 900.0
+RUN_POLL_S = 0.25
 # What the agent reads before a step the bridge asks for (a system message, persisted in history).
 CONTINUE_NOTE = ("[turn continues] Your tool calls above have run. The viewer is still waiting: "
                  "now say your spoken reply (or call stay_silent).")
@@ -104,6 +110,7 @@ class LettaTurns:
         # with_options copies the client (sharing its HTTP pool): whatever the caller built,
         # message calls never retry by themselves.
         self._client = client.with_options(max_retries=0, timeout=timeout)
+        self._deadline = timeout  # the whole turn, every step and the stream's keep-alives included
         self._history_scan = history_scan
         self._draining: set[asyncio.Task] = set()  # streamed responses being read to their end
 
@@ -147,10 +154,10 @@ class LettaTurns:
         if not messages:
             raise ValueError("a turn needs at least one message")
         sinks = _Sinks(on_text, on_words_done)
-        result = await self._step(agent_id, self.request_messages(messages, sender_name), sinks)
-        if result.unfinished:
-            result = await self.continue_turn(agent_id, messages[-1].task_id, result, on_text=on_text,
-                                              on_words_done=on_words_done)
+        async with self._turn_deadline():
+            result = await self._step(agent_id, self.request_messages(messages, sender_name), sinks)
+            if result.unfinished:
+                result = await self._continue(agent_id, messages[-1].task_id, result, sinks)
         return result
 
     async def continue_turn(
@@ -166,14 +173,53 @@ class LettaTurns:
         turn found half done in the history after a crash). Each step's request carries one system
         note (Letta refuses an empty request), with an otid derived from the task, so the whole turn
         stays findable from the task's user message."""
+        async with self._turn_deadline():
+            return await self._continue(agent_id, task_id, so_far, _Sinks(on_text, on_words_done))
+
+    async def _continue(self, agent_id: str, task_id: str, so_far: TurnResult, sinks: "_Sinks") -> TurnResult:
         result = so_far
-        sinks = _Sinks(on_text, on_words_done)
         for step in range(so_far.steps, MAX_STEPS_PER_TURN):
             note = {"role": "system", "content": CONTINUE_NOTE, "otid": otid_for(f"{task_id}#step-{step + 1}")}
             result = merge_steps(result, await self._step(agent_id, [note], sinks))
             if not result.unfinished:
                 return result
         return replace(result, unfinished=False, silent=not result.reply_text)
+
+    @contextlib.asynccontextmanager
+    async def _turn_deadline(self) -> AsyncIterator[None]:
+        """LETTA_TIMEOUT bounds the whole turn: a stream's keep-alive pings (every 20 s) would
+        otherwise keep the read timeout from ever firing on a hung model. The run may go on in
+        Letta after this: the retry settles it first (settle_runs)."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                yield
+        except TimeoutError as exc:
+            raise LettaRetryable(f"turn took longer than LETTA_TIMEOUT ({self._deadline:g}s)") from exc
+
+    async def settle_runs(self, agent_id: str) -> int:
+        """Before anything is sent again to the agent: wait (up to LETTA_TIMEOUT) until none of its
+        runs is in flight, and return how many were. An earlier attempt's run goes on after its
+        client gave up, and its messages (the task's otid among them) are stored only when its step
+        ends: sending while it runs would make a second turn. Cancelling does not help: Letta
+        0.16.8 checks for a cancel only between steps, so the step in flight still runs and stores
+        its turn. A run still in flight at the end raises LettaUnavailable (the retry comes back
+        later); one older than ORPHANED_RUN_AGE_S is an orphan and does not count."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._deadline
+        seen: set[str] = set()
+        while True:
+            try:
+                page = await self._client.runs.list(agent_id=agent_id, active=True, limit=20)
+                runs = getattr(page, "items", page)
+            except Exception as exc:
+                raise as_gateway_error(exc) from exc
+            live = [field_of(run, "id") for run in runs if not _orphaned(run)]
+            seen.update(live)
+            if not live:
+                return len(seen)
+            if loop.time() >= until:
+                raise LettaUnavailable(f"an earlier run of agent {agent_id} is still in flight ({live[0]})")
+            await asyncio.sleep(RUN_POLL_S)
 
     async def _step(self, agent_id: str, body: list[dict[str, Any]], sinks: "_Sinks") -> TurnResult:
         try:
@@ -212,6 +258,9 @@ class LettaTurns:
                     self._drain(events, response)
                 else:
                     await response.aclose()
+            if not done and not turn.stopped:
+                # Cut (proxy, server restart, a worker killed): what came is not the whole answer.
+                raise LettaRetryable("the stream ended before [DONE] and without a stop reason")
             return turn.result()
         except _SinkFailed as failed:  # the caller's own failure (e.g. Redis), not Letta's
             raise failed.__cause__ from None
@@ -317,6 +366,11 @@ class StreamedTurn:
             self._error = str(field_of(chunk, "message") or field_of(chunk, "error_type") or "error")
         return ""
 
+    @property
+    def stopped(self) -> bool:
+        """Letta sent the run's stop reason (the step ended, well or not)."""
+        return self._stop is not None
+
     def result(self) -> TurnResult:
         if self._error is not None and not self._messages:
             raise LettaRetryable(f"turn failed: {self._error}")
@@ -373,6 +427,15 @@ async def sse_events(response: Any) -> AsyncIterator[tuple[str | None, str]]:
             event = line[6:].strip()
     if data:
         yield event, "\n".join(data)
+
+
+def _orphaned(run: Any) -> bool:
+    created = field_of(run, "created_at")
+    if not isinstance(created, datetime):
+        return False
+    if created.tzinfo is None:  # Letta stores UTC
+        created = created.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - created).total_seconds() > ORPHANED_RUN_AGE_S
 
 
 def chronological(messages: Sequence[Any]) -> list[Any]:

@@ -619,6 +619,8 @@ class BridgeService:
         task_ids = [chat.task_id for chat in batch]
         if check_history:
             # An earlier attempt may have reached the agent before failing or dying: never a 2nd turn.
+            # Its run may still be going on in Letta (it outlives its client): let it end first.
+            await self._timed("settle_runs", self.gateway.settle_runs(agent_id))
             found = await self._timed("find_answered", self.gateway.find_answered(agent_id, task_ids))
             answering = found.answered[-1] if found is not None and found.answered else task_ids[-1]
             # An earlier attempt may have handed its words to speech before it failed: never again.

@@ -225,6 +225,36 @@ def test_sigkill_mid_turn_loses_nothing_and_never_sends_a_turn_twice(provisioned
     assert bridge_leftovers(r) == {"requests": 0, "staging": 0, "triage": 0, "viewer_queues": 0}
 
 
+# --------------------------------------------------------------------------- 3b. a turn that outlives the deadline
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "plain"])
+def test_a_turn_that_outlives_the_deadline_once_is_answered_once_and_run_once(
+        provisioned, scripted, r, bridges, client, streaming):
+    """The model takes longer than LETTA_TIMEOUT (the default knobs otherwise): the bridge gives up
+    on the call, but Letta's run goes on. The retry must wait for that run and replay it, not
+    send the message again while it runs (that was two model turns for one message)."""
+    rid = run_id()
+    viewer = f"it:late-{rid}"
+    ViewerAgents(provisioned).ensure(viewer)
+    marker = f"late-{rid}"
+    scripted.add_rules({"name": "late", "when": {"user_contains": marker},
+                        "then": {"reply": "(late) I heard: {user}", "delay_ms": 6500}})
+    slow, after = task(viewer, f"{marker} one"), task(viewer, f"{marker} two")
+    bridge = bridges(LETTA_TIMEOUT=3, VTL_BRIDGE_STREAMING=streaming)
+    push(r, [slow, after])
+    replies = wait_for_replies(r, [slow["task_id"], after["task_id"]], 120, bridge)
+    time.sleep(1.0)
+    assert [x["task_id"] for x in tts_replies(r)] == [slow["task_id"], after["task_id"]], "answered twice, or out of order"
+    assert replies[0]["text"] == f"(late) I heard: {marker} one"
+    assert scripted.used("late") == 2, "a message was put to the model more than once"  # counted at the model
+    [agent] = agents_of(client, viewer)
+    counts = user_otid_counts(client, agent.id)
+    assert otid_count(counts, slow["task_id"]) == 1 and otid_count(counts, after["task_id"]) == 1, \
+        history_digest(client, agent.id)
+    assert bridge.log_text().count("outcome=replayed") == 2, bridge.log_tail()
+    assert not dead_letters(r)
+
+
 # --------------------------------------------------------------------------- 4. hostile payloads
 
 def test_bad_payloads_are_dead_lettered_with_reason_and_raw_and_good_ones_answered(provisioned, r, bridges):

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 from dataclasses import replace
 import json
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import letta_client
@@ -539,4 +540,80 @@ def test_server_sent_events_are_read_to_the_end_and_an_error_event_is_retryable(
         await turns_with(ErrorStream()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
 
     with pytest.raises(LettaRetryable, match="LLM down"):
+        asyncio.run(send())
+
+
+# ---------------------------------------------------------------- one deadline, whole streams, settled runs
+
+class RunsHttp(FakeLettaHttp):
+    """Letta's run listing: `active` runs of the agent for the first `busy_polls` lookups."""
+
+    def __init__(self, busy_polls: int, *, created_at: str | None = None):
+        super().__init__()
+        self.busy_polls = busy_polls
+        self.created_at = created_at
+        self.polls = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.rstrip("/") != "/v1/runs":
+            return super().__call__(request)
+        self.requests.append(request)
+        assert request.url.params["agent_id"] == "agent-1" and request.url.params["active"] == "true"
+        self.polls += 1
+        created = self.created_at or datetime.now(timezone.utc).isoformat()
+        busy = self.polls <= self.busy_polls
+        return httpx.Response(200, json=[{"id": "run-1", "agent_id": "agent-1", "status": "running",
+                                          "created_at": created}] if busy else [])
+
+
+def test_settling_waits_for_the_earlier_run_to_end_and_says_how_many_there_were():
+    http = RunsHttp(busy_polls=3)
+    assert asyncio.run(turns_with(http).settle_runs("agent-1")) == 1
+    assert http.polls == 4  # polled until the run was over
+    assert asyncio.run(turns_with(RunsHttp(busy_polls=0)).settle_runs("agent-1")) == 0
+
+
+def test_a_run_still_in_flight_after_the_deadline_is_not_sent_over_and_an_orphan_does_not_count():
+    async def settle(http, deadline):
+        turns = turns_with(http)
+        turns._deadline = deadline
+        return await turns.settle_runs("agent-1")
+
+    with pytest.raises(LettaUnavailable, match="still in flight"):
+        asyncio.run(settle(RunsHttp(busy_polls=10**6), 0.6))
+    orphan = RunsHttp(busy_polls=10**6, created_at=(datetime.now(timezone.utc) - timedelta(hours=2)).isoformat())
+    assert asyncio.run(settle(orphan, 0.6)) == 0
+
+
+class EndlessPings(FakeLettaHttp):
+    """A hung model behind Letta: the stream sends keep-alive pings and nothing else."""
+
+    def __call__(self, request):
+        async def pings():
+            while True:
+                yield b'data: {"message_type": "ping"}\n\n'
+                await asyncio.sleep(0.05)
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=pings())
+
+
+class CutStream(FakeLettaHttp):
+    """The stream ends mid-reply: some text, no stop reason, no [DONE]."""
+
+    def __call__(self, request):
+        chunks = [{"message_type": "assistant_message", "id": "m-1", "content": "Hello the"}]
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(chunks))
+
+
+@pytest.mark.parametrize("handler, error", [(EndlessPings, "longer than LETTA_TIMEOUT"), (CutStream, "before \\[DONE\\]")])
+def test_a_stream_is_an_answer_only_when_it_ends_and_pings_do_not_extend_the_deadline(handler, error):
+    async def ignore(delta: str) -> None:
+        pass
+
+    async def send():
+        turns = turns_with(handler())
+        turns._deadline = 0.5
+        return await turns.send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
+
+    with pytest.raises(LettaRetryable, match=error):
         asyncio.run(send())

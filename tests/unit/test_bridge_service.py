@@ -250,6 +250,7 @@ async def test_a_killed_bridge_loses_nothing_and_the_next_one_does_not_resend(r,
     assert out.responses()[0]["response_text"] == "echo: first"
     assert gateway.sends_of("t-1") == 1  # find_answered replayed the stored turn
     assert ("agent-1", "t-1") in gateway.find_calls
+    assert gateway.settled == ["agent-1"]  # the killed attempt's run was let end before the lookup
     assert gateway.sends_of("t-2") == 1 and ("agent-1", "t-2") not in gateway.find_calls  # first attempt: no lookup
 
 
