@@ -38,7 +38,7 @@ from bridge.gateway import (
     TurnResult,
     WordsDoneSink,
 )
-from bridge.replies import SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
+from bridge.replies import SILENT_TOOL, UNAVAILABLE_STOPS, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")
@@ -241,6 +241,10 @@ class LettaTurns:
             try:
                 async for event, data in events:
                     if event == "error":
+                        # Letta sends the run's stop reason just before: llm_api_error is the model
+                        # endpoint failing mid-stream, which no retry of this task fixes by itself.
+                        if turn.stop_reason in UNAVAILABLE_STOPS:
+                            raise LettaUnavailable(f"the model failed mid-turn: {data[:300]}")
                         raise LettaRetryable(f"turn failed: {data[:300]}")
                     if data.startswith("[DONE]"):
                         done = True
@@ -370,6 +374,10 @@ class StreamedTurn:
     def stopped(self) -> bool:
         """Letta sent the run's stop reason (the step ended, well or not)."""
         return self._stop is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop
 
     def result(self) -> TurnResult:
         if self._error is not None and not self._messages:

@@ -255,6 +255,30 @@ def test_a_turn_that_outlives_the_deadline_once_is_answered_once_and_run_once(
     assert not dead_letters(r)
 
 
+@pytest.mark.parametrize("status", [500, 429, 401])
+def test_a_failing_model_endpoint_is_waited_out_not_dead_lettered(provisioned, scripted, r, bridges, client, status):
+    """The model behind Letta answers 500 (down), 429 (rate limit) or 401 (key refused) for a while,
+    fallback off: Letta cannot answer now, so the tasks wait — more failures than
+    LETTA_RETRY_ATTEMPTS, yet no dead letter — and are answered once each, in order, afterwards."""
+    rid = run_id()
+    viewer = f"it:down{status}-{rid}"
+    ViewerAgents(provisioned).ensure(viewer)
+    marker = f"down-{rid}"
+    scripted.add_rules({"name": "up", "when": {"user_contains": marker}, "then": {"reply": "(back) I heard: {user}"}})
+    scripted.fail("down", status, when={"user_contains": marker}, times=8)
+    tasks = [task(viewer, f"{marker} one"), task(viewer, f"{marker} two")]
+    bridge = bridges(VTL_BRIDGE_RETRY_MAX_DELAY=1, LETTA_FALLBACK_TO_MEMORY=False)
+    push(r, tasks)
+    wait_for_replies(r, [t["task_id"] for t in tasks], 120, bridge)
+    time.sleep(1.0)
+    assert [x["task_id"] for x in tts_replies(r)] == [t["task_id"] for t in tasks]
+    assert scripted.used("down") == 8 and scripted.used("up") == 2  # every failure seen, then one turn each
+    assert not dead_letters(r), dead_letters(r)
+    [agent] = agents_of(client, viewer)
+    counts = user_otid_counts(client, agent.id)
+    assert [otid_count(counts, t["task_id"]) for t in tasks] == [1, 1], history_digest(client, agent.id)
+
+
 # --------------------------------------------------------------------------- 4. hostile payloads
 
 def test_bad_payloads_are_dead_lettered_with_reason_and_raw_and_good_ones_answered(provisioned, r, bridges):

@@ -40,12 +40,14 @@ from bridge.replies import content_text, parse_letta_response, parse_messages
 REQ = httpx.Request("POST", "http://letta.test/v1/agents/agent-1/messages")
 
 
-def status_error(status: int) -> letta_client.APIStatusError:
-    response = httpx.Response(status, request=REQ, json={"detail": "x"})
+def status_error(status: int, error_type: str | None = None) -> letta_client.APIStatusError:
+    """An SDK status error; with error_type, the body Letta 0.16.8 sends for a model failure."""
+    body = {"error": {"type": error_type, "message": "…", "detail": "…"}} if error_type else None
+    response = httpx.Response(status, request=REQ, json=body or {"detail": "x"})
     cls = {400: letta_client.BadRequestError, 401: letta_client.AuthenticationError, 404: letta_client.NotFoundError,
            409: letta_client.ConflictError, 422: letta_client.UnprocessableEntityError,
            429: letta_client.RateLimitError}.get(status, letta_client.InternalServerError if status >= 500 else letta_client.APIStatusError)
-    return cls(f"HTTP {status}", response=response, body=None)
+    return cls(f"HTTP {status}", response=response, body=body)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,15 @@ def status_error(status: int) -> letta_client.APIStatusError:
         (status_error(502), Disposition.UNAVAILABLE),
         (status_error(503), Disposition.UNAVAILABLE),
         (status_error(504), Disposition.UNAVAILABLE),
+        # The model behind Letta down, rate-limited, timing out, out of credits or refusing the key:
+        # Letta cannot answer now (wait or fall back), whatever the HTTP status says.
+        (status_error(500, "llm_error"), Disposition.UNAVAILABLE),
+        (status_error(429, "llm_rate_limit"), Disposition.UNAVAILABLE),
+        (status_error(504, "llm_timeout"), Disposition.UNAVAILABLE),
+        (status_error(402, "llm_insufficient_credits"), Disposition.UNAVAILABLE),
+        (status_error(401, "llm_authentication"), Disposition.UNAVAILABLE),
+        (status_error(400, "llm_bad_request"), Disposition.GIVE_UP),  # this request, not the model
+        (status_error(500, "internal_error"), Disposition.RETRY),
         (ValueError("a bug"), Disposition.GIVE_UP),
         (KeyError("agent"), Disposition.GIVE_UP),
     ],
@@ -616,4 +627,21 @@ def test_a_stream_is_an_answer_only_when_it_ends_and_pings_do_not_extend_the_dea
         return await turns.send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
 
     with pytest.raises(LettaRetryable, match=error):
+        asyncio.run(send())
+
+
+def test_an_error_event_after_a_model_failure_is_letta_cannot_answer_now_not_a_retry():
+    class ModelDown(FakeLettaHttp):  # what Letta 0.16.8 streams when the model fails mid-turn
+        def __call__(self, request):
+            body = (b'data: {"message_type": "stop_reason", "stop_reason": "llm_api_error"}\n\n'
+                    b'event: error\ndata: {"error_type": "internal_error", "message": "An error occurred"}\n\n')
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    async def ignore(delta: str) -> None:
+        pass
+
+    async def send():
+        await turns_with(ModelDown()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
+
+    with pytest.raises(LettaUnavailable, match="model failed mid-turn"):
         asyncio.run(send())
