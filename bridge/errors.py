@@ -30,7 +30,7 @@ _RETRY_STATUS = frozenset({408, 409, 425, 429, 500})
 # rate-limited (429), timing out (504), out of credits (402) or refusing the key (401). None is
 # about the task: Letta cannot answer now — wait for it or fall back, never dead-letter.
 # `llm_bad_request` (400) stays a refusal of this request.
-_MODEL_UNAVAILABLE_TYPES = frozenset({
+MODEL_UNAVAILABLE_TYPES = frozenset({
     "llm_error", "llm_rate_limit", "llm_timeout", "llm_insufficient_credits", "llm_authentication",
 })
 
@@ -53,7 +53,7 @@ def classify_error(exc: BaseException) -> Disposition:
     if isinstance(exc, LettaPermanentError):
         return Disposition.GIVE_UP
     if isinstance(exc, letta_client.APIStatusError):
-        if letta_error_type(exc) in _MODEL_UNAVAILABLE_TYPES:
+        if letta_error_type(exc) in MODEL_UNAVAILABLE_TYPES:
             return Disposition.UNAVAILABLE
         return classify_status(exc.status_code)
     if isinstance(exc, httpx.HTTPStatusError):

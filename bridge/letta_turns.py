@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from letta_client import AsyncLetta
 
-from bridge.errors import Disposition, classify_error, describe_error
+from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, classify_error, describe_error
 from bridge.gateway import (
     LettaError,
     LettaPermanentError,
@@ -243,7 +243,7 @@ class LettaTurns:
                     if event == "error":
                         # Letta sends the run's stop reason just before: llm_api_error is the model
                         # endpoint failing mid-stream, which no retry of this task fixes by itself.
-                        if turn.stop_reason in UNAVAILABLE_STOPS:
+                        if turn.stop_reason in UNAVAILABLE_STOPS or _error_type(data) in MODEL_UNAVAILABLE_TYPES:
                             raise LettaUnavailable(f"the model failed mid-turn: {data[:300]}")
                         raise LettaRetryable(f"turn failed: {data[:300]}")
                     if data.startswith("[DONE]"):
@@ -435,6 +435,15 @@ async def sse_events(response: Any) -> AsyncIterator[tuple[str | None, str]]:
             event = line[6:].strip()
     if data:
         yield event, "\n".join(data)
+
+
+def _error_type(data: str) -> str | None:
+    """The `error_type` of an SSE error event's data (e.g. "llm_rate_limit"), if it has one."""
+    try:
+        kind = json.loads(data).get("error_type")
+    except (ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def _orphaned(run: Any) -> bool:

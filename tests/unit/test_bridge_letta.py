@@ -645,3 +645,19 @@ def test_an_error_event_after_a_model_failure_is_letta_cannot_answer_now_not_a_r
 
     with pytest.raises(LettaUnavailable, match="model failed mid-turn"):
         asyncio.run(send())
+
+
+def test_an_error_event_naming_a_model_failure_is_unavailable_even_without_its_stop_reason():
+    class RateLimited(FakeLettaHttp):  # the error event as Letta 0.16.8 sent it for a 429 of the model
+        def __call__(self, request):
+            body = b'event: error\ndata: {"message_type": "error_message", "error_type": "llm_rate_limit"}\n\n'
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    async def ignore(delta: str) -> None:
+        pass
+
+    async def send():
+        await turns_with(RateLimited()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
+
+    with pytest.raises(LettaUnavailable):
+        asyncio.run(send())
