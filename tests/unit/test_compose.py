@@ -45,6 +45,11 @@ LETTA_SERVER_VARIABLES = {
     "OPENAI_API_KEY": ("letta/settings.py", "    openai_api_key: Optional[str]"),
     "OPENAI_BASE_URL": ("letta/settings.py", 'AliasChoices("OPENAI_BASE_URL"'),
     "OLLAMA_BASE_URL": ("letta/settings.py", "    ollama_base_url: Optional[str]"),
+    # docker-compose.scale-out.yml: the shared Postgres (its password builds the URI) and Redis.
+    "LETTA_PG_URI": ("letta/settings.py", "    pg_uri: Optional[str]"),
+    "LETTA_PG_PASSWORD": ("letta/settings.py", "    pg_password: Optional[str]"),
+    "LETTA_DISABLE_SQLALCHEMY_POOLING": ("letta/settings.py", "    disable_sqlalchemy_pooling: bool"),
+    "LETTA_REDIS_HOST": ("letta/settings.py", "    redis_host: Optional[str]"),
     # Set in stack/letta.Dockerfile (ToolSettings has no env prefix): our slim tool sandbox.
     "TOOL_EXEC_DIR": ("letta/settings.py", "    tool_exec_dir: Optional[str]"),
     "TOOL_EXEC_VENV_NAME": ("letta/settings.py", "    tool_exec_venv_name: Optional[str]"),
