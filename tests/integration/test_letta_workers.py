@@ -39,7 +39,9 @@ def stack_settings():
 def stack(stack_settings):
     running = Stack(stack_settings, log=lambda msg: print(f"[stack] {msg}"))
     try:
+        started = time.monotonic()
         running.up()
+        print(f"stack up with {WORKERS} Letta workers (first boot) in {time.monotonic() - started:.0f} s")
         yield running
     finally:
         running.down()
@@ -56,6 +58,17 @@ def r(stack, stack_settings):
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+def root_child(root: int) -> int:
+    """uvicorn's parent: the one child of the line filter (the workers' boot exec'd into it)."""
+    [child] = [int(p) for p in Path(f"/proc/{root}/task/{root}/children").read_text().split()]
+    return child
 
 
 def _letta_status(stack: Stack):
@@ -79,6 +92,8 @@ def test_two_workers_boot_after_one_alone_with_one_password_and_pools_that_fit(s
         pool, overflow = int(env["LETTA_PG_POOL_SIZE"]), int(env["LETTA_PG_MAX_OVERFLOW"])
     assert WORKERS * (pool + overflow) <= max_connections - letta_workers.RESERVED_CONNECTIONS
     assert (pool, overflow) == (letta_workers.POOL_SIZE, letta_workers.MAX_OVERFLOW)
+    print("RSS per worker: " + ", ".join(f"{_rss_mib(pid):.0f} MiB" for pid in workers)
+          + f"; uvicorn's parent {_rss_mib(root_child(root)):.0f} MiB")
 
 
 def test_a_killed_worker_is_seen_within_10_s_and_no_task_is_lost(stack, stack_settings, provisioned, scripted, r,
@@ -122,6 +137,8 @@ def test_a_killed_worker_is_seen_within_10_s_and_no_task_is_lost(stack, stack_se
         assert [otid_count(counts, t["task_id"]) for t in tasks if t["user_id"] == viewer] == [1, 1]
 
     # `stack up` makes Letta whole again (a restart with every worker).
+    started = time.monotonic()
     stack.up()
+    print(f"`stack up` restarted Letta with {WORKERS} workers in {time.monotonic() - started:.0f} s")
     assert len(letta_workers.worker_pids(stack.letta.process.pid())) == WORKERS
     assert _letta_status(stack).state == "healthy"
