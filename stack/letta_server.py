@@ -29,8 +29,8 @@ from stack.processes import ManagedProcess, StackError, run_checked, wait_until
 
 class LettaServer:
     def __init__(self, install: LettaInstall, data_dir: Path, port: int, password: str,
-                 pg_uri: str, model_env: dict[str, str], memory_gate_url: str, *, workers: int = 1,
-                 pg_max_connections: Callable[[], int] | None = None):
+                 pg_uri: str, model_env: dict[str, str], memory_gate_url: str, *, workers: int,
+                 pg_max_connections: Callable[[], int]):
         self.install = install
         self.workers = workers
         self.pg_max_connections = pg_max_connections  # asked at start: the Postgres must be running
@@ -111,7 +111,7 @@ class LettaServer:
 
     def _pg_connections(self) -> int:
         """Connections the workers may hold together; refuses a worker count the Postgres cannot serve."""
-        max_connections = self.pg_max_connections() if self.pg_max_connections else 100  # Postgres' default
+        max_connections = self.pg_max_connections()
         connections = letta_workers.letta_connections(max_connections)
         try:
             letta_workers.pool_per_worker(self.workers, connections)
