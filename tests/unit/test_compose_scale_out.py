@@ -219,3 +219,8 @@ def test_a_real_nginx_takes_the_configuration_shares_requests_and_streams(tmp_pa
     finally:
         for upstream in upstreams:
             upstream.close()
+
+
+def test_make_install_installs_nginx():
+    install = re.search(r"^install:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), flags=re.M)
+    assert install and "nginx-light" in install.group(1), "the Makefile's install target must install nginx"
