@@ -5,6 +5,8 @@ scripted stand-in unless a real one is configured), the Letta server, and the
 memory gate that the memory tools write through (tools/memory_gate.py). `up` is
 idempotent (a healthy part is left alone) and returns only once every part is
 healthy; `down` stops, in reverse order, only processes that `up` started.
+Letta runs VTL_LETTA_WORKERS uvicorn workers; uvicorn does not replace one that
+dies, so `status` counts them and `up` restarts a Letta that has lost one.
 A Letta or Redis address that is not loopback is someone else's server: the
 stack reports it and leaves it alone.
 """
@@ -142,7 +144,8 @@ class Stack:
         if self._letta is None:
             self._letta = LettaServer(self.install, self.settings.data_dir, self.settings.letta_port,
                                       self.settings.letta_password, self.postgres.uri, self._model_env(),
-                                      self.settings.memory_gate_url)
+                                      self.settings.memory_gate_url, workers=self.settings.letta_workers,
+                                      pg_max_connections=self.postgres.max_connections)
         return self._letta
 
     def _model_env(self) -> dict[str, str]:
@@ -172,6 +175,7 @@ class Stack:
                 started.append("postgres")
             if self.model is not None and self.model.start(self.log):
                 started.append("scripted-model")
+            self._restart_letta_short_of_workers()
             if self.letta.start(self.log):
                 started.append("letta")
             if self.memory_gate.start(self.log):
@@ -185,6 +189,17 @@ class Stack:
         if bad:
             raise StackError("not healthy after start: " + ", ".join(f"{s.name} ({s.state})" for s in bad))
         return statuses
+
+    def _restart_letta_short_of_workers(self) -> None:
+        """A Letta that lost a worker still serves with the rest, at their capacity: not restarted
+        behind the operator's back mid-stream (a restart stops every turn for a boot), but `up`,
+        the operator's "make it whole", restarts it."""
+        letta = self.letta
+        if letta.process.pid() is None or (alive := letta.alive_workers()) == letta.workers:
+            return
+        self.log(f"letta server: {alive} of {letta.workers} workers alive (uvicorn does not replace a dead one): "
+                 "restarting it")
+        letta.stop()
 
     def make_data_private(self) -> None:
         """The stack's folders private (0700, files 0600), also those an older version made 0755/0644.
@@ -232,11 +247,19 @@ class Stack:
             out.append(PartStatus("model", endpoint, "external", "your model endpoint"))
         else:
             out.append(self._status("model", self.model, self.model.address, "scripted stand-in for the upstream model"))
-        version = self.letta.version() if self.letta.process.pid() else None
-        out.append(self._status("letta", self.letta, self.letta.address,
-                                f"Letta {version}, password required" if version else ""))
+        out.append(self._status("letta", self.letta, self.letta.address, self._letta_detail()))
         out.append(self._status("gate", self.memory_gate, self.memory_gate.address, "memory gate for the memory tools"))
         return out
+
+    def _letta_detail(self) -> str:
+        letta = self.letta
+        if letta.process.pid() is None:
+            return ""
+        version, alive = letta.version(), letta.alive_workers()
+        if alive != letta.workers:
+            return (f"{alive} of {letta.workers} workers alive: uvicorn does not replace a dead one; "
+                    "`vtuber-letta stack up` restarts Letta")
+        return f"Letta {version}, {alive} worker{'s' if alive > 1 else ''}, password required" if version else ""
 
     @staticmethod
     def _status(name, part, address, detail="") -> PartStatus:

@@ -32,6 +32,9 @@ EXPECTED = {
     "burst": ["Every message got its response in every burst", CLEAN_BRIDGE],
 }
 
+# Scripts that start what they measure themselves, without a Letta stack: run with --quick alone.
+STANDALONE = {"redis_memory": ["| queued | 5000 |", "| done | 5000 |"]}
+
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_bench_script_runs_quick(provisioned, script, tmp_path):
@@ -51,6 +54,16 @@ def test_bench_script_runs_quick(provisioned, script, tmp_path):
         assert phrase in report, f"bench.{script}: {phrase!r} missing from its report:\n{report}\n{done.stderr[-2000:]}"
 
 
+@pytest.mark.parametrize("script", sorted(STANDALONE))
+def test_standalone_bench_script_runs_quick(script, tmp_path):
+    done = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick"], env={"PATH": "/usr/bin:/bin"},
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"bench.{script} failed:\n{done.stderr[-4000:]}"
+    assert done.stdout.startswith("## ") and f"Command: `.venv/bin/python -m bench.{script} --quick`" in done.stdout
+    for phrase in STANDALONE[script]:
+        assert phrase in done.stdout, f"bench.{script}: {phrase!r} missing from its report:\n{done.stdout}"
+
+
 def test_bench_scripts_are_all_covered():
     scripts = {path.stem for path in (REPO_ROOT / "bench").glob("*.py")} - {"__init__", "common", "cpu", "published"}
-    assert scripts == set(EXPECTED), "a bench script without a smoke test (or a test for a removed one)"
+    assert scripts == set(EXPECTED) | set(STANDALONE), "a bench script without a smoke test (or a test for a removed one)"
