@@ -12,9 +12,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 
+# nginx: CI checks the scale-out load balancer's configuration with it (tests/unit/test_compose_scale_out.py).
 install: $(BIN)/.installed
 	command -v docker-compose >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose)
-# nginx: CI checks the scale-out load balancer's configuration with it (tests/unit/test_compose_scale_out.py).
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light)
 	$(BIN)/vtuber-letta stack install
 
