@@ -11,6 +11,7 @@ from enum import Enum
 
 import httpx
 import letta_client
+from redis.exceptions import RedisError
 
 from bridge.gateway import LettaPermanentError, LettaRetryable, LettaUnavailable
 
@@ -59,6 +60,8 @@ def classify_error(exc: BaseException) -> Disposition:
     if isinstance(exc, httpx.HTTPStatusError):
         return classify_status(exc.response.status_code)
     if isinstance(exc, (letta_client.APIConnectionError, httpx.TransportError, TimeoutError, ConnectionError)):
+        return Disposition.UNAVAILABLE
+    if isinstance(exc, RedisError):  # e.g. the viewer's creation lock while finding its agent: not the task
         return Disposition.UNAVAILABLE
     if isinstance(exc, letta_client.APIResponseValidationError):
         return Disposition.GIVE_UP

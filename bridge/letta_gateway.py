@@ -17,9 +17,10 @@ from typing import Sequence
 from letta_client import AsyncLetta, NotFoundError
 
 from bridge.gateway import (
-    LettaError, LettaRetryable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink,
+    LettaError, LettaRetryable, LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink,
 )
 from bridge.letta_turns import LettaTurns, as_gateway_error
+from provisioning.provision import ProvisioningError
 from provisioning.viewers import ViewerAgents
 from tools.human_block import set_fields
 from vtuber_letta.letta_api import async_letta_client
@@ -44,6 +45,8 @@ class RealLettaGateway:
         if agent_id is None:
             try:
                 agent = await asyncio.to_thread(self._viewers.ensure, viewer_id, display_name, platform, verify=verify)
+            except ProvisioningError as exc:  # the shared blocks or tools are missing: no viewer can be answered
+                raise LettaUnavailable(f"cannot make the viewer's agent: {exc}") from exc
             except Exception as exc:  # as_gateway_error passes our own errors through unchanged
                 raise as_gateway_error(exc) from exc
             agent_id = agent.agent_id

@@ -102,9 +102,16 @@ def default_replica_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+# Beyond the longest blocking pop (VTL_BRIDGE_POLL_TIMEOUT): a half-open connection must not hang
+# FINISH or the lock renewals forever; a timed-out call is a RedisError like any other.
+REDIS_SOCKET_MARGIN_S = 10.0
+
+
 def redis_client(settings: Settings) -> Redis:
     """The bridge's Redis client (bytes in, bytes out: payloads are kept byte for byte)."""
-    return async_redis_client(settings, decode_responses=False, health_check_interval=30)
+    return async_redis_client(settings, decode_responses=False, health_check_interval=30,
+                              socket_timeout=settings.bridge_poll_timeout + REDIS_SOCKET_MARGIN_S,
+                              socket_connect_timeout=REDIS_SOCKET_MARGIN_S)
 
 
 class BridgeService:
@@ -369,7 +376,7 @@ class BridgeService:
                 # The head is handled here; a chat head takes the chat messages waiting behind it
                 # into its turn (burst coalescing, see _followers), and FINISH pops them all.
                 try:
-                    after = await self._handle(viewer, token, queued, mid_burst=mid_burst)
+                    after = await self._handle_unless_lost(lost, viewer, token, queued, mid_burst=mid_burst)
                 except _Abandoned:
                     await self.queues.release(viewer, token, yield_turn=True)
                     return
@@ -388,6 +395,24 @@ class BridgeService:
                     queued, mid_burst = after.queued, True
         finally:
             keeper.cancel()
+
+    async def _handle_unless_lost(self, lost: asyncio.Event, viewer: str, token: str, queued: list[bytes], *,
+                                  mid_burst: bool) -> FinishResult | None:
+        """_handle, cancelled as soon as the viewer's lock is lost: another replica may be serving
+        the viewer by then, so this one must neither speak nor acknowledge any more (its Letta run,
+        if any, is waited out by whoever serves the task next)."""
+        handling = asyncio.create_task(self._handle(viewer, token, queued, mid_burst=mid_burst))
+        losing = asyncio.create_task(lost.wait())
+        try:
+            await asyncio.wait({handling, losing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            losing.cancel()
+            if not handling.done():
+                handling.cancel()
+                await asyncio.gather(handling, return_exceptions=True)
+        if handling.cancelled():
+            raise _LockLost()
+        return handling.result()
 
     async def _handle(self, viewer: str, token: str, queued: list[bytes], *, mid_burst: bool = False) -> FinishResult | None:
         """The head of `queued` (and any task coalesced with it), start to finish, one log line per

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import letta_client
 import pytest
+import redis
 from letta_client import AsyncLetta
 
 from bridge.errors import Disposition, classify_error, classify_status
@@ -81,6 +82,8 @@ def status_error(status: int, error_type: str | None = None) -> letta_client.API
         (status_error(401, "llm_authentication"), Disposition.UNAVAILABLE),
         (status_error(400, "llm_bad_request"), Disposition.GIVE_UP),  # this request, not the model
         (status_error(500, "internal_error"), Disposition.RETRY),
+        (redis.exceptions.LockError("viewer lock not acquired"), Disposition.UNAVAILABLE),  # not about the task
+        (redis.exceptions.TimeoutError("Timeout reading from socket"), Disposition.UNAVAILABLE),
         (ValueError("a bug"), Disposition.GIVE_UP),
         (KeyError("agent"), Disposition.GIVE_UP),
     ],
