@@ -14,6 +14,8 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 	command -v docker-compose >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose)
+	# Debian's chromium: the console's browser test drives it headless (no step downloads a browser).
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 	$(BIN)/vtuber-letta stack install
 
 demo: install

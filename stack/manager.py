@@ -2,7 +2,8 @@
 
 Parts, in start order: Redis, PostgreSQL+pgvector, the model endpoint (the
 scripted stand-in unless a real one is configured), the Letta server, and the
-memory gate that the memory tools write through (tools/memory_gate.py). `up` is
+memory gate that the memory tools write through (tools/memory_gate.py), then the console
+(console/, the streamer's web page; `vtuber-letta console`). `up` is
 idempotent (a healthy part is left alone) and returns only once every part is
 healthy; `down` stops, in reverse order, only processes that `up` started.
 A Letta or Redis address that is not loopback is someone else's server: the
@@ -122,6 +123,50 @@ class MemoryGateProcess(HttpPart):
         return True
 
 
+class ConsoleProcess(HttpPart):
+    """The console (console/), run with the project's own interpreter like the memory gate."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.host, self.port = settings.console_host, settings.console_port
+        data = settings.data_dir.resolve()
+        self.process = ManagedProcess(
+            name="console",
+            pid_file=data / "letta" / "run" / "console.pid",
+            log_file=data / "letta" / "logs" / "console.log",
+            marker=f"vtuber_letta.cli console --port {self.port}",
+        )
+
+    def start(self, log=print) -> bool:
+        if self.process.pid() is not None:
+            return False
+        if port_open(self.host, self.port):
+            raise StackError(f"port {self.port} is taken by another program: set VTL_CONSOLE_PORT")
+        s = self.settings
+        repo_root = Path(__file__).resolve().parent.parent
+        persona = s.persona_config if s.persona_config.is_absolute() else (Path.cwd() / s.persona_config)
+        # What the console reads (Redis, Letta, the gate, the bridge's names); the data dir as cwd, so no
+        # stray .env is read. The password file is generated here first, so it is there to be read.
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root), "LANG": "C.UTF-8",
+               "VTL_DATA_DIR": str(s.data_dir.resolve()), "LETTA_API_URL": s.letta_api_url,
+               "LETTA_API_KEY": s.letta_password, "REDIS_URL": s.redis_connection_url,
+               "VTL_MEMORY_GATE_URL": s.memory_gate_url, "VTL_MEMORY_GATE_SECRET": s.memory_gate_secret,
+               "VTL_CONSOLE_HOST": s.console_host, "VTL_CONSOLE_PASSWORD": s.console_password,
+               "VTL_TEMPLATE": s.template_name, "VTL_PERSONA_CONFIG": str(persona),
+               "VTL_BRIDGE_REQUEST_QUEUE": s.bridge_request_queue,
+               "VTL_BRIDGE_METRICS_HOST": s.bridge_metrics_host, "VTL_BRIDGE_METRICS_PORT": str(s.bridge_metrics_port),
+               "VTL_LOG_LEVEL": s.log_level}
+        if s.letta_model:
+            env["LETTA_MODEL"] = s.letta_model
+        self.process.start([sys.executable, "-m", "vtuber_letta.cli", "console", "--port", str(self.port)],
+                           env=env, cwd=s.data_dir.resolve())
+        if not wait_until(self.healthy, 30):
+            raise StackError(f"console did not start on {self.address}:\n{self.process.log_tail()}")
+        log(f"console: http://{self.address}/ (password in {s.console_password_file}"
+            f"{' or VTL_CONSOLE_PASSWORD' if s.console_password_value else ''})")
+        return True
+
+
 class Stack:
     def __init__(self, settings: Settings, log=print):
         self.settings = settings
@@ -135,6 +180,7 @@ class Stack:
         self.postgres = Postgres(self.install, data, settings.postgres_port, run_as=None)
         self.model = None if settings.uses_real_model else ScriptedModelProcess(data, settings.scripted_model_port)
         self.memory_gate = MemoryGateProcess(settings)
+        self.console = ConsoleProcess(settings)
         self._letta: LettaServer | None = None
 
     @property
@@ -176,6 +222,8 @@ class Stack:
                 started.append("letta")
             if self.memory_gate.start(self.log):
                 started.append("memory-gate")
+            if self.console.start(self.log):
+                started.append("console")
         # Again: Letta's schema migration (run before the server, without our umask) leaves
         # config/.letta readable, and Letta saves its database URI, password included, there.
         self.make_data_private()
@@ -203,7 +251,8 @@ class Stack:
 
     def down(self) -> list[str]:
         stopped = []
-        for name, part in (("memory-gate", self.memory_gate if self.manages_letta else None),
+        for name, part in (("console", self.console if self.manages_letta else None),
+                           ("memory-gate", self.memory_gate if self.manages_letta else None),
                            ("letta", self.letta if self.manages_letta else None), ("scripted-model", self.model),
                            ("postgres", self.postgres if self.manages_letta else None),
                            ("redis", self.redis if self.manages_redis else None)):
@@ -236,6 +285,7 @@ class Stack:
         out.append(self._status("letta", self.letta, self.letta.address,
                                 f"Letta {version}, password required" if version else ""))
         out.append(self._status("gate", self.memory_gate, self.memory_gate.address, "memory gate for the memory tools"))
+        out.append(self._status("console", self.console, self.console.address, "the streamer's console (web page)"))
         return out
 
     @staticmethod

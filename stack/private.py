@@ -51,6 +51,7 @@ def private_stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         postgres_port=free_port(),
         scripted_model_port=free_port(),
         memory_gate_url=f"http://127.0.0.1:{free_port()}",
+        console_port=free_port(),
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
