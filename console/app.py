@@ -45,7 +45,7 @@ SECURITY_HEADERS = {
                                "frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make browsers send `Origin: null` on our own forms
     "Cache-Control": "no-store",
 }
 
@@ -119,7 +119,7 @@ def build_app(console: Console) -> Starlette:
     def changing(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             session = session_of(request)
-            if not same_origin(request.headers.get("origin"), request.headers.get("host")):
+            if not same_origin(request.headers, request.headers.get("host")):
                 return PlainRefusal(403, "cross-site request refused")
             if session is None:
                 return PlainRefusal(403, "log in first")
@@ -145,7 +145,7 @@ def build_app(console: Console) -> Starlette:
         return page(request, "login.html", None, error=None)
 
     async def login(request: Request) -> Response:
-        if not same_origin(request.headers.get("origin"), request.headers.get("host")):
+        if not same_origin(request.headers, request.headers.get("host")):
             return PlainRefusal(403, "cross-site request refused")
         try:
             form = await form_of(request)

@@ -4,8 +4,8 @@
   data dir). It is compared in constant time and never echoed, logged or put in a page.
 - A session is a random token kept in this process only (a restart logs everyone out), sent as an
   HttpOnly, SameSite=Strict cookie: scripts cannot read it and no other site's page sends it.
-- Every change is a POST carrying the session's CSRF token in the form, and a POST whose Origin
-  is another site is refused before the token is even looked at.
+- Every change is a POST carrying the session's CSRF token in the form, and a POST from another
+  site (Sec-Fetch-Site, else Origin) is refused before the token is even looked at.
 """
 
 from __future__ import annotations
@@ -81,8 +81,14 @@ def csrf_ok(session: Session, given: str | None) -> bool:
     return bool(given) and hmac.compare_digest(given.encode("utf-8"), session.csrf.encode("utf-8"))
 
 
-def same_origin(origin: str | None, host: str | None) -> bool:
-    """A browser's Origin header names our own host:port (absent: not a cross-site browser POST)."""
+def same_origin(headers, host: str | None) -> bool:
+    """The request comes from one of our own pages. Browsers say so in Sec-Fetch-Site (every current
+    one sends it); without it, an Origin header must name our own host:port. A request with neither
+    is not a browser's cross-site POST (those always carry Origin)."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = headers.get("origin")
     if origin is None:
         return True
     return bool(host) and origin in (f"http://{host}", f"https://{host}")

@@ -126,7 +126,10 @@ def test_a_forged_cross_site_post_changes_nothing(app_client, r, memory):
     wrong_token = app_client.post("/viewer/fact/delete", data={"id": "bilibili:1", "fact": "cats", "csrf": "x" * 43})
     other_site = app_client.post("/viewer/forget", data={"id": "bilibili:1", "confirm": "bilibili:1", "csrf": csrf},
                                  headers={"Origin": "http://evil.example"})
-    assert [no_token.status_code, wrong_token.status_code, other_site.status_code] == [403, 403, 403]
+    fetched_cross_site = app_client.post("/viewer/forget", data={"id": "bilibili:1", "confirm": "bilibili:1", "csrf": csrf},
+                                         headers={"Sec-Fetch-Site": "cross-site", "Origin": "http://127.0.0.1:8286"})
+    assert [no_token.status_code, wrong_token.status_code, other_site.status_code,
+            fetched_cross_site.status_code] == [403, 403, 403, 403]
     assert memory.agents["bilibili:1"].block == before and not memory.forgotten
     assert app_client.post("/login", data={"password": PASSWORD}, headers={"Origin": "null"}).status_code == 403
 

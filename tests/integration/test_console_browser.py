@@ -1,0 +1,166 @@
+"""The console in a real headless Chromium, end to end on the real stack (the stack's own console
+process, a real bridge, Letta, the memory gate, the scripted model recording every request).
+
+One streamer's session, in order: log in; find the viewer the bridge created; see the fact the
+agent remembered; delete it; edit her persona; see the agent's next model request without the fact
+and with the new persona; send a dead letter again and see the bridge answer it; forget the viewer;
+and a viewer whose display name is hostile markup shows as text, with no script run.
+Screenshots of each page go to $VTL_CONSOLE_SCREENSHOTS (docs/console/ holds the committed ones),
+else to the test's tmp folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bridge.say import build_task, say
+from bridge.wire import DeadLetter, dump
+from provisioning.provision import find_shared_block, load_blueprint
+from provisioning.viewers import ViewerAgents
+from tests.hostile.page_text import HOSTILE_TEXT
+from tests.integration.bridge_helpers import redis_conn, wait_for
+from tests.integration.browser import Browser
+from vtuber_letta import redis_keys as keys
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
+
+RUN = uuid.uuid4().hex[:6]
+VIEWER = f"bilibili:console-{RUN}"
+HOSTILE_VIEWER = f"twitch:hostile-{RUN}"
+HOSTILE_NAME = HOSTILE_TEXT[1] + " " + HOSTILE_TEXT[12] + " " + HOSTILE_TEXT[14]  # img onerror, bidi, zero-width
+REMEMBER = {"name": "console-remember-name", "when": {"user_regex": r"my name is (?P<name>\w+)"},
+            "then": {"reply": "Nice to meet you, {name}!",
+                     "tool_calls": [{"name": "remember_viewer_fact", "arguments": {"fact": "their name is {name}",
+                                                                                    "category": "name"}}]}}
+PERSONA_LINE = f"She keeps a star chart for every viewer ({RUN})."
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return Path(os.environ.get("VTL_CONSOLE_SCREENSHOTS") or tmp_path_factory.mktemp("console-shots"))
+
+
+@pytest.fixture
+def browser():
+    running = Browser()
+    yield running
+    running.close()
+
+
+def _say(settings, text, **options):
+    result = asyncio.run(say(settings, VIEWER, text, display_name="Alice", timeout=120, **options))
+    assert result.response is not None, f"the bridge did not answer {text!r}"
+    return result
+
+
+@pytest.fixture
+def persona_kept(provisioned):
+    """The shared persona as it was before the test, put back after it (the session stack is shared)."""
+    from vtuber_letta.letta_api import letta_client
+
+    client = letta_client(provisioned)
+    block = find_shared_block(client, load_blueprint(provisioned).template.name, "persona")
+    yield block
+    client.blocks.update(block.id, value=block.value)
+    ViewerAgents(provisioned).forget(HOSTILE_VIEWER)
+
+
+def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, bridges, browser, shots, persona_kept):
+    settings = provisioned
+    base = f"http://127.0.0.1:{settings.console_port}"
+    r = redis_conn(settings)
+    bridges()
+    scripted.add_rules(REMEMBER)
+    _say(settings, "Hi Luna! My name is Alice.")
+    ViewerAgents(settings).ensure(HOSTILE_VIEWER, HOSTILE_NAME, "twitch")
+
+    # ---- log in (nothing else answers before)
+    browser.open(f"{base}/viewers")
+    assert browser.url == f"{base}/login"
+    browser.screenshot(shots / "login.png")
+    browser.fill("#password", "not the password")
+    browser.click_and_wait("#login")
+    assert "wrong password" in browser.text() and browser.url == f"{base}/login"
+    browser.fill("#password", settings.console_password)
+    browser.click_and_wait("#login")
+    assert browser.url == f"{base}/viewers"
+    assert browser.js("document.cookie") == "", "the session cookie must be HttpOnly"
+
+    # ---- the viewer the bridge created, with the fact the agent remembered
+    rows = browser.js("[...document.querySelectorAll('#viewers tbody tr')].map(tr => [...tr.cells].map(td => td.innerText))")
+    alice = [row for row in rows if row[0] == VIEWER]
+    assert alice and alice[0][1] == "Alice" and alice[0][2] == "bilibili" and alice[0][7] == "1", rows
+    # the hostile display name is text in its own cell: no script ran, no element appeared
+    hostile = [row for row in rows if row[0] == HOSTILE_VIEWER]
+    assert hostile and hostile[0][1] == HOSTILE_NAME, rows
+    assert browser.js("window.__pwned") is None and browser.js("document.scripts.length") == 0
+    assert browser.js("document.querySelectorAll('img, svg, iframe').length") == 0
+    assert all(len(row) == 8 for row in rows), "a row lost or gained cells"
+    browser.screenshot(shots / "viewers.png")
+    browser.fill("#q", f"console-{RUN}")
+    browser.click_and_wait("form.search button")
+    assert [row[0] for row in browser.js(
+        "[...document.querySelectorAll('#viewers tbody tr')].map(tr => [...tr.cells].map(td => td.innerText))")] == [VIEWER]
+    browser.click_and_wait("#viewers tbody a")
+    assert "their name is Alice" in browser.text("#facts")
+    assert "visits" in browser.text("#verified") and "My name is Alice" in browser.text("#conversation")
+    browser.screenshot(shots / "viewer.png")
+
+    # ---- delete the fact
+    browser.click_and_wait("#facts li.fact form.inline button")
+    assert "Forgot (name): their name is Alice" in browser.text("#flash")
+    assert "their name is Alice" not in browser.text("#facts")
+
+    # ---- edit her persona (a shared block: every agent's next turn)
+    browser.open(f"{base}/persona")
+    current = browser.js("document.querySelector('#persona-form textarea').value")
+    browser.fill("#persona-form textarea", current.rstrip() + "\n" + PERSONA_LINE)
+    browser.click_and_wait("#persona-form button")
+    assert "persona updated" in browser.text("#flash") and PERSONA_LINE in browser.text("#block-persona pre.diff")
+    browser.screenshot(shots / "persona.png")
+    from vtuber_letta.letta_api import letta_client
+
+    assert PERSONA_LINE in letta_client(settings).blocks.retrieve(persona_kept.id).value
+
+    # ---- her next model request: without the deleted fact, with the new persona
+    before = scripted.chat_requests()
+    _say(settings, "Do you remember my name?")
+    assert scripted.chat_requests() > before
+    # her memory is in the system prompt (the history still has the old tool call, as it should)
+    [system] = [m["content"] for m in scripted.requests(1)[0]["messages"] if m.get("role") == "system"]
+    system = system if isinstance(system, str) else json.dumps(system, ensure_ascii=False)
+    assert f"viewer_id: {VIEWER}" in system and PERSONA_LINE in system
+    assert "their name is Alice" not in system
+
+    # ---- a dead letter, sent again from the live page, is answered by the bridge
+    task = build_task(VIEWER, "Are you still there?", display_name="Alice")
+    r.lpush(keys.BRIDGE_DEAD_LETTERS, dump(DeadLetter(
+        reason="letta: the model endpoint answered 503 (kept failing)", raw=json.dumps(task), task_id=task["task_id"],
+        user_id=VIEWER, stage="letta", attempts=4, replica_id="earlier-replica", at=time.time())))
+    browser.open(f"{base}/live")
+    assert "kept failing" in browser.text("#dead-letters") and "No bridge replica" not in browser.text("#replicas")
+    browser.screenshot(shots / "live.png")
+    browser.click_and_wait("#dead-letters button.send-again")
+    assert "is back on" in browser.text("#flash")
+    wait_for(lambda: r.exists(keys.task_done(task["task_id"])), 120, what="the resent task answered")
+    assert r.llen(keys.BRIDGE_DEAD_LETTERS) == 0
+
+    # ---- forget the viewer, with confirmation
+    browser.open(f"{base}/viewer?id={VIEWER}")
+    browser.click_and_wait("#forget")
+    browser.screenshot(shots / "forget.png")
+    browser.fill("#confirm", VIEWER.split(":")[0])  # not the id: nothing happens
+    browser.click_and_wait("#confirm-forget")
+    assert "nothing was forgotten" in browser.text("#flash") and r.hget(keys.VIEWER_AGENTS, VIEWER)
+    browser.fill("#confirm", VIEWER)
+    browser.click_and_wait("#confirm-forget")
+    assert "forgot" in browser.text("#flash") and "1 agent" in browser.text("#flash")
+    assert r.hget(keys.VIEWER_AGENTS, VIEWER) is None and not r.exists(keys.viewer_stats(VIEWER))
+    assert ViewerAgents(settings).find(VIEWER) is None
