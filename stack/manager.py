@@ -62,6 +62,17 @@ class HttpPart:
     def stop(self) -> bool:
         return self.process.stop(timeout=10)
 
+    def _start_cli(self, args: list[str], env: dict[str, str], cwd: Path, port_setting: str) -> bool:
+        """Start `vtuber-letta ARGS` with the project's own interpreter; False if it already runs."""
+        if self.process.pid() is not None:
+            return False
+        if port_open(self.host, self.port):
+            raise StackError(f"port {self.port} is taken by another program: set {port_setting}")
+        self.process.start([sys.executable, "-m", "vtuber_letta.cli", *args], env=env, cwd=cwd)
+        if not wait_until(self.healthy, 30):
+            raise StackError(f"{self.process.name} did not start on {self.address}:\n{self.process.log_tail()}")
+        return True
+
 
 class ScriptedModelProcess(HttpPart):
     """The stand-in for the upstream model (see stack/scripted_model.py)."""
@@ -88,39 +99,38 @@ class ScriptedModelProcess(HttpPart):
         return True
 
 
+def _cli_process(settings: Settings, command: str, port: int) -> ManagedProcess:
+    """The ManagedProcess of a part run as `vtuber-letta COMMAND --port PORT` (pid and log in data/letta)."""
+    data = settings.data_dir.resolve()
+    return ManagedProcess(name=command, pid_file=data / "letta" / "run" / f"{command}.pid",
+                          log_file=data / "letta" / "logs" / f"{command}.log",
+                          marker=f"vtuber_letta.cli {command} --port {port}")
+
+
+def _cli_env(settings: Settings) -> dict[str, str]:
+    """What every such part reads: the data dir, Letta, the memory gate, the log level. Nothing else
+    of ours: it runs in the data dir, so no stray .env is read either."""
+    s = settings
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "LANG": "C.UTF-8",
+            "VTL_DATA_DIR": str(s.data_dir.resolve()), "LETTA_API_URL": s.letta_api_url,
+            "LETTA_API_KEY": s.letta_password, "VTL_MEMORY_GATE_URL": s.memory_gate_url,
+            "VTL_MEMORY_GATE_SECRET": s.memory_gate_secret, "VTL_LOG_LEVEL": s.log_level}
+
+
 class MemoryGateProcess(HttpPart):
     """The memory gate (tools/memory_gate.py), run with the project's own interpreter."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.host, self.port = settings.memory_gate_address
-        data = settings.data_dir.resolve()
-        self.process = ManagedProcess(
-            name="memory-gate",
-            pid_file=data / "letta" / "run" / "memory-gate.pid",
-            log_file=data / "letta" / "logs" / "memory-gate.log",
-            marker=f"vtuber_letta.cli memory-gate --port {self.port}",
-        )
+        self.process = _cli_process(settings, "memory-gate", self.port)
 
     def start(self, log=print) -> bool:
-        if self.process.pid() is not None:
-            return False
-        if port_open(self.host, self.port):
-            raise StackError(f"port {self.port} is taken by another program: set VTL_MEMORY_GATE_URL")
-        s = self.settings
-        repo_root = Path(__file__).resolve().parent.parent
-        # Only what the gate needs; it runs in the data dir so no stray .env is read.
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root), "LANG": "C.UTF-8",
-               "VTL_DATA_DIR": str(s.data_dir.resolve()), "LETTA_API_URL": s.letta_api_url,
-               "LETTA_API_KEY": s.letta_password, "VTL_MEMORY_GATE_URL": s.memory_gate_url,
-               "VTL_MEMORY_GATE_SECRET": s.memory_gate_secret, "VTL_LOG_LEVEL": s.log_level}
-        if s.memory_gate_listen:
-            env["VTL_MEMORY_GATE_LISTEN"] = s.memory_gate_listen
-        self.process.start([sys.executable, "-m", "vtuber_letta.cli", "memory-gate", "--port", str(self.port)],
-                           env=env, cwd=s.data_dir.resolve())
-        if not wait_until(self.healthy, 30):
-            raise StackError(f"memory gate did not start on {self.address}:\n{self.process.log_tail()}")
-        return True
+        env = _cli_env(self.settings)
+        if self.settings.memory_gate_listen:
+            env["VTL_MEMORY_GATE_LISTEN"] = self.settings.memory_gate_listen
+        return self._start_cli(["memory-gate", "--port", str(self.port)], env, self.settings.data_dir.resolve(),
+                               "VTL_MEMORY_GATE_URL")
 
 
 class ConsoleProcess(HttpPart):
@@ -129,41 +139,24 @@ class ConsoleProcess(HttpPart):
     def __init__(self, settings: Settings):
         self.settings = settings
         self.host, self.port = settings.console_host, settings.console_port
-        data = settings.data_dir.resolve()
-        self.process = ManagedProcess(
-            name="console",
-            pid_file=data / "letta" / "run" / "console.pid",
-            log_file=data / "letta" / "logs" / "console.log",
-            marker=f"vtuber_letta.cli console --port {self.port}",
-        )
+        self.process = _cli_process(settings, "console", self.port)
 
     def start(self, log=print) -> bool:
-        if self.process.pid() is not None:
-            return False
-        if port_open(self.host, self.port):
-            raise StackError(f"port {self.port} is taken by another program: set VTL_CONSOLE_PORT")
         s = self.settings
-        repo_root = Path(__file__).resolve().parent.parent
         persona = s.persona_config if s.persona_config.is_absolute() else (Path.cwd() / s.persona_config)
-        # What the console reads (Redis, Letta, the gate, the bridge's names); the data dir as cwd, so no
-        # stray .env is read. The password file is generated here first, so it is there to be read.
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo_root), "LANG": "C.UTF-8",
-               "VTL_DATA_DIR": str(s.data_dir.resolve()), "LETTA_API_URL": s.letta_api_url,
-               "LETTA_API_KEY": s.letta_password, "REDIS_URL": s.redis_connection_url,
-               "VTL_MEMORY_GATE_URL": s.memory_gate_url, "VTL_MEMORY_GATE_SECRET": s.memory_gate_secret,
+        # Besides what every part reads: Redis, the bridge's names, the template, and the password,
+        # generated here (if not configured) so its file is there for the streamer to read.
+        env = {**_cli_env(s), "REDIS_URL": s.redis_connection_url,
                "VTL_CONSOLE_HOST": s.console_host, "VTL_CONSOLE_PASSWORD": s.console_password,
                "VTL_TEMPLATE": s.template_name, "VTL_PERSONA_CONFIG": str(persona),
                "VTL_BRIDGE_REQUEST_QUEUE": s.bridge_request_queue,
-               "VTL_BRIDGE_METRICS_HOST": s.bridge_metrics_host, "VTL_BRIDGE_METRICS_PORT": str(s.bridge_metrics_port),
-               "VTL_LOG_LEVEL": s.log_level}
+               "VTL_BRIDGE_METRICS_HOST": s.bridge_metrics_host, "VTL_BRIDGE_METRICS_PORT": str(s.bridge_metrics_port)}
         if s.letta_model:
             env["LETTA_MODEL"] = s.letta_model
-        self.process.start([sys.executable, "-m", "vtuber_letta.cli", "console", "--port", str(self.port)],
-                           env=env, cwd=s.data_dir.resolve())
-        if not wait_until(self.healthy, 30):
-            raise StackError(f"console did not start on {self.address}:\n{self.process.log_tail()}")
-        log(f"console: http://{self.address}/ (password in {s.console_password_file}"
-            f"{' or VTL_CONSOLE_PASSWORD' if s.console_password_value else ''})")
+        if not self._start_cli(["console", "--port", str(self.port)], env, s.data_dir.resolve(), "VTL_CONSOLE_PORT"):
+            return False
+        where = "VTL_CONSOLE_PASSWORD" if s.console_password_value else f"in {s.console_password_file}"
+        log(f"console: http://{self.address}/ (password: {where})")
         return True
 
 
