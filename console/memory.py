@@ -23,7 +23,9 @@ from typing import Any, Protocol
 
 from tools.human_block import DEFAULT_HUMAN_LIMIT, HUMAN_LABEL, HumanBlockError, parse_facts, parse_fields
 
-# Agent File fields that carry secrets (the memory token among the tool environment): never sent.
+# Agent File fields that can carry secrets (the memory token is one of an agent's secrets): never
+# sent. Letta 0.16.8 leaves the secrets' values out of its export already (the browser test checks
+# the console's download); blanking them here keeps it so whatever a later version exports.
 SECRET_EXPORT_FIELDS = ("tool_exec_environment_variables", "secrets")
 GATE_TIMEOUT_S = 10
 RECENT_MESSAGES = 30

@@ -2,8 +2,9 @@
 process, a real bridge, Letta, the memory gate, the scripted model recording every request).
 
 One streamer's session, in order: log in; find the viewer the bridge created; see the fact the
-agent remembered; delete it; edit her persona; see the agent's next model request without the fact
-and with the new persona; send a dead letter again and see the bridge answer it; forget the viewer;
+agent remembered; export the Agent File (no secret in it); delete the fact; edit her persona and
+the stream; see the agent's next model request without the fact and with the new persona and
+stream; send a dead letter again and see the bridge answer it; forget the viewer;
 and a viewer whose display name is hostile markup shows as text, with no script run.
 Screenshots of each page go to $VTL_CONSOLE_SCREENSHOTS (docs/console/ holds the committed ones),
 else to the test's tmp folder.
@@ -28,6 +29,7 @@ from tests.hostile.page_text import HOSTILE_TEXT
 from tests.integration.bridge_helpers import redis_conn, wait_for
 from tests.integration.browser import Browser
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.letta_api import letta_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
@@ -40,6 +42,7 @@ REMEMBER = {"name": "console-remember-name", "when": {"user_regex": r"my name is
                      "tool_calls": [{"name": "remember_viewer_fact", "arguments": {"fact": "their name is {name}",
                                                                                     "category": "name"}}]}}
 PERSONA_LINE = f"She keeps a star chart for every viewer ({RUN})."
+STREAM_TITLE = f"Mario night {RUN}"
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +65,28 @@ def _say(settings, text, **options):
 
 @pytest.fixture
 def persona_kept(provisioned):
-    """The shared persona as it was before the test, put back after it (the session stack is shared)."""
-    from vtuber_letta.letta_api import letta_client
-
+    """The shared persona and stream as they were before the test, put back after it (the session
+    stack is shared by every integration module)."""
     client = letta_client(provisioned)
-    block = find_shared_block(client, load_blueprint(provisioned).template.name, "persona")
-    yield block
-    client.blocks.update(block.id, value=block.value)
+    template = load_blueprint(provisioned).template.name
+    persona, stream = (find_shared_block(client, template, label) for label in ("persona", "stream"))
+    yield persona
+    client.blocks.update(persona.id, value=persona.value)
+    client.blocks.update(stream.id, value=stream.value, metadata=stream.metadata or {})
     ViewerAgents(provisioned).forget(HOSTILE_VIEWER)
+
+
+def _export(base: str, browser: Browser, viewer_id: str) -> str:
+    """The Agent File download, fetched with the browser's own (HttpOnly) session cookie."""
+    import urllib.request
+    from urllib.parse import urlencode
+
+    cookies = browser.call("Network.getCookies", urls=[base])["cookies"]
+    header = "; ".join(f"{c['name']}={c['value']}" for c in cookies)
+    request = urllib.request.Request(f"{base}/viewer/export?{urlencode({'id': viewer_id})}", headers={"Cookie": header})
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=60) as response:
+        assert "attachment" in response.headers["Content-Disposition"]
+        return response.read().decode("utf-8")
 
 
 def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, bridges, browser, shots, persona_kept):
@@ -113,6 +130,16 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     assert "visits" in browser.text("#verified") and "My name is Alice" in browser.text("#conversation")
     browser.screenshot(shots / "viewer.png")
 
+    # ---- the Agent File: the agent whole, and no secret (Letta 0.16.8 already leaves the agent's
+    # secrets out of its export; the console blanks any it would carry, see console/memory.py)
+    from tools.memory_gate import memory_token
+
+    agent_id = r.hget(keys.VIEWER_AGENTS, VIEWER).decode()
+    exported = _export(base, browser, VIEWER)
+    assert agent_id in exported and "their name is Alice" in exported
+    assert memory_token(settings.memory_gate_secret, agent_id) not in exported
+    assert settings.letta_password not in exported and settings.console_password not in exported
+
     # ---- delete the fact
     browser.click_and_wait("#facts li.fact form.inline button")
     assert "Forgot (name): their name is Alice" in browser.text("#flash")
@@ -125,9 +152,12 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     browser.click_and_wait("#persona-form button")
     assert "persona updated" in browser.text("#flash") and PERSONA_LINE in browser.text("#block-persona pre.diff")
     browser.screenshot(shots / "persona.png")
-    from vtuber_letta.letta_api import letta_client
-
     assert PERSONA_LINE in letta_client(settings).blocks.retrieve(persona_kept.id).value
+
+    # ---- update the stream block (through its template, like `stream set`)
+    browser.fill("#stream-form input[name=title]", STREAM_TITLE)
+    browser.click_and_wait("#stream-form button")
+    assert "stream updated" in browser.text("#flash") and f"Title: {STREAM_TITLE}" in browser.text("#block-stream pre.value")
 
     # ---- her next model request: without the deleted fact, with the new persona
     before = scripted.chat_requests()
@@ -136,7 +166,7 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     # her memory is in the system prompt (the history still has the old tool call, as it should)
     [system] = [m["content"] for m in scripted.requests(1)[0]["messages"] if m.get("role") == "system"]
     system = system if isinstance(system, str) else json.dumps(system, ensure_ascii=False)
-    assert f"viewer_id: {VIEWER}" in system and PERSONA_LINE in system
+    assert f"viewer_id: {VIEWER}" in system and PERSONA_LINE in system and f"Title: {STREAM_TITLE}" in system
     assert "their name is Alice" not in system
 
     # ---- a dead letter, sent again from the live page, is answered by the bridge

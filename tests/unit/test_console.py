@@ -20,7 +20,7 @@ from tests.hostile.page_text import HOSTILE_TEXT
 from tests.unit.console_fakes import FakeMemory
 from tools.human_block import FACTS_HEADING, VERIFIED_HEADING, VIEWER_HEADING
 from vtuber_letta import redis_keys as keys
-from vtuber_letta.settings import Settings
+from vtuber_letta.settings import Settings, SettingsError, load_settings
 
 PASSWORD = "console-unit-password"
 
@@ -365,3 +365,16 @@ def test_no_secret_reaches_any_page(app_client, r, memory, settings):
         assert response.status_code in (200, 303), path
         for secret in secrets:
             assert secret not in response.text and secret not in str(response.headers), path
+
+
+def test_the_console_password_is_generated_once_privately_unless_configured(tmp_path):
+    generated = Settings(_env_file=None, VTL_DATA_DIR=str(tmp_path))
+    password = generated.console_password
+    assert len(password) >= 24 and generated.console_password_file.read_text().strip() == password
+    assert generated.console_password_file.stat().st_mode & 0o077 == 0
+    assert Settings(_env_file=None, VTL_DATA_DIR=str(tmp_path)).console_password == password  # kept
+    configured = Settings(_env_file=None, VTL_DATA_DIR=str(tmp_path / "other"), VTL_CONSOLE_PASSWORD="configured-pw")
+    assert configured.console_password == "configured-pw" and not configured.console_password_file.exists()
+    with pytest.raises(SettingsError, match="VTL_CONSOLE_PASSWORD"):
+        load_settings(_env_file=None, VTL_CONSOLE_PASSWORD="short")
+
