@@ -100,7 +100,7 @@ def build_app(console: Console) -> Starlette:
     async def form_of(request: Request) -> dict[str, str]:
         body = await request.body()
         if len(body) > MAX_FORM_BYTES:
-            raise _Refused(PlainRefusal(413, "the form is too large"))
+            raise _Refused(plain_refusal(413, "the form is too large"))
         return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
     Handler = Callable[..., Awaitable[Response]]
@@ -120,13 +120,13 @@ def build_app(console: Console) -> Starlette:
         async def endpoint(request: Request) -> Response:
             session = session_of(request)
             if not same_origin(request.headers, request.headers.get("host")):
-                return PlainRefusal(403, "cross-site request refused")
+                return plain_refusal(403, "cross-site request refused")
             if session is None:
-                return PlainRefusal(403, "log in first")
+                return plain_refusal(403, "log in first")
             try:
                 form = await form_of(request)
                 if not csrf_ok(session, form.get("csrf")):
-                    return PlainRefusal(403, "this form is out of date (CSRF check failed): reload the page and try again")
+                    return plain_refusal(403, "this form is out of date (CSRF check failed): reload the page and try again")
                 return await handler(request, session, form)
             except _Refused as refused:
                 return refused.response
@@ -136,7 +136,7 @@ def build_app(console: Console) -> Starlette:
         try:
             return check_viewer_id(value or "")
         except InvalidViewerId as exc:
-            raise _Refused(PlainRefusal(400, f"not a viewer id: {exc}")) from None
+            raise _Refused(plain_refusal(400, f"not a viewer id: {exc}")) from None
 
     # ---------------- login ----------------
     async def login_page(request: Request) -> Response:
@@ -146,7 +146,7 @@ def build_app(console: Console) -> Starlette:
 
     async def login(request: Request) -> Response:
         if not same_origin(request.headers, request.headers.get("host")):
-            return PlainRefusal(403, "cross-site request refused")
+            return plain_refusal(403, "cross-site request refused")
         try:
             form = await form_of(request)
         except _Refused as refused:
@@ -206,7 +206,7 @@ def build_app(console: Console) -> Starlette:
         viewer_id = viewer_id_of(form.get("id"))
         action = request.path_params["action"]
         if action not in ("add", "edit", "delete"):
-            return PlainRefusal(404, "no such change")
+            return plain_refusal(404, "no such change")
         memory = await run_in_threadpool(console.memory.viewer, viewer_id)
         if memory is None:
             return back("/viewers", session, "error", "that viewer has no agent (forgotten?)")
@@ -309,7 +309,7 @@ def build_app(console: Console) -> Starlette:
     return Starlette(routes=routes)
 
 
-def PlainRefusal(status: int, text: str) -> Response:  # noqa: N802 - reads like the response it is
+def plain_refusal(status: int, text: str) -> Response:
     return Response(text + "\n", status_code=status, media_type="text/plain; charset=utf-8", headers=SECURITY_HEADERS)
 
 

@@ -25,10 +25,9 @@ def run_console(settings) -> int:
     """Serve until SIGTERM/SIGINT (uvicorn handles both)."""
     import uvicorn
 
-    password_source = ("VTL_CONSOLE_PASSWORD" if settings.console_password_value
-                       else f"the file {settings.console_password_file}")
     settings.console_password  # generated now (not at the first login) so the file is there to read
-    log.info("console: http://%s:%s/ (password: %s)", settings.console_host, settings.console_port, password_source)
+    log.info("console: http://%s:%s/ (password: %s)", settings.console_host, settings.console_port,
+             settings.console_password_hint)
     uvicorn.run(console_app(settings), host=settings.console_host, port=settings.console_port,
                 log_level="warning", access_log=False, proxy_headers=False, server_header=False)
     return 0

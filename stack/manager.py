@@ -155,8 +155,7 @@ class ConsoleProcess(HttpPart):
             env["LETTA_MODEL"] = s.letta_model
         if not self._start_cli(["console", "--port", str(self.port)], env, s.data_dir.resolve(), "VTL_CONSOLE_PORT"):
             return False
-        where = "VTL_CONSOLE_PASSWORD" if s.console_password_value else f"in {s.console_password_file}"
-        log(f"console: http://{self.address}/ (password: {where})")
+        log(f"console: http://{self.address}/ (password: {s.console_password_hint})")
         return True
 
 

@@ -283,6 +283,11 @@ class Settings(BaseSettings):
     def console_password_file(self) -> Path:
         return self.letta_dir / "config" / "console-password"
 
+    @property
+    def console_password_hint(self) -> str:
+        """Where the console password is (never the password itself), for the messages that say so."""
+        return "VTL_CONSOLE_PASSWORD" if self.console_password_value else f"the file {self.console_password_file}"
+
     @cached_property
     def console_password(self) -> str:
         """VTL_CONSOLE_PASSWORD, else one generated once (mode 0600) in console_password_file."""
