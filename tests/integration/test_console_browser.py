@@ -35,8 +35,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
 RUN = uuid.uuid4().hex[:6]
 VIEWER = f"bilibili:console-{RUN}"
-HOSTILE_VIEWER = f"twitch:hostile-{RUN}"
-HOSTILE_NAME = HOSTILE_TEXT[1] + " " + HOSTILE_TEXT[12] + " " + HOSTILE_TEXT[14]  # img onerror, bidi, zero-width
+# One viewer per string of the hostile corpus, the string as their display name (the platform's
+# word, kept raw in the agent's metadata, shown in the list).
+HOSTILE = {f"twitch:hostile-{RUN}-{i:02d}": text for i, text in enumerate(HOSTILE_TEXT)}
 REMEMBER = {"name": "console-remember-name", "when": {"user_regex": r"my name is (?P<name>\w+)"},
             "then": {"reply": "Nice to meet you, {name}!",
                      "tool_calls": [{"name": "remember_viewer_fact", "arguments": {"fact": "their name is {name}",
@@ -73,7 +74,37 @@ def persona_kept(provisioned):
     yield persona
     client.blocks.update(persona.id, value=persona.value)
     client.blocks.update(stream.id, value=stream.value, metadata=stream.metadata or {})
-    ViewerAgents(provisioned).forget(HOSTILE_VIEWER)
+    viewers = ViewerAgents(provisioned)
+    for viewer in HOSTILE:
+        viewers.forget(viewer)
+
+
+@pytest.fixture
+def other_site():
+    """Another web site on loopback (another port: another origin) whose page, once its button is
+    clicked, posts `forget` for VIEWER to the console: the forged cross-site request."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    pages: dict[str, bytes] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(self.path, b"not found")
+            self.send_response(200 if self.path in pages else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield pages, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
 
 
 def _export(base: str, browser: Browser, viewer_id: str) -> str:
@@ -89,14 +120,14 @@ def _export(base: str, browser: Browser, viewer_id: str) -> str:
         return response.read().decode("utf-8")
 
 
-def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, bridges, browser, shots, persona_kept):
+def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, bridges, browser, shots, persona_kept,
+                                               other_site):
     settings = provisioned
     base = f"http://127.0.0.1:{settings.console_port}"
     r = redis_conn(settings)
     bridges()
     scripted.add_rules(REMEMBER)
     _say(settings, "Hi Luna! My name is Alice.")
-    ViewerAgents(settings).ensure(HOSTILE_VIEWER, HOSTILE_NAME, "twitch")
 
     # ---- log in (nothing else answers before)
     browser.open(f"{base}/viewers")
@@ -114,12 +145,27 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     rows = browser.js("[...document.querySelectorAll('#viewers tbody tr')].map(tr => [...tr.cells].map(td => td.innerText))")
     alice = [row for row in rows if row[0] == VIEWER]
     assert alice and alice[0][1] == "Alice" and alice[0][2] == "bilibili" and alice[0][7] == "1", rows
-    # the hostile display name is text in its own cell: no script ran, no element appeared
-    hostile = [row for row in rows if row[0] == HOSTILE_VIEWER]
-    assert hostile and hostile[0][1] == HOSTILE_NAME, rows
-    assert browser.js("window.__pwned") is None and browser.js("document.scripts.length") == 0
-    assert browser.js("document.querySelectorAll('img, svg, iframe').length") == 0
     assert all(len(row) == 8 for row in rows), "a row lost or gained cells"
+    browser.screenshot(shots / "viewers.png")
+
+    # ---- every hostile display name is text in its own cell: no script ran, no element appeared,
+    # nothing spilled out of its column
+    hostile_agents = ViewerAgents(settings)
+    for viewer, name in HOSTILE.items():
+        hostile_agents.ensure(viewer, name, "twitch")
+    browser.fill("#q", f"hostile-{RUN}")
+    browser.click_and_wait("form.search button")
+    shown = dict(browser.js("[...document.querySelectorAll('#viewers tbody tr')].map(tr => [tr.cells[0].innerText, "
+                            "tr.cells[1].querySelector('bdi').textContent])"))
+    assert shown == HOSTILE
+    assert browser.js("window.__pwned") is None and browser.js("document.scripts.length") == 0
+    assert browser.js("document.querySelectorAll('main img, main svg, main iframe, main style, main h1').length") == 1
+    spilled = browser.js("[...document.querySelectorAll('#viewers tbody td')].filter(td => { const c = td.getBoundingClientRect(); "
+                         "return [...td.querySelectorAll('bdi, a')].some(e => { const r = e.getBoundingClientRect(); "
+                         "return r.left < c.left - 1 || r.right > c.right + 1; }); }).length")
+    assert spilled == 0, "a cell's text ran past its column"
+    assert browser.js("document.querySelectorAll('#viewers thead th').length") == 8
+    browser.screenshot(shots / "viewers-hostile.png")
     browser.screenshot(shots / "viewers.png")
     browser.fill("#q", f"console-{RUN}")
     browser.click_and_wait("form.search button")
@@ -181,6 +227,16 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     assert "is back on" in browser.text("#flash")
     wait_for(lambda: r.exists(keys.task_done(task["task_id"])), 120, what="the resent task answered")
     assert r.llen(keys.BRIDGE_DEAD_LETTERS) == 0
+
+    # ---- a page of another site posting "forget" to the console, in the logged-in browser: refused
+    pages, evil = other_site
+    pages["/"] = (f'<form method="post" action="{base}/viewer/forget"><input name="id" value="{VIEWER}">'
+                  f'<input name="confirm" value="{VIEWER}"><input name="csrf" value="guessed">'
+                  '<button id="go">win a prize</button></form>').encode()
+    browser.open(f"{evil}/")
+    browser.click_and_wait("#go")
+    assert browser.url == f"{base}/viewer/forget" and "refused" in browser.text()
+    assert r.hget(keys.VIEWER_AGENTS, VIEWER) and ViewerAgents(settings).find(VIEWER) is not None
 
     # ---- forget the viewer, with confirmation
     browser.open(f"{base}/viewer?id={VIEWER}")
