@@ -28,6 +28,8 @@ from tools.human_block import DEFAULT_HUMAN_LIMIT, HUMAN_LABEL, HumanBlockError,
 # the console's download); blanking them here keeps it so whatever a later version exports.
 SECRET_EXPORT_FIELDS = ("tool_exec_environment_variables", "secrets")
 GATE_TIMEOUT_S = 10
+# The list answers from Redis whatever Letta does: its names and fact counts are worth a short wait only.
+CARDS_TIMEOUT_S = 3
 RECENT_MESSAGES = 30
 
 
@@ -177,8 +179,9 @@ class LettaMemory:
         if not viewer_ids:
             return {}
         # One call for the page: agents carrying any of these viewers' tags, with their blocks.
-        agents = self.client.agents.list(tags=[viewer_tag(v) for v in viewer_ids], match_all_tags=False,
-                                         include=["agent.blocks"], limit=2 * len(viewer_ids))
+        client = self.client.with_options(timeout=CARDS_TIMEOUT_S, max_retries=0)
+        agents = client.agents.list(tags=[viewer_tag(v) for v in viewer_ids], match_all_tags=False,
+                                    include=["agent.blocks"], limit=2 * len(viewer_ids))
         wanted, cards = set(viewer_ids), {}
         for agent in agents:
             viewer = (agent.metadata or {}).get("viewer_id")
