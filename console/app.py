@@ -83,6 +83,7 @@ def _environment() -> Environment:
 def build_app(console: Console) -> Starlette:
     env = _environment()
     sessions = console.sessions
+    login_turn = asyncio.Lock()  # one password check at a time: a guess costs a second, in parallel too
 
     def page(request: Request, name: str, session: Session | None, status: int = 200, **context) -> HTMLResponse:
         flash = sessions.take_flash(session) if session else None
@@ -151,10 +152,11 @@ def build_app(console: Console) -> Starlette:
             form = await form_of(request)
         except _Refused as refused:
             return refused.response
-        if not sessions.password_matches(form.get("password", "")):
-            await asyncio.sleep(LOGIN_FAILURE_DELAY_S)  # guessing costs a second a try
-            log.warning("console: failed login from %s", request.client.host if request.client else "?")
-            return page(request, "login.html", None, status=401, error="wrong password")
+        async with login_turn:
+            if not sessions.password_matches(form.get("password", "")):
+                await asyncio.sleep(LOGIN_FAILURE_DELAY_S)
+                log.warning("console: failed login from %s", request.client.host if request.client else "?")
+                return page(request, "login.html", None, status=401, error="wrong password")
         session = sessions.open()
         response = RedirectResponse("/viewers", status_code=303, headers=SECURITY_HEADERS)
         response.set_cookie(COOKIE, session.token, max_age=SESSION_TTL_S, httponly=True, samesite="strict", path="/")
