@@ -20,6 +20,8 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from letta_client import APIConnectionError, APIStatusError
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -40,6 +42,8 @@ MAX_FORM_BYTES = 64 * 1024
 LOGIN_FAILURE_DELAY_S = 1.0
 # No script may run at all (the console has none), styles only from our own file, and no page of
 # ours inside another site's frame: what a viewer wrote cannot execute even if escaping failed.
+# Expected failures of the services behind the console: a 503 that says which, never a traceback.
+UNAVAILABLE = (APIConnectionError, APIStatusError, RedisError, OSError)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
@@ -99,6 +103,9 @@ def build_app(console: Console) -> Starlette:
         return sessions.get(request.cookies.get(COOKIE))
 
     async def form_of(request: Request) -> dict[str, str]:
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+            raise _Refused(plain_refusal(413, "the form is too large"))
         body = await request.body()
         if len(body) > MAX_FORM_BYTES:
             raise _Refused(plain_refusal(413, "the form is too large"))
@@ -115,6 +122,8 @@ def build_app(console: Console) -> Starlette:
                 return await handler(request, session)
             except _Refused as refused:
                 return refused.response
+            except UNAVAILABLE as exc:
+                return unavailable(exc)
         return endpoint
 
     def changing(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -131,6 +140,8 @@ def build_app(console: Console) -> Starlette:
                 return await handler(request, session, form)
             except _Refused as refused:
                 return refused.response
+            except UNAVAILABLE as exc:
+                return unavailable(exc)
         return endpoint
 
     def viewer_id_of(value: str | None) -> str:
@@ -309,6 +320,13 @@ def build_app(console: Console) -> Starlette:
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Starlette(routes=routes)
+
+
+def unavailable(exc: BaseException) -> Response:
+    """Letta or Redis did not answer: say so (nothing was changed that the page does not show)."""
+    log.warning("console: %s unavailable: %s", "Redis" if isinstance(exc, RedisError) else "Letta", type(exc).__name__)
+    what = "Redis" if isinstance(exc, RedisError) else "The Letta server"
+    return plain_refusal(503, f"{what} did not answer ({type(exc).__name__}); try again in a moment")
 
 
 def plain_refusal(status: int, text: str) -> Response:

@@ -176,6 +176,24 @@ def test_the_list_still_answers_when_letta_does_not(app_client, r, memory, monke
     assert page.status_code == 200 and "bilibili:1" in page.text and "Letta did not answer" in page.text
 
 
+def test_letta_or_redis_down_is_a_clear_503(app_client, r, memory, monkeypatch):
+    from letta_client import APIConnectionError
+
+    add_viewer(r, memory, "bilibili:1", "Alice")
+    csrf = login(app_client)
+
+    def down(*_args):
+        raise APIConnectionError(request=None)
+
+    monkeypatch.setattr(memory, "viewer", down)
+    page = app_client.get("/viewer?id=bilibili:1")
+    assert page.status_code == 503 and "The Letta server did not answer (APIConnectionError)" in page.text
+    change = app_client.post("/viewer/fact/add", data={"csrf": csrf, "id": "bilibili:1", "fact": "cats", "category": "likes"})
+    assert change.status_code == 503
+    huge = app_client.post("/viewer/fact/add", content=b"x" * 70_000, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert huge.status_code == 413
+
+
 def test_a_viewer_page_shows_facts_by_category_the_verified_section_and_the_conversation(app_client, r, memory):
     from console.memory import ChatLine
 
