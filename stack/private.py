@@ -77,6 +77,7 @@ def child_env(settings: Settings, **knobs: Any) -> dict[str, str]:
         "VTL_POSTGRES_PORT": str(settings.postgres_port),
         "VTL_SCRIPTED_MODEL_PORT": str(settings.scripted_model_port),
         "VTL_MEMORY_GATE_URL": settings.memory_gate_url,
+        "VTL_CONSOLE_PORT": str(settings.console_port),
         "VTL_TEMPLATE": settings.template_name,
         "VTL_PERSONA_CONFIG": str(persona),
     })
