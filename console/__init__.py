@@ -6,6 +6,7 @@ Server-rendered (Starlette + Jinja2 autoescape), no script at all, on loopback b
     auth.py       the console password, sessions (HttpOnly, SameSite=Strict cookie), CSRF tokens
     directory.py  the viewer list from Redis alone (search, sort, page) — 10,000 viewers, one page read
     memory.py     what the console asks of Letta and the memory gate, as an interface (faked in unit tests)
+    errors.py     ConsoleError, the one error type the pages show
     live.py       the bridge's state from Redis (replicas, queues, dead letters) and "send again"
     server.py     serving it (uvicorn), for the CLI and the stack
 

@@ -31,7 +31,8 @@ from starlette.staticfiles import StaticFiles
 
 from console import directory, live
 from console.auth import COOKIE, SESSION_TTL_S, Session, Sessions, csrf_ok, same_origin
-from console.memory import ConsoleError, ConsoleMemory
+from console.errors import ConsoleError
+from console.memory import ConsoleMemory
 from provisioning.stream import STREAM_FIELDS
 from vtuber_letta.viewer_ids import InvalidViewerId, check_viewer_id
 
@@ -295,7 +296,7 @@ def build_app(console: Console) -> Starlette:
     async def send_again(request: Request, session: Session, form: dict) -> Response:
         try:
             text = await live.send_again(console.redis_async, console.settings, form.get("entry", ""))
-        except ValueError as exc:
+        except ConsoleError as exc:
             return back("/live", session, "error", str(exc))
         log.info("console: %s", text)
         return back("/live", session, "ok", text)

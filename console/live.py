@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from bridge.queue import ViewerQueues
 from bridge.wire import DeadLetter
+from console.errors import ConsoleError
 from vtuber_letta import redis_keys as keys
 
 DEAD_LETTERS_SHOWN = 50
@@ -112,13 +113,13 @@ async def send_again(redis_async, settings, entry: str) -> str:
     """Put a dead letter's payload back on the request list; the message to show."""
     row = dead_letter_row(entry)
     if row.letter is None:
-        raise ValueError("this entry is not a dead letter the bridge wrote; it cannot be sent again")
+        raise ConsoleError("this entry is not a dead letter the bridge wrote; it cannot be sent again")
     if not row.resendable:
-        raise ValueError("this dead letter's payload was cut at the size limit; sending it again would send a different task")
+        raise ConsoleError("this dead letter's payload was cut at the size limit; sending it again would send a different task")
     moved = await redis_async.eval(_SEND_AGAIN, 2, keys.BRIDGE_DEAD_LETTERS, settings.bridge_request_queue,
                                    entry, row.letter.raw)
     if not int(moved):
-        raise ValueError("that dead letter is no longer in the list (already sent again or forgotten)")
+        raise ConsoleError("that dead letter is no longer in the list (already sent again or forgotten)")
     return f"task {row.letter.task_id or '(no id)'} is back on {settings.bridge_request_queue}"
 
 

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from console.errors import ConsoleError
 from tools.human_block import DEFAULT_HUMAN_LIMIT, HUMAN_LABEL, HumanBlockError, parse_facts, parse_fields
 
 # Agent File fields that can carry secrets (the memory token is one of an agent's secrets): never
@@ -31,10 +32,6 @@ GATE_TIMEOUT_S = 10
 # The list answers from Redis whatever Letta does: its names and fact counts are worth a short wait only.
 CARDS_TIMEOUT_S = 3
 RECENT_MESSAGES = 30
-
-
-class ConsoleError(Exception):
-    """Something the person at the console must be told (the message says what happened)."""
 
 
 @dataclass(frozen=True)
@@ -288,8 +285,12 @@ class LettaMemory:
 
 
 def _text_of(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return " ".join(str(getattr(part, "text", part.get("text", "") if isinstance(part, dict) else "")) for part in content)
-    return str(content or "")
+    texts = []
+    for part in content if isinstance(content, list) else []:
+        text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
+        if isinstance(text, str):
+            texts.append(text)
+    return " ".join(texts)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from console.memory import ChatLine, ConsoleError, SharedBlock, ViewerMemory, card_of, gate_answer, strip_secrets
+from console.errors import ConsoleError
+from console.memory import ChatLine, SharedBlock, ViewerMemory, card_of, gate_answer, strip_secrets
 from tools.human_block import format_human_block
 from tools.memory_gate import HumanBlock, MemoryGate, memory_token
 
