@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     memory_gate_listen: str | None = Field(None, alias="VTL_MEMORY_GATE_LISTEN", pattern=r"^[\w.\-]*:[0-9]{1,5}$")  # host:port; default: the URL's
     memory_gate_secret_value: SecretStr | None = Field(None, alias="VTL_MEMORY_GATE_SECRET")
 
+    # --- the console (console/): the streamer's web page over her memory, on loopback by default.
+    # 0.0.0.0 only inside a container (published on 127.0.0.1 by compose). The password: this one,
+    # else one generated once (mode 0600) beside the Letta password (`vtuber-letta console` says where).
+    console_host: str = Field("127.0.0.1", alias="VTL_CONSOLE_HOST", pattern=r"^[\w.\-:]+$")
+    console_port: int = Field(8286, alias="VTL_CONSOLE_PORT", ge=1, le=65535)
+    console_password_value: SecretStr | None = Field(None, alias="VTL_CONSOLE_PASSWORD", min_length=8)
+
     # --- the agent template and the persona it is rendered from (provisioning) ---
     template_name: str = Field("vtuber", alias="VTL_TEMPLATE", pattern=r"^[a-z][a-z0-9_-]{0,49}$")
     persona_config: Path = Field(Path("data/config/persona.yaml"), alias="VTL_PERSONA_CONFIG")
@@ -286,6 +293,22 @@ class Settings(BaseSettings):
         if self.memory_gate_secret_value:
             return self.memory_gate_secret_value.get_secret_value()
         return _generated_secret(self.letta_dir / "config" / "memory-gate-secret")
+
+    @property
+    def console_password_file(self) -> Path:
+        return self.letta_dir / "config" / "console-password"
+
+    @property
+    def console_password_hint(self) -> str:
+        """Where the console password is (never the password itself), for the messages that say so."""
+        return "VTL_CONSOLE_PASSWORD" if self.console_password_value else f"the file {self.console_password_file}"
+
+    @cached_property
+    def console_password(self) -> str:
+        """VTL_CONSOLE_PASSWORD, else one generated once (mode 0600) in console_password_file."""
+        if self.console_password_value:
+            return self.console_password_value.get_secret_value()
+        return _generated_secret(self.console_password_file)
 
     def resolved_model_handle(self) -> str:
         if self.letta_model:

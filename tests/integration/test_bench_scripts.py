@@ -21,7 +21,8 @@ CLEAN_BRIDGE = "bridge fallbacks to memory-python: 0, dead letters: 0"
 CLEAN_REPLIES = "Replies other than the scripted one: 0."
 # Smaller still than --quick where a script's quick run is long (throughput: 2.5 minutes).
 EXTRA_ARGS = {"throughput": ["--levels", "1,4", "--window", "4", "--rounds", "1", "--sides", "bridge,direct,bridge-mix"],
-              "tool_turns": ["--rounds", "2", "--warmup", "0"]}
+              "tool_turns": ["--rounds", "2", "--warmup", "0"],
+              "console": ["--viewers", "2000", "--agents", "5", "--rounds", "2"]}
 EXPECTED = {
     "overhead": ["| bridge vs direct, streamed |", CLEAN_REPLIES, CLEAN_BRIDGE],
     "throughput": ["| bridge / direct |", "| bridge-mix / bridge |", CLEAN_REPLIES, CLEAN_BRIDGE],
@@ -30,6 +31,7 @@ EXPECTED = {
     "scale": ["| thread pool |", "| RSS (VmRSS), no tracing | 10000 |"],
     "ttfs": ["| first sentence / whole reply (streaming on, per turn) |", CLEAN_BRIDGE],
     "burst": ["Every message got its response in every burst", CLEAN_BRIDGE],
+    "console": ["| page 1, last seen (the agents' cards from Letta) | 2000 |"],
 }
 
 # Scripts that start what they measure themselves, without a Letta stack: run with --quick alone.

@@ -112,7 +112,7 @@ def test_the_validator_schema_checks(tmp_path):
     assert done.returncode != 0 and "stop_grace_periodd" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("variable", ["LETTA_API_KEY", "LETTA_MODEL", "REDIS_PASSWORD"])
+@pytest.mark.parametrize("variable", ["LETTA_API_KEY", "LETTA_MODEL", "REDIS_PASSWORD", "VTL_CONSOLE_PASSWORD"])
 def test_required_variables_stop_compose_with_a_message(tmp_path, variable):
     """Each required variable, missing or empty, stops compose with a message naming it."""
     for missing in ("", f"{variable}=\n"):
@@ -229,17 +229,19 @@ def test_env_example_is_valid_as_is_and_with_every_line_uncommented(tmp_path):
 
 def test_every_service_is_used_and_starts_in_order(config):
     services = config["services"]
-    assert set(services) == {"redis", "letta", "memory-gate", "provision", "bridge"}
+    assert set(services) == {"redis", "letta", "memory-gate", "provision", "bridge", "console"}
     needed = {dep for s in services.values() for dep in (s.get("depends_on") or {})}
-    assert set(services) - needed == {"bridge"}, "every service but the bridge is something another waits for"
+    assert set(services) - needed == {"bridge", "console"}, \
+        "every service but the bridge and the console is something another waits for"
     assert services["provision"]["depends_on"] == {"letta": {"condition": "service_healthy"},
                                                    "redis": {"condition": "service_healthy"}}
     assert services["bridge"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
     assert services["provision"]["restart"] == "no"
+    assert services["console"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
 
 
 def test_the_commands_are_vtuber_letta_subcommands(config):
-    for name in ("provision", "bridge", "memory-gate"):
+    for name in ("provision", "bridge", "memory-gate", "console"):
         command = config["services"][name]["command"]
         args = command[1:] if command[0] == "vtuber-letta" else command[3:]
         assert command[0] == "vtuber-letta" or command[:3] == ["python", "-m", "vtuber_letta.cli"], command
@@ -255,7 +257,7 @@ def test_every_volume_is_used(config):
     letta = {v.split(":")[1]: v.split(":")[0] for v in services["letta"]["volumes"]}
     assert {target: str(Path(source).relative_to(REPO)) for target, source in letta.items()} == LETTA_MOUNTS
     assert [v.split(":")[:2] for v in services["redis"]["volumes"]] == [[str(REPO / "data/redis"), "/data"]]
-    for name in ("provision", "bridge"):
+    for name in ("provision", "bridge", "console"):
         service = services[name]
         targets = {v.split(":")[1]: v for v in service["volumes"]}
         env = service["environment"]
