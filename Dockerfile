@@ -1,4 +1,5 @@
-# The vtuber-letta image: the one-shot `provision` and the `bridge` of docker-compose.yml. The Letta
+# The vtuber-letta image: the one-shot `provision`, the `bridge`, the memory gate and the console of
+# docker-compose.yml. The Letta
 # server itself runs from the letta/letta:0.16.8 image. Python as pyproject.toml's requires-python.
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
@@ -13,6 +14,7 @@ COPY agent_templates ./agent_templates
 COPY provisioning ./provisioning
 COPY bridge ./bridge
 COPY stack ./stack
+COPY console ./console
 RUN pip install --no-cache-dir . \
     && mkdir -p /app/data/config /app/data/uploads
 # The persona the agents get when no data/config/persona.yaml is mounted.

@@ -12,8 +12,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 
+# nginx: CI checks the scale-out load balancer's configuration with it (tests/unit/test_compose_scale_out.py).
+# chromium (Debian's): the console's browser test drives it headless (no step downloads a browser).
 install: $(BIN)/.installed
 	command -v docker-compose >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose)
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 	$(BIN)/vtuber-letta stack install
 
 demo: install

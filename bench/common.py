@@ -115,6 +115,16 @@ def bench_stack(reuse: bool) -> Iterator[Settings]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def restart_letta_with_workers(settings: Settings, workers: int) -> None:
+    """Restart the stack's Letta with this many uvicorn workers (Postgres and the rest stay up)."""
+    stack = Stack(settings.model_copy(update={"letta_workers": workers}), log=lambda msg: log(f"[stack] {msg}"))
+    if not stack.manages_letta:
+        raise SystemExit(f"--letta-workers restarts Letta, but {settings.letta_api_url} is not the local stack's")
+    started = time.perf_counter()
+    stack.restart_letta()
+    log(f"letta restarted with {workers} worker(s) in {time.perf_counter() - started:.0f}s")
+
+
 def _exit_on_signal(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
 

@@ -1,6 +1,7 @@
 """The one listener of the benchmarks: pushes tasks the host's way and records, stamped on
 arrival, what the bridge publishes for them: the reply chunks (`letta_response_chunks`) and the
-final responses (`letta_responses`).
+final responses (`letta_responses`); with `watch_speech`, also what it hands to speech, taken off
+`tts_requests` the way the host's TTS service takes it (BRPOP).
 
 Subscribe (enter the context) before pushing anything. Times are time.perf_counter() of this
 process, so they compare with the push times taken here.
@@ -27,6 +28,7 @@ class Seen:
     pushed: float
     final_future: asyncio.Future
     chunks: list[tuple[float, dict]] = field(default_factory=list)
+    speech: list[tuple[float, dict]] = field(default_factory=list)  # TTS requests, as taken off the queue
 
     @property
     def final(self) -> tuple[float, dict] | None:
@@ -35,20 +37,24 @@ class Seen:
 
 
 class Published:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, watch_speech: bool = False):
         self.settings = settings
         self.redis = async_redis_client(settings, max_connections=REDIS_POOL)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.tasks: dict[str, Seen] = {}
+        self._watch_speech = watch_speech
 
     async def __aenter__(self) -> "Published":
         await self.pubsub.subscribe(self.settings.bridge_response_channel, self.settings.bridge_chunk_channel)
-        self._reader = asyncio.create_task(self._read())
+        self._readers = [asyncio.create_task(self._read())]
+        if self._watch_speech:
+            self._readers.append(asyncio.create_task(self._take_speech()))
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
         await self.pubsub.aclose()
         await self.redis.aclose()
 
@@ -68,6 +74,17 @@ class Published:
                 seen.chunks.append((arrived, body))
             elif not seen.final_future.done():
                 seen.final_future.set_result((arrived, body))
+
+    async def _take_speech(self) -> None:
+        while True:
+            popped = await self.redis.brpop([self.settings.bridge_tts_queue], timeout=1)
+            if popped is None:
+                continue
+            arrived = time.perf_counter()
+            body = json.loads(popped[1])
+            seen = self.tasks.get(body.get("task_id"))
+            if seen is not None:
+                seen.speech.append((arrived, body))
 
     async def push(self, viewer_id: str, text: str) -> str:
         """LPUSH one chat task the host's way; returns its task id."""

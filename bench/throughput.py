@@ -21,7 +21,12 @@ the same machine) and the median over rounds is reported. Pairs that make the sa
 bridge / direct is what a client switching to the bridge with its defaults sees.
 
 CPU per turn (from /proc, local stack only) says whose work a gap is: Letta's own per-turn cost,
-or something of ours competing with Letta for the cores."""
+or something of ours competing with Letta for the cores.
+
+`--letta-workers 1,2` runs every side at every level once per Letta worker count in each round,
+Letta restarted with that many uvicorn workers in between (the order alternating from round to
+round), each bridge told the same count (VTL_LETTA_WORKERS, so its concurrency follows it); a side
+is then reported as e.g. `bridge@2w`, and `bridge@2w / bridge@1w` is what the second worker pays."""
 
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ import time
 from dataclasses import dataclass, field
 
 from bench.common import (
-    PLAIN_REPLY, Bridge, BridgeSender, DirectSender, TURN_WAIT_S, bench_stack, ensure_agents, log, ms, p50, parse,
-    parser, problem_counts, problems_since, report, run_id, scripted_rules, table,
+    PLAIN_REPLY, Bridge, BridgeSender, DirectSender, TURN_WAIT_S, bench_stack, ensure_agents, log, ms,
+    p50, parse, parser, problem_counts, problems_since, report, restart_letta_with_workers, run_id, scripted_rules,
+    table,
 )
 from bench.cpu import CpuMeter
 
@@ -146,55 +152,89 @@ async def steady_block(send, viewers: list[str], window: float, meter: CpuMeter 
     return block
 
 
-async def run_block(settings, args, side: str, level: int, viewers, agents, listener: BridgeSender,
-                    directs: dict[str, DirectSender]) -> Block:
+def label(side: str, workers: int, worker_counts: list[int]) -> str:
+    """A side's name in the results: `bridge`, or `bridge@2w` when several worker counts ran."""
+    return side if len(worker_counts) == 1 else f"{side}@{workers}w"
+
+
+def bridge_concurrency(settings, args, workers: int) -> int:
+    """What the bridge of a block runs at: --bridge-concurrency, else its default for `workers`."""
+    return args.bridge_concurrency or min(256, settings.bridge_concurrency_per_letta_worker * workers)
+
+
+async def run_block(settings, args, side: str, level: int, viewers: list[str], agents: dict[str, str],
+                    listener: BridgeSender, directs: dict[str, DirectSender], workers: int) -> Block:
     """One block; a bridge side gets a bridge process of its own for the block."""
     if side in directs:
         direct = directs[side]
-        send = lambda i, v, text: direct.turn(agents[side][v], text, slot=i)  # noqa: E731
-        return await steady_block(send, viewers[side][:level], args.window, CpuMeter(settings))
-    knobs = {"VTL_BRIDGE_CONCURRENCY": args.bridge_concurrency, **BRIDGE_KNOBS[side]}
+        send = lambda i, v, text: direct.turn(agents[v], text, slot=i)  # noqa: E731
+        return await steady_block(send, viewers[:level], args.window, CpuMeter(settings))
+    # The bridge is told Letta's worker count (its default concurrency follows it) unless the
+    # concurrency is given.
+    knobs = {"VTL_LETTA_WORKERS": workers, "VTL_BRIDGE_CONCURRENCY": args.bridge_concurrency, **BRIDGE_KNOBS[side]}
     bridge = Bridge(settings, args.reuse_stack, **knobs)
     await asyncio.to_thread(bridge.__enter__)
     try:
         meter = CpuMeter(settings, bridge=bridge.proc.pid)
-        return await steady_block(lambda i, v, text: listener.turn(v, text), viewers[side][:level], args.window, meter,
+        return await steady_block(lambda i, v, text: listener.turn(v, text), viewers[:level], args.window, meter,
                                   text_of=lambda index, turn: turn_text(side, index, turn))
     finally:
         await asyncio.to_thread(bridge.__exit__)
 
 
-async def measure(settings, args, levels, sides) -> tuple[dict, int]:
-    directs = {side: DirectSender(settings, concurrency=max(levels), streaming=DIRECT_STREAMING[side])
-               for side in sides if side in DIRECT_STREAMING}
-    results: dict[tuple[str, int], list[Block]] = {(side, level): [] for side in sides for level in levels}
+async def measure(settings, args, levels, sides, worker_counts) -> tuple[dict, int]:
+    labels = [(side, w, label(side, w, worker_counts)) for w in worker_counts for side in sides]
+    results: dict[tuple[str, int], list[Block]] = {(name, level): [] for _, _, name in labels for level in levels}
     rid = run_id()
-    try:
-        async with BridgeSender(settings) as listener:
-            for rnd in range(args.rounds):
-                # Fresh agents every round: Letta's cost per turn grows with an agent's history (the
-                # one viewer of level 1 alone gets ~100 turns a block), so rounds stay comparable.
-                viewers = {side: [f"bench:tp-{side}-{rid}-r{rnd}-{i}" for i in range(max(levels))] for side in sides}
-                started = time.perf_counter()
-                agents = {side: await asyncio.to_thread(ensure_agents, settings, viewers[side]) for side in sides}
-                log(f"round {rnd + 1}/{args.rounds}: {sum(map(len, agents.values()))} agents ready in "
-                    f"{time.perf_counter() - started:.0f}s")
-                for li, level in enumerate(levels):
-                    shift = (rnd + li) % len(sides)
-                    order = sides[shift:] + sides[:shift]
-                    for side in (order if rnd % 2 == 0 else order[::-1]):
-                        block = await run_block(settings, args, side, level, viewers, agents, listener, directs)
-                        results[side, level].append(block)
-                        letta = block.cpu_ms_per_turn.get("letta")
-                        log(f"round {rnd + 1}/{args.rounds} level {level:>3} {side:<17}: {block.tps:.2f} turns/s, "
-                            f"turn p50 {ms(p50(block.latencies))} ms, {block.turns:.1f} turns"
-                            + (f", Letta {letta:.0f} ms CPU/turn" if letta is not None else "")
-                            + (f", {len(block.errors)} errors" if block.errors else ""))
-            unexpected = listener.unexpected + sum(d.unexpected for d in directs.values())
-    finally:
-        for direct in directs.values():
-            await direct.close()
+    unexpected, running = 0, settings.letta_workers
+    async with BridgeSender(settings) as listener:
+        for rnd in range(args.rounds):
+            # Fresh agents every round: Letta's cost per turn grows with an agent's history (the
+            # one viewer of level 1 alone gets ~100 turns a block), so rounds stay comparable.
+            viewers = {name: [f"bench:tp-{name}-{rid}-r{rnd}-{i}" for i in range(max(levels))] for _, _, name in labels}
+            started = time.perf_counter()
+            agents = {name: await asyncio.to_thread(ensure_agents, settings, viewers[name]) for _, _, name in labels}
+            log(f"round {rnd + 1}/{args.rounds}: {sum(map(len, agents.values()))} agents ready in "
+                f"{time.perf_counter() - started:.0f}s")
+            for workers in (worker_counts if rnd % 2 == 0 else worker_counts[::-1]):
+                if workers != running:
+                    await asyncio.to_thread(restart_letta_with_workers, settings, workers)
+                    running = workers
+                # Per worker count: a restarted Letta would leave a client's pooled connections dead.
+                directs = {side: DirectSender(settings, concurrency=max(levels), streaming=DIRECT_STREAMING[side])
+                           for side in sides if side in DIRECT_STREAMING}
+                try:
+                    for li, level in enumerate(levels):
+                        shift = (rnd + li) % len(sides)
+                        order = sides[shift:] + sides[:shift]
+                        for side in (order if rnd % 2 == 0 else order[::-1]):
+                            name = label(side, workers, worker_counts)
+                            block = await run_block(settings, args, side, level, viewers[name], agents[name],
+                                                    listener, directs, workers)
+                            results[name, level].append(block)
+                            letta = block.cpu_ms_per_turn.get("letta")
+                            log(f"round {rnd + 1}/{args.rounds} level {level:>3} {name:<17}: {block.tps:.2f} turns/s, "
+                                f"turn p50 {ms(p50(block.latencies))} ms, {block.turns:.1f} turns"
+                                + (f", Letta {letta:.0f} ms CPU/turn" if letta is not None else "")
+                                + (f", {len(block.errors)} errors" if block.errors else ""))
+                finally:
+                    unexpected += sum(d.unexpected for d in directs.values())
+                    for direct in directs.values():
+                        await direct.close()
+        unexpected += listener.unexpected
     return results, unexpected
+
+
+def worker_pairs(sides: list[str], worker_counts: list[int]) -> list[tuple[str, str, str]]:
+    """The ratios to report: the side pairs within each worker count, and each side's most workers
+    vs its fewest."""
+    pairs = [(label(a, w, worker_counts), label(b, w, worker_counts), meaning)
+             for w in worker_counts for a, b, meaning in PAIRS if a in sides and b in sides]
+    if len(worker_counts) > 1:
+        few, many = min(worker_counts), max(worker_counts)
+        pairs += [(label(side, many, worker_counts), label(side, few, worker_counts),
+                   f"{many} Letta workers vs {few}: what the extra worker(s) pay") for side in sides]
+    return pairs
 
 
 def saturation(levels: list[int], tps: dict[int, float]) -> str:
@@ -227,8 +267,7 @@ def tps_table(results, levels, sides) -> str:
     return table(headers, rows)
 
 
-def ratio_table(results, levels, sides) -> str | None:
-    pairs = [pair for pair in PAIRS if pair[0] in sides and pair[1] in sides]
+def ratio_table(results, levels, pairs) -> str | None:
     if not pairs:
         return None
     rows = []
@@ -260,26 +299,44 @@ def main() -> None:
     p.add_argument("--window", type=float, help=f"seconds of steady state counted per block (default {FULL['window']:.0f})")
     p.add_argument("--rounds", type=int, help=f"rounds (each side once per level per round; default {FULL['rounds']})")
     p.add_argument("--sides", help=f"comma separated, of {', '.join(SIDES)} (default all; quick {QUICK['sides']})")
-    p.add_argument("--bridge-concurrency", type=int, help="VTL_BRIDGE_CONCURRENCY of the bridge (default: its own default)")
+    p.add_argument("--bridge-concurrency", type=int, help="VTL_BRIDGE_CONCURRENCY of the bridge (default: its own "
+                   "default, which follows Letta's workers)")
+    p.add_argument("--letta-workers", help="Letta uvicorn worker counts to compare, comma separated, e.g. 1,2 (Letta "
+                   "is restarted with each; default: the stack's own VTL_LETTA_WORKERS)")
     args = parse(p, FULL, QUICK)
     levels = sorted({int(x) for x in args.levels.split(",")})
     sides = [side.strip() for side in args.sides.split(",")]
     if unknown := set(sides) - set(SIDES):
         p.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))} (of {', '.join(SIDES)})")
+    try:
+        worker_counts = sorted({int(x) for x in args.letta_workers.split(",")}) if args.letta_workers else []
+    except ValueError:
+        p.error(f"--letta-workers: whole numbers, comma separated (got {args.letta_workers!r})")
+    if any(w < 1 for w in worker_counts):
+        p.error("--letta-workers: at least 1 worker")
     with bench_stack(args.reuse_stack) as settings, scripted_rules(settings, mix_rules() if "bridge-mix" in sides else []):
-        args.bridge_concurrency = args.bridge_concurrency or settings.bridge_concurrency
+        worker_counts = worker_counts or [settings.letta_workers]
+        labels = [label(side, w, worker_counts) for w in worker_counts for side in sides]
         problems_before = problem_counts(settings)
-        results, unexpected = asyncio.run(measure(settings, args, levels, sides))
+        try:
+            results, unexpected = asyncio.run(measure(settings, args, levels, sides, worker_counts))
+        finally:
+            if args.reuse_stack and worker_counts != [settings.letta_workers]:
+                restart_letta_with_workers(settings, settings.letta_workers)  # the stack as it was
         problems = problems_since(settings, problems_before)
         first_errors = [e for blocks in results.values() for b in blocks for e in b.errors][:3]
-        direct_tps = {level: p50([b.tps for b in results["direct", level]]) for level in levels} if "direct" in sides else None
-        ratios, cpu = ratio_table(results, levels, sides), cpu_table(results, levels, sides)
+        direct_tps = ({level: p50([b.tps for b in results[label("direct", worker_counts[0], worker_counts), level]])
+                       for level in levels} if "direct" in sides else None)
+        ratios = ratio_table(results, levels, worker_pairs(sides, worker_counts))
+        cpu = cpu_table(results, levels, labels)
+        concurrency = ", ".join(f"{bridge_concurrency(settings, args, w)} with {w} Letta worker{'s' * (w > 1)}"
+                                for w in worker_counts)
         report("Throughput: many viewers at once, bridge vs direct", settings, args.reuse_stack, [
-            f"Bridge: a `vtuber-letta bridge` process per block, VTL_BRIDGE_CONCURRENCY={args.bridge_concurrency}. "
+            f"Bridge: a `vtuber-letta bridge` process per block, VTL_BRIDGE_CONCURRENCY={concurrency}. "
             f"Turns/s: turns completed in a {args.window:.0f} s steady-state window (every viewer already "
             f"answered once; ramp-up and drain not counted); median of {args.rounds} round(s), each with agents "
             "of its own (new ones every round, so that histories stay short alike).",
-            tps_table(results, levels, sides),
+            tps_table(results, levels, labels),
             *([f"Ratios, each taken within one round:\n\n{ratios}"] if ratios else []),
             *([saturation(levels, direct_tps)] if direct_tps else []),
             *([f"CPU per completed turn in the window, by part (median of rounds; `client` is this script: the "

@@ -3,8 +3,10 @@ a memory, interleaved in one run, each kind on its own viewer's agent.
 
 The scripted model answers each kind the way a model that writes its reply beside its tool calls
 does (text and calls in one response); `expression, cue first` is the other common shape (the call
-alone, the words in the next step). Reported per kind: the full reply (LPUSH -> letta_responses)
-and the first sentence (LPUSH -> the first chunk on letta_response_chunks), p50/p95; model calls
+alone, the words in the next step). Reported per kind: the whole reply handed to speech (LPUSH ->
+its TTS request taken off tts_requests, as the host's TTS service takes it), the turn's end (LPUSH
+-> letta_responses: the final record, after the tools ran) and the first sentence (LPUSH -> the
+first chunk on letta_response_chunks), p50/p95; model calls
 per turn (counted at the model endpoint); sandbox runs per turn (tool returns in the agent's
 history); Letta's CPU per turn (bench/cpu.py). `--model-latency-ms` and `--tokens-per-second` make
 the scripted model answer like a hosted one (both 0: it answers at once)."""
@@ -60,12 +62,13 @@ def marker(kind: str) -> str:
 
 async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter):
     full: dict[str, list[float]] = {k: [] for k in KINDS}
+    speech: dict[str, list[float]] = {k: [] for k in KINDS}
     first: dict[str, list[float]] = {k: [] for k in KINDS}
     calls: dict[str, list[int]] = {k: [] for k in KINDS}
     cpu: dict[str, list[float]] = {k: [] for k in KINDS}
     unexpected = 0
     kinds = list(KINDS)
-    async with Published(settings) as published:
+    async with Published(settings, watch_speech=True) as published:
         for round_no in range(args.warmup + args.rounds):
             timed = round_no >= args.warmup
             # Rotate the order so no kind always follows the same other kind.
@@ -75,13 +78,15 @@ async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter):
                 before_calls, before_cpu = model_calls(settings), meter.snapshot()
                 task = await published.push(viewers[kind], f"{marker(kind)} {round_no} 你好")
                 await published.wait_final([task], 120)
+                await asyncio.sleep(args.settle_ms / 1000)  # a plain turn's TTS request comes with FINISH
                 seen = published.tasks.pop(task)
                 arrived, body = seen.final
-                await asyncio.sleep(args.settle_ms / 1000)
                 used = CpuMeter.used(before_cpu, meter.snapshot())
                 if not timed:
                     continue
                 full[kind].append(arrived - seen.pushed)
+                if seen.speech:  # the whole reply is with speech once its last request is
+                    speech[kind].append(max(t for t, _ in seen.speech) - seen.pushed)
                 if seen.chunks:
                     first[kind].append(seen.chunks[0][0] - seen.pushed)
                 calls[kind].append(model_calls(settings) - before_calls)
@@ -90,7 +95,7 @@ async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter):
                 if bool(body.get("silent")) != expected_silent or (not expected_silent and body.get("response_text") != REPLY):
                     unexpected += 1
                     log(f"unexpected reply for {kind}: {body}")
-    return full, first, calls, cpu, unexpected
+    return full, speech, first, calls, cpu, unexpected
 
 
 def sandbox_runs(settings, agent_id: str) -> int:
@@ -121,23 +126,28 @@ def main() -> None:
             meter = CpuMeter(settings, bridge=bridge.proc.pid)
             log(f"{args.warmup} warm-up + {args.rounds} timed rounds of {len(KINDS)} kinds, interleaved")
             started = time.perf_counter()
-            full, first, calls, cpu, unexpected = asyncio.run(measure(settings, args, viewers, meter))
+            full, speech, first, calls, cpu, unexpected = asyncio.run(measure(settings, args, viewers, meter))
             log(f"measured in {time.perf_counter() - started:.0f}s")
         runs = {kind: sandbox_runs(settings, agents[viewers[kind]]) / (args.rounds + args.warmup) for kind in KINDS}
-        plain_full, plain_first = p50(full["plain"]), p50(first["plain"])
+        plain = {"speech": p50(speech["plain"]), "full": p50(full["plain"]), "first": p50(first["plain"])}
+
+        def cells(samples: list[float], base: float, *, with_p95: bool = False) -> list[str]:
+            if not samples:
+                return ["—", "—"] + (["—"] if with_p95 else [])
+            return [ms(p50(samples))] + ([ms(p95(samples))] if with_p95 else []) + [ratio(p50(samples), base)]
+
         rows = []
         for kind in KINDS:
-            rows.append([kind, len(full[kind]), ms(p50(full[kind])), ms(p95(full[kind])),
-                         ratio(p50(full[kind]), plain_full),
-                         ms(p50(first[kind])) if first[kind] else "—",
-                         ratio(p50(first[kind]), plain_first) if first[kind] else "—",
+            rows.append([kind, len(full[kind]), *cells(speech[kind], plain["speech"], with_p95=True),
+                         *cells(full[kind], plain["full"], with_p95=True), *cells(first[kind], plain["first"]),
                          f"{p50(calls[kind]):.0f} ({max(calls[kind])})", f"{runs[kind]:.1f}",
                          ms(p50(cpu[kind]))])
         latency = (f"model latency {args.model_latency_ms} ms per call, {args.tokens_per_second:g} tokens/s"
                    if pacing else "the scripted model answers at once")
         report(f"Tool turns through the bridge ({latency})", settings, args.reuse_stack, scripted="each kind: its reply and its tool calls in one response", sections=[
-            table(["turn", "n", "reply p50 ms", "reply p95 ms", "× plain p50", "first sentence p50 ms",
-                   "× plain", "model calls p50 (max)", "sandbox runs / turn", "Letta CPU / turn ms"], rows),
+            table(["turn", "n", "reply to speech p50 ms", "p95", "× plain p50", "turn end p50 ms", "p95", "× plain",
+                   "first sentence p50 ms", "× plain", "model calls p50 (max)", "sandbox runs / turn",
+                   "Letta CPU / turn ms"], rows),
             f"Replies other than the scripted one: {unexpected}. {bridge.problems()}.",
         ])
 

@@ -11,6 +11,7 @@ from enum import Enum
 
 import httpx
 import letta_client
+from redis.exceptions import RedisError
 
 from bridge.gateway import LettaPermanentError, LettaRetryable, LettaUnavailable
 
@@ -25,6 +26,14 @@ class Disposition(str, Enum):
 # so the show goes on through the fallback instead of dead-lettering every viewer's message.
 _UNAVAILABLE_STATUS = frozenset({401, 403, 502, 503, 504})
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500})
+# Letta 0.16.8 names a model provider's failure in the error body, {"error": {"type": ...}}
+# (letta/server/rest_api/app.py): the model endpoint down or failing (`llm_error`, a 500),
+# rate-limited (429), timing out (504), out of credits (402) or refusing the key (401). None is
+# about the task: Letta cannot answer now — wait for it or fall back, never dead-letter.
+# `llm_bad_request` (400) stays a refusal of this request.
+MODEL_UNAVAILABLE_TYPES = frozenset({
+    "llm_error", "llm_rate_limit", "llm_timeout", "llm_insufficient_credits", "llm_authentication",
+})
 
 
 def classify_status(status: int) -> Disposition:
@@ -45,14 +54,26 @@ def classify_error(exc: BaseException) -> Disposition:
     if isinstance(exc, LettaPermanentError):
         return Disposition.GIVE_UP
     if isinstance(exc, letta_client.APIStatusError):
+        if letta_error_type(exc) in MODEL_UNAVAILABLE_TYPES:
+            return Disposition.UNAVAILABLE
         return classify_status(exc.status_code)
     if isinstance(exc, httpx.HTTPStatusError):
         return classify_status(exc.response.status_code)
     if isinstance(exc, (letta_client.APIConnectionError, httpx.TransportError, TimeoutError, ConnectionError)):
         return Disposition.UNAVAILABLE
+    if isinstance(exc, RedisError):  # e.g. the viewer's creation lock while finding its agent: not the task
+        return Disposition.UNAVAILABLE
     if isinstance(exc, letta_client.APIResponseValidationError):
         return Disposition.GIVE_UP
     return Disposition.GIVE_UP
+
+
+def letta_error_type(exc: BaseException) -> str | None:
+    """The `error.type` of a Letta error body (e.g. "llm_rate_limit"), if it has one."""
+    body = getattr(exc, "body", None)
+    error = body.get("error") if isinstance(body, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def describe_error(exc: BaseException, limit: int = 300) -> str:

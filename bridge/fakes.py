@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from bridge.gateway import LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent
+from bridge.gateway import LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
 
 
 @dataclass
@@ -28,6 +28,11 @@ class SentTurn:
 def stream_pieces(text: str, size: int) -> list[str]:
     """text cut into pieces of `size` characters, like tokens arriving one by one."""
     return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def tools_after_words(result: TurnResult) -> bool:
+    """The fake's model writes its words first and then the calls that made these results."""
+    return bool(result.avatar_calls) or result.memory_updated
 
 
 def echo_reply(viewer_id: str, message: TurnMessage) -> TurnResult:
@@ -58,6 +63,7 @@ class FakeGateway:
         self.history: dict[str, dict[str, TurnResult]] = {}
         self.events: list[tuple[str, VerifiedEvent]] = []
         self.find_calls: list[tuple[str, str]] = []
+        self.settled: list[str] = []  # agents whose runs were settled before a lookup
         self.continued: list[tuple[str, str]] = []
         self.overlaps = 0
         self.in_flight = 0
@@ -84,7 +90,7 @@ class FakeGateway:
         return self.agents.pop(viewer_id, None) is not None
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
-                        on_text: TextSink | None = None) -> TurnResult:
+                        on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
         self._check_up()
         if self.failures:
             raise self.failures.pop(0)
@@ -105,6 +111,8 @@ class FakeGateway:
                 for piece in stream_pieces(result.reply_text, self.piece_chars):
                     await on_text(piece)
                     self.pieces_streamed += 1
+                if tools_after_words(result) and on_words_done is not None:
+                    await on_words_done()
             if self.hold is not None:
                 await self.hold.wait()
             low, high = self.delay
@@ -116,7 +124,7 @@ class FakeGateway:
             self._busy.discard(agent_id)
 
     async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
-                            on_text: TextSink | None = None) -> TurnResult:
+                            on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
         """The agent's next step after a tool-only one: `continuation` (default: it says "…")."""
         self._check_up()
         self.continued.append((agent_id, task_id))
@@ -124,8 +132,16 @@ class FakeGateway:
         if on_text is not None and not step.silent:
             for piece in stream_pieces(step.reply_text, self.piece_chars):
                 await on_text(piece)
+            if tools_after_words(step) and on_words_done is not None:
+                await on_words_done()
         self.history.setdefault(agent_id, {})[task_id] = replace(step, answered=so_far.answered or (task_id,))
         return step
+
+    async def settle_runs(self, agent_id: str) -> int:
+        """The fake's runs end with their send (a killed client's run is over at once)."""
+        self._check_up()
+        self.settled.append(agent_id)
+        return 0
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         self._check_up()

@@ -130,6 +130,9 @@ class VerifiedEvent:
 
 
 TextSink = Callable[[str], Awaitable[None]]
+# Called once when the reply's words are complete but the turn goes on (the model moved on to tool
+# calls after speaking): the speech can be handed off before the tools have run.
+WordsDoneSink = Callable[[], Awaitable[None]]
 
 
 @runtime_checkable
@@ -146,18 +149,27 @@ class LettaGateway(Protocol):
         *,
         sender_name: str | None,
         on_text: TextSink | None = None,
+        on_words_done: WordsDoneSink | None = None,
     ) -> TurnResult:
         """Send one turn (no automatic retries: the bridge owns the retry policy). Each message must be
         findable afterwards by its task id (`find_answered`). With on_text, the reply is streamed:
         on_text gets each new piece of the reply text as it is generated (an exception it raises
-        is passed through unchanged); the result still carries the whole reply."""
+        is passed through unchanged); the result still carries the whole reply. on_words_done (only
+        with on_text) is called once when the words are complete while the turn still runs tools."""
         ...
 
     async def continue_turn(
-        self, agent_id: str, task_id: str, so_far: TurnResult, *, on_text: TextSink | None = None
+        self, agent_id: str, task_id: str, so_far: TurnResult, *, on_text: TextSink | None = None,
+        on_words_done: WordsDoneSink | None = None,
     ) -> TurnResult:
         """Finish a turn whose last step called tools without speaking (`so_far.unfinished`, e.g. one
         find_answered found half done after a crash): the agent's next steps, merged into so_far."""
+        ...
+
+    async def settle_runs(self, agent_id: str) -> int:
+        """Wait until none of the agent's runs is in flight (an earlier attempt's outlives its
+        client); how many were. Raises LettaUnavailable if one still is after LETTA_TIMEOUT.
+        Called before find_answered and any resend, so a task is never in two live runs."""
         ...
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:

@@ -16,8 +16,11 @@ from typing import Sequence
 
 from letta_client import AsyncLetta, NotFoundError
 
-from bridge.gateway import LettaError, LettaRetryable, TextSink, TurnMessage, TurnResult, VerifiedEvent
+from bridge.gateway import (
+    LettaError, LettaRetryable, LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink,
+)
 from bridge.letta_turns import LettaTurns, as_gateway_error
+from provisioning.provision import ProvisioningError
 from provisioning.viewers import ViewerAgents
 from tools.human_block import set_fields
 from vtuber_letta.letta_api import async_letta_client
@@ -42,6 +45,8 @@ class RealLettaGateway:
         if agent_id is None:
             try:
                 agent = await asyncio.to_thread(self._viewers.ensure, viewer_id, display_name, platform, verify=verify)
+            except ProvisioningError as exc:  # the shared blocks or tools are missing: no viewer can be answered
+                raise LettaUnavailable(f"cannot make the viewer's agent: {exc}") from exc
             except Exception as exc:  # as_gateway_error passes our own errors through unchanged
                 raise as_gateway_error(exc) from exc
             agent_id = agent.agent_id
@@ -59,27 +64,38 @@ class RealLettaGateway:
         return agent_id is not None
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
-                        on_text: TextSink | None = None) -> TurnResult:
+                        on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
         try:
-            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text)
+            return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text,
+                                               on_words_done=on_words_done)
         except LettaError as exc:
             if not isinstance(exc.__cause__, NotFoundError):
                 raise
             # The agent is gone (forgotten, and this bridge missed the invalidation): the new one has
             # never seen these messages, so sending them to it is no second turn.
             fresh = await self._reresolve(agent_id, exc)
-            return await self._turns.send_turn(fresh, messages, sender_name=sender_name, on_text=on_text)
+            return await self._turns.send_turn(fresh, messages, sender_name=sender_name, on_text=on_text,
+                                               on_words_done=on_words_done)
 
     async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
-                            on_text: TextSink | None = None) -> TurnResult:
+                            on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
         try:
-            return await self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text)
+            return await self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text,
+                                                   on_words_done=on_words_done)
         except LettaError as exc:
             if not isinstance(exc.__cause__, NotFoundError):
                 raise
             # Gone mid-turn: the retry finds nothing in the new agent's history and sends the task anew.
             await self._reresolve(agent_id, exc)
             raise LettaRetryable(f"agent {agent_id} is gone mid-turn; the task goes to the new one") from exc
+
+    async def settle_runs(self, agent_id: str) -> int:
+        try:
+            return await self._turns.settle_runs(agent_id)
+        except LettaError as exc:
+            if isinstance(exc.__cause__, NotFoundError):
+                return 0  # a deleted agent runs nothing
+            raise
 
     async def find_answered(self, agent_id: str, task_ids: Sequence[str]) -> TurnResult | None:
         try:

@@ -16,25 +16,29 @@ or 5xx, and Letta has no per-agent lock. The bridge owns the retry policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import unicodedata
 import uuid
 from dataclasses import replace
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Sequence
 
 from letta_client import AsyncLetta
 
-from bridge.errors import Disposition, classify_error, describe_error
+from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, classify_error, describe_error
 from bridge.gateway import (
     LettaError,
     LettaPermanentError,
     LettaRetryable,
     LettaUnavailable,
+    TextSink,
     TurnMessage,
     TurnResult,
+    WordsDoneSink,
 )
-from bridge.replies import content_text, field_of, merge_steps, parse_letta_response, parse_messages
+from bridge.replies import SILENT_TOOL, UNAVAILABLE_STOPS, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")
@@ -42,6 +46,10 @@ MAX_NAME_CHARS = 64
 # A turn asks for at most this many model steps: the first, plus continuations after steps that
 # only called tools (a memory write, then a search, then the reply is 3).
 MAX_STEPS_PER_TURN = 4
+# A run still `running` after this long is an orphan of a crashed server (Letta 0.16.8 never ends
+# those), not an attempt in flight: Letta's own model streams give up after 600 s.
+ORPHANED_RUN_AGE_S = 900.0
+RUN_POLL_S = 0.25
 # What the agent reads before a step the bridge asks for (a system message, persisted in history).
 CONTINUE_NOTE = ("[turn continues] Your tool calls above have run. The viewer is still waiting: "
                  "now say your spoken reply (or call stay_silent).")
@@ -81,6 +89,20 @@ class _SinkFailed(Exception):
     """Carries an exception of the caller's on_text through the Letta error mapping unchanged."""
 
 
+class _Sinks:
+    """The caller's callbacks for one turn; on_words_done is called at most once per turn."""
+
+    def __init__(self, on_text: TextSink | None, on_words_done: WordsDoneSink | None):
+        self.on_text = on_text
+        self._on_words_done = on_words_done
+        self._called = False
+
+    async def words_done(self) -> None:
+        if self._on_words_done is not None and not self._called:
+            self._called = True
+            await self._on_words_done()
+
+
 class LettaTurns:
     """send_turn / find_answered against a real Letta server."""
 
@@ -88,6 +110,7 @@ class LettaTurns:
         # with_options copies the client (sharing its HTTP pool): whatever the caller built,
         # message calls never retry by themselves.
         self._client = client.with_options(max_retries=0, timeout=timeout)
+        self._deadline = timeout  # the whole turn, every step and the stream's keep-alives included
         self._history_scan = history_scan
         self._draining: set[asyncio.Task] = set()  # streamed responses being read to their end
 
@@ -117,10 +140,12 @@ class LettaTurns:
         messages: Sequence[TurnMessage],
         *,
         sender_name: str | None,
-        on_text: Callable[[str], Awaitable[None]] | None = None,
+        on_text: TextSink | None = None,
+        on_words_done: WordsDoneSink | None = None,
     ) -> TurnResult:
         """One turn. With `on_text`, the reply is streamed token by token (Letta's `stream_tokens`)
-        and every piece of assistant text is handed to on_text as it arrives.
+        and every piece of assistant text is handed to on_text as it arrives; `on_words_done` is
+        called when a tool call starts after the words of a step (see StreamedTurn.words_done).
 
         One model step per request (`max_steps=1`): a step that speaks (with or without tool calls
         in the same response) ends the turn, so an avatar cue or a memory write written beside the
@@ -128,9 +153,11 @@ class LettaTurns:
         (`continue_turn`), up to MAX_STEPS_PER_TURN; stay_silent ends the turn."""
         if not messages:
             raise ValueError("a turn needs at least one message")
-        result = await self._step(agent_id, self.request_messages(messages, sender_name), on_text)
-        if result.unfinished:
-            result = await self.continue_turn(agent_id, messages[-1].task_id, result, on_text=on_text)
+        sinks = _Sinks(on_text, on_words_done)
+        async with self._turn_deadline():
+            result = await self._step(agent_id, self.request_messages(messages, sender_name), sinks)
+            if result.unfinished:
+                result = await self._continue(agent_id, messages[-1].task_id, result, sinks)
         return result
 
     async def continue_turn(
@@ -139,25 +166,64 @@ class LettaTurns:
         task_id: str,
         so_far: TurnResult,
         *,
-        on_text: Callable[[str], Awaitable[None]] | None = None,
+        on_text: TextSink | None = None,
+        on_words_done: WordsDoneSink | None = None,
     ) -> TurnResult:
         """Ask the agent for its next step after a step that called tools without speaking (also a
         turn found half done in the history after a crash). Each step's request carries one system
         note (Letta refuses an empty request), with an otid derived from the task, so the whole turn
         stays findable from the task's user message."""
+        async with self._turn_deadline():
+            return await self._continue(agent_id, task_id, so_far, _Sinks(on_text, on_words_done))
+
+    async def _continue(self, agent_id: str, task_id: str, so_far: TurnResult, sinks: "_Sinks") -> TurnResult:
         result = so_far
         for step in range(so_far.steps, MAX_STEPS_PER_TURN):
             note = {"role": "system", "content": CONTINUE_NOTE, "otid": otid_for(f"{task_id}#step-{step + 1}")}
-            result = merge_steps(result, await self._step(agent_id, [note], on_text))
+            result = merge_steps(result, await self._step(agent_id, [note], sinks))
             if not result.unfinished:
                 return result
         return replace(result, unfinished=False, silent=not result.reply_text)
 
-    async def _step(
-        self, agent_id: str, body: list[dict[str, Any]], on_text: Callable[[str], Awaitable[None]] | None
-    ) -> TurnResult:
+    @contextlib.asynccontextmanager
+    async def _turn_deadline(self) -> AsyncIterator[None]:
+        """LETTA_TIMEOUT bounds the whole turn: a stream's keep-alive pings (every 20 s) would
+        otherwise keep the read timeout from ever firing on a hung model. The run may go on in
+        Letta after this: the retry settles it first (settle_runs)."""
         try:
-            if on_text is None:
+            async with asyncio.timeout(self._deadline):
+                yield
+        except TimeoutError as exc:
+            raise LettaRetryable(f"turn took longer than LETTA_TIMEOUT ({self._deadline:g}s)") from exc
+
+    async def settle_runs(self, agent_id: str) -> int:
+        """Before anything is sent again to the agent: wait (up to LETTA_TIMEOUT) until none of its
+        runs is in flight, and return how many were. An earlier attempt's run goes on after its
+        client gave up, and its messages (the task's otid among them) are stored only when its step
+        ends: sending while it runs would make a second turn. Cancelling does not help: Letta
+        0.16.8 checks for a cancel only between steps, so the step in flight still runs and stores
+        its turn. A run still in flight at the end raises LettaUnavailable (the retry comes back
+        later); one older than ORPHANED_RUN_AGE_S is an orphan and does not count."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._deadline
+        seen: set[str] = set()
+        while True:
+            try:
+                page = await self._client.runs.list(agent_id=agent_id, active=True, limit=20)
+                runs = getattr(page, "items", page)
+            except Exception as exc:
+                raise as_gateway_error(exc) from exc
+            live = [field_of(run, "id") for run in runs if not _orphaned(run)]
+            seen.update(live)
+            if not live:
+                return len(seen)
+            if loop.time() >= until:
+                raise LettaUnavailable(f"an earlier run of agent {agent_id} is still in flight ({live[0]})")
+            await asyncio.sleep(RUN_POLL_S)
+
+    async def _step(self, agent_id: str, body: list[dict[str, Any]], sinks: "_Sinks") -> TurnResult:
+        try:
+            if sinks.on_text is None:
                 response = await self._client.agents.messages.create(agent_id, messages=body, max_steps=1)
                 return parse_letta_response(response)
             stream = await self._client.agents.messages.create(
@@ -175,21 +241,30 @@ class LettaTurns:
             try:
                 async for event, data in events:
                     if event == "error":
+                        # Letta sends the run's stop reason just before: llm_api_error is the model
+                        # endpoint failing mid-stream, which no retry of this task fixes by itself.
+                        if turn.stop_reason in UNAVAILABLE_STOPS or _error_type(data) in MODEL_UNAVAILABLE_TYPES:
+                            raise LettaUnavailable(f"the model failed mid-turn: {data[:300]}")
                         raise LettaRetryable(f"turn failed: {data[:300]}")
                     if data.startswith("[DONE]"):
                         done = True
                         break
                     delta = turn.add(json.loads(data))
-                    if delta:
-                        try:
-                            await on_text(delta)
-                        except Exception as exc:
-                            raise _SinkFailed() from exc
+                    try:
+                        if delta:
+                            await sinks.on_text(delta)
+                        if turn.words_done:
+                            await sinks.words_done()
+                    except Exception as exc:
+                        raise _SinkFailed() from exc
             finally:
                 if done:
                     self._drain(events, response)
                 else:
                     await response.aclose()
+            if not done and not turn.stopped:
+                # Cut (proxy, server restart, a worker killed): what came is not the whole answer.
+                raise LettaRetryable("the stream ended before [DONE] and without a stop reason")
             return turn.result()
         except _SinkFailed as failed:  # the caller's own failure (e.g. Redis), not Letta's
             raise failed.__cause__ from None
@@ -244,6 +319,12 @@ class StreamedTurn:
     assistant text of a chunk ("\n" first when a new assistant message starts, the separator
     `parse_messages` puts between messages); `result` parses the rebuilt messages like a
     non-streamed response, so both paths answer alike.
+
+    `words_done` turns True when a tool call (other than stay_silent) starts right after assistant
+    text: models write their words first and their tool calls after them, so the reply is complete
+    while Letta still has the calls' arguments to receive and the tools to run (~0.1 s each, a
+    memory write more) before the step ends. Text that comes after a tool call anyway still
+    arrives through `add`.
     """
 
     def __init__(self) -> None:
@@ -253,6 +334,8 @@ class StreamedTurn:
         self._stop: str | None = None
         self._error: str | None = None
         self._spoke = False
+        self.words_done = False
+        self._unnamed_after_words: dict[str, Any] | None = None
 
     def add(self, chunk: Any) -> str:
         kind = field_of(chunk, "message_type")
@@ -267,7 +350,12 @@ class StreamedTurn:
             self._spoke = True
             return out
         if kind == "tool_call_message":
-            self._add_tool_call(chunk)
+            after_words = self._ends_with_words()
+            call = self._add_tool_call(chunk)
+            if call is not None and (after_words or call is self._unnamed_after_words):
+                # Decided once the call's name is known (it may come in a later piece).
+                self._unnamed_after_words = None if call["name"] else call
+                self.words_done = self.words_done or call["name"] not in ("", SILENT_TOOL)
         elif kind == "tool_return_message":
             self._messages.append({
                 "message_type": kind,
@@ -282,11 +370,24 @@ class StreamedTurn:
             self._error = str(field_of(chunk, "message") or field_of(chunk, "error_type") or "error")
         return ""
 
+    @property
+    def stopped(self) -> bool:
+        """Letta sent the run's stop reason (the step ended, well or not)."""
+        return self._stop is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop
+
     def result(self) -> TurnResult:
         if self._error is not None and not self._messages:
             raise LettaRetryable(f"turn failed: {self._error}")
         stop = {"stop_reason": self._stop} if self._stop else None
         return parse_letta_response({"messages": self._messages, "stop_reason": stop})
+
+    def _ends_with_words(self) -> bool:
+        last = self._messages[-1] if self._messages else None
+        return last is not None and last["message_type"] == "assistant_message" and last["content"].strip() != ""
 
     def _assistant(self, message_id: str | None) -> dict[str, Any]:
         """The assistant message a text chunk belongs to (a chunk without id: the latest one)."""
@@ -300,7 +401,9 @@ class StreamedTurn:
             self._messages.append(message)
         return message
 
-    def _add_tool_call(self, chunk: Any) -> None:
+    def _add_tool_call(self, chunk: Any) -> dict[str, Any] | None:
+        """Adds the pieces of a tool_call_message chunk; returns the first call it touched."""
+        first = None
         deltas = field_of(chunk, "tool_calls")
         if not isinstance(deltas, list) or not deltas:
             single = field_of(chunk, "tool_call")
@@ -313,6 +416,8 @@ class StreamedTurn:
                 self._messages.append({"message_type": "tool_call_message", "tool_calls": [call]})
             call["name"] = call["name"] or field_of(delta, "name") or ""
             call["arguments"] += field_of(delta, "arguments") or ""
+            first = first or call
+        return first
 
 
 async def sse_events(response: Any) -> AsyncIterator[tuple[str | None, str]]:
@@ -330,6 +435,24 @@ async def sse_events(response: Any) -> AsyncIterator[tuple[str | None, str]]:
             event = line[6:].strip()
     if data:
         yield event, "\n".join(data)
+
+
+def _error_type(data: str) -> str | None:
+    """The `error_type` of an SSE error event's data (e.g. "llm_rate_limit"), if it has one."""
+    try:
+        kind = json.loads(data).get("error_type")
+    except (ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def _orphaned(run: Any) -> bool:
+    created = field_of(run, "created_at")
+    if not isinstance(created, datetime):
+        return False
+    if created.tzinfo is None:  # Letta stores UTC
+        created = created.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - created).total_seconds() > ORPHANED_RUN_AGE_S
 
 
 def chronological(messages: Sequence[Any]) -> list[Any]:

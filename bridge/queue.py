@@ -265,9 +265,10 @@ class FinishResult:
 
 @dataclass(frozen=True)
 class Output:
-    """One write done atomically with acknowledging a task."""
+    """One write done atomically with acknowledging a task ("set": a marker with the done TTL,
+    written only by the reply stream's speech hand-off, never by FINISH)."""
 
-    op: Literal["publish", "lpush", "dead_letter"]
+    op: Literal["publish", "lpush", "dead_letter", "set"]
     key: str
     value: str | bytes  # bytes: a payload forwarded byte for byte
 

@@ -28,7 +28,7 @@ MEMORY_TOOLS = frozenset({
 })
 
 # A turn that stopped like this and produced nothing is not an answer.
-_UNAVAILABLE_STOPS = frozenset({"llm_api_error", "insufficient_credits"})
+UNAVAILABLE_STOPS = frozenset({"llm_api_error", "insufficient_credits"})
 _RETRY_STOPS = frozenset({"error", "invalid_llm_response", "invalid_tool_call", "cancelled"})
 _PERMANENT_STOPS = frozenset({"requires_approval", "context_window_overflow_in_system_prompt"})
 
@@ -145,12 +145,12 @@ def parse_letta_response(response: Any) -> TurnResult:
     """
     parsed = parse_messages(field_of(response, "messages") or [])
     stop = field_of(field_of(response, "stop_reason"), "stop_reason")
-    if parsed.result.unfinished and stop in _RETRY_STOPS | _UNAVAILABLE_STOPS:
+    if parsed.result.unfinished and stop in _RETRY_STOPS | UNAVAILABLE_STOPS:
         # The step's tools ran but the run then failed: asking for the next step is still right
         # (the calls are in the history); an error with nothing produced is raised below.
         return parsed.result
     if not parsed.produced and stop is not None:
-        if stop in _UNAVAILABLE_STOPS:
+        if stop in UNAVAILABLE_STOPS:
             raise LettaUnavailable(f"turn stopped: {stop}")
         if stop in _RETRY_STOPS:
             raise LettaRetryable(f"turn stopped: {stop}")

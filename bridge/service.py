@@ -38,7 +38,7 @@ from bridge.errors import Disposition, classify_error, describe_error
 from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
 from bridge.metrics import BridgeMetrics
 from bridge.queue import Finished, FinishResult, Output, ViewerQueues, cancel_point
-from bridge.reply_stream import ReplyStream
+from bridge.reply_stream import ReplyStream, already_spoken, speech_outputs
 from bridge.turn_text import compose_turn_text, stats_ops, totals_from_stats
 from bridge.wire import (
     CHAT_TYPES,
@@ -47,7 +47,6 @@ from bridge.wire import (
     LettaRequest,
     LettaResponse,
     TaskResponse,
-    TtsRequest,
     WireError,
     dump,
     parse_request,
@@ -103,9 +102,16 @@ def default_replica_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+# Beyond the longest blocking pop (VTL_BRIDGE_POLL_TIMEOUT): a half-open connection must not hang
+# FINISH or the lock renewals forever; a timed-out call is a RedisError like any other.
+REDIS_SOCKET_MARGIN_S = 10.0
+
+
 def redis_client(settings: Settings) -> Redis:
     """The bridge's Redis client (bytes in, bytes out: payloads are kept byte for byte)."""
-    return async_redis_client(settings, decode_responses=False, health_check_interval=30)
+    return async_redis_client(settings, decode_responses=False, health_check_interval=30,
+                              socket_timeout=settings.bridge_poll_timeout + REDIS_SOCKET_MARGIN_S,
+                              socket_connect_timeout=REDIS_SOCKET_MARGIN_S)
 
 
 class BridgeService:
@@ -370,7 +376,7 @@ class BridgeService:
                 # The head is handled here; a chat head takes the chat messages waiting behind it
                 # into its turn (burst coalescing, see _followers), and FINISH pops them all.
                 try:
-                    after = await self._handle(viewer, token, queued, mid_burst=mid_burst)
+                    after = await self._handle_unless_lost(lost, viewer, token, queued, mid_burst=mid_burst)
                 except _Abandoned:
                     await self.queues.release(viewer, token, yield_turn=True)
                     return
@@ -389,6 +395,24 @@ class BridgeService:
                     queued, mid_burst = after.queued, True
         finally:
             keeper.cancel()
+
+    async def _handle_unless_lost(self, lost: asyncio.Event, viewer: str, token: str, queued: list[bytes], *,
+                                  mid_burst: bool) -> FinishResult | None:
+        """_handle, cancelled as soon as the viewer's lock is lost: another replica may be serving
+        the viewer by then, so this one must neither speak nor acknowledge any more (its Letta run,
+        if any, is waited out by whoever serves the task next)."""
+        handling = asyncio.create_task(self._handle(viewer, token, queued, mid_burst=mid_burst))
+        losing = asyncio.create_task(lost.wait())
+        try:
+            await asyncio.wait({handling, losing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            losing.cancel()
+            if not handling.done():
+                handling.cancel()
+                await asyncio.gather(handling, return_exceptions=True)
+        if handling.cancelled():
+            raise _LockLost()
+        return handling.result()
 
     async def _handle(self, viewer: str, token: str, queued: list[bytes], *, mid_burst: bool = False) -> FinishResult | None:
         """The head of `queued` (and any task coalesced with it), start to finish, one log line per
@@ -620,32 +644,45 @@ class BridgeService:
         task_ids = [chat.task_id for chat in batch]
         if check_history:
             # An earlier attempt may have reached the agent before failing or dying: never a 2nd turn.
+            # Its run may still be going on in Letta (it outlives its client): let it end first.
+            await self._timed("settle_runs", self.gateway.settle_runs(agent_id))
             found = await self._timed("find_answered", self.gateway.find_answered(agent_id, task_ids))
+            answering = found.answered[-1] if found is not None and found.answered else task_ids[-1]
+            # An earlier attempt may have handed its words to speech before it failed: never again.
+            spoken_before = await already_spoken(self.redis, answering)
             if found is not None and not found.unfinished:
-                return replace(found, memory_updated=found.memory_updated or recorded), "replayed", None
+                muted = self._stream(answering, viewer, spoken_before=True) if spoken_before else None
+                return replace(found, memory_updated=found.memory_updated or recorded), "replayed", muted
         else:
-            found = None
+            found, answering, spoken_before = None, task_ids[-1], False
         stream = None
-        if self.settings.bridge_streaming:
-            stream = ReplyStream(self.redis, self.settings, task_id=task_ids[-1], user_id=viewer, clock=self.clock)
+        if self.settings.bridge_streaming or spoken_before:
+            stream = self._stream(answering, viewer, spoken_before=spoken_before)
+        sinks = {"on_text": stream.feed, "on_words_done": stream.words_done} if self.settings.bridge_streaming else {}
         if found is not None:
             # The earlier attempt's tools ran but it died before the agent spoke: finish that turn
             # (its next step), never send the message again. It answers the tasks it carried.
-            result = await self._timed("continue_turn", self.gateway.continue_turn(
-                agent_id, task_ids[0], found, on_text=stream.feed if stream else None))
+            result = await self._timed("continue_turn", self.gateway.continue_turn(agent_id, task_ids[0], found, **sinks))
         else:
             result = await self._timed(
                 "send_turn",
                 self.gateway.send_turn(
                     agent_id, [TurnMessage(chat.task_id, chat.text) for chat in batch],
-                    sender_name=self._sender_name(request), on_text=stream.feed if stream else None,
+                    sender_name=self._sender_name(request), **sinks,
                 ),
             )
+        if stream is not None and stream.handed_off and result.silent and stream.text:
+            # stay_silent came after words that already went to speech: the record says what she said.
+            result = replace(result, silent=False, reply_text=stream.text)
         if stream is not None and not result.silent:
             stream.tail = stream.close()
         outcome = "silent" if result.silent else "answered"
         answered = result.answered if found is not None else ()
         return replace(result, memory_updated=result.memory_updated or recorded, answered=answered), outcome, stream
+
+    def _stream(self, task_id: str, viewer: str, *, spoken_before: bool) -> ReplyStream:
+        return ReplyStream(self.redis, self.settings, task_id=task_id, user_id=viewer, clock=self.clock,
+                           spoken_before=spoken_before)
 
     @staticmethod
     def _sender_name(request: LettaRequest) -> str:
@@ -683,14 +720,10 @@ class BridgeService:
         for call in result.avatar_calls:
             event = AvatarEvent(tool=call.tool, args=call.args, task_id=answering, user_id=viewer, timestamp=now)
             outputs.append(Output("publish", s.bridge_avatar_channel, dump(event)))
-        channel = keys.task_response_channel(answering)
-        if result.silent:
-            outputs.append(Output("publish", channel, dump(TaskResponse(text="", silent=True))))
-        elif s.bridge_tts_handoff and not spoken:
-            speech = TtsRequest(message_id=f"letta-{answering}", task_id=answering, text=result.reply_text, response_channel=channel)
-            outputs.append(Output("lpush", s.bridge_tts_queue, dump(speech)))
-        elif not s.bridge_tts_handoff:
-            outputs.append(Output("publish", channel, dump(TaskResponse(text=result.reply_text))))
+        if result.silent and not spoken:
+            outputs.append(Output("publish", keys.task_response_channel(answering), dump(TaskResponse(text="", silent=True))))
+        elif not spoken:
+            outputs += speech_outputs(s, answering, result.reply_text)
         return outputs, done_values
 
     def _log_coalesced(self, ctx: _TaskLog, batch: list["_Chat"], turn_outcome: str) -> str:

@@ -116,7 +116,9 @@ class ViewerAgents:
         shared = self._shared_create_kwargs()
         metadata = {"viewer_id": viewer_id, "display_name": display_name or viewer_id,
                     "platform": platform, "template": bp.template.name, FINGERPRINT_KEY: self._fingerprint}
-        agent = self.client.agents.create(
+        # No SDK retry for the create: one that timed out may have made the agent anyway, and a
+        # resend would make a second one. The caller's next ensure finds it by its tag instead.
+        agent = self.client.with_options(max_retries=0).agents.create(
             name=agent_name(viewer_id),
             memory_blocks=[{
                 "label": human.label,

@@ -5,6 +5,10 @@ run the sdist's `alembic upgrade head` (a no-op when already at head) before
 every start. It runs with a minimal environment we build here: the default tool
 sandbox is a subprocess that inherits the server's whole environment, so
 anything we do not pass is something a tool can never read.
+
+It runs VTL_LETTA_WORKERS uvicorn workers, booted by stack/letta_workers.py (one worker alone
+first) with database pools sized to the Postgres' max_connections; it is healthy only while
+every worker lives, since uvicorn does not replace one that died.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
+from stack import letta_workers
 from stack.install import LettaInstall
 from stack.tool_sandbox import server_env as tool_sandbox_env
 from stack.processes import ManagedProcess, StackError, run_checked, wait_until
@@ -23,8 +29,11 @@ from stack.processes import ManagedProcess, StackError, run_checked, wait_until
 
 class LettaServer:
     def __init__(self, install: LettaInstall, data_dir: Path, port: int, password: str,
-                 pg_uri: str, model_env: dict[str, str], memory_gate_url: str):
+                 pg_uri: str, model_env: dict[str, str], memory_gate_url: str, *, workers: int,
+                 pg_max_connections: Callable[[], int]):
         self.install = install
+        self.workers = workers
+        self.pg_max_connections = pg_max_connections  # asked at start: the Postgres must be running
         self.letta_dir = data_dir.resolve() / "letta"
         self.port = port
         self.password = password
@@ -55,8 +64,13 @@ class LettaServer:
             return None
         return body.get("version") if body.get("status") == "ok" else None
 
+    def alive_workers(self) -> int:
+        """How many of the server's workers live (0 when it is not running)."""
+        pid = self.process.pid()
+        return 0 if pid is None else letta_workers.alive_workers(pid, self.workers)
+
     def healthy(self) -> bool:
-        return self.process.pid() is not None and self.version() is not None
+        return self.process.pid() is not None and self.version() is not None and self.alive_workers() == self.workers
 
     def migrate(self) -> None:
         run_checked([str(self.install.alembic_bin), "upgrade", "head"], what="letta schema migration (alembic)",
@@ -67,17 +81,23 @@ class LettaServer:
             return False
         if self.version() is not None:
             raise StackError(f"another Letta server already answers on {self.address}: stop it or change LETTA_API_URL")
+        connections = self._pg_connections()
         log("letta server: migrating the schema")
         self.migrate()
         runner = Path(__file__).with_name("redacting_runner.py")  # keeps the password out of the log
+        boot = [sys.executable, letta_workers.__file__, "boot", "--"]
         self.process.start(
-            [sys.executable, str(runner), str(self.install.letta_bin), "server", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, str(runner), *boot, str(self.install.letta_bin), "server", "--host", "127.0.0.1",
+             "--port", str(self.port)],
             # asyncpg would demand TLS once pooling is on; this Postgres is loopback-only without TLS.
             env={**self._env(), "LETTA_PG_URI": f"{self.pg_uri}?ssl=disable",
+                 letta_workers.WORKERS_ENV: str(self.workers), letta_workers.CONNECTIONS_ENV: str(connections),
+                 letta_workers.HEALTH_URL_ENV: f"{self.url}/v1/health/",
                  "VTL_REDACT": "\n".join(filter(None, (self.password, urlsplit(self.pg_uri).password)))},
             cwd=self.letta_dir,
         )
-        if not wait_until(self._up_or_dead, 180, interval=0.5):
+        # More than one worker boots twice (one worker alone first: stack/letta_workers.py).
+        if not wait_until(self._up_or_dead, 180 if self.workers == 1 else 360, interval=0.5):
             raise StackError(f"letta server did not become healthy on {self.address}:\n{self.process.log_tail()}")
         return True
 
@@ -87,7 +107,17 @@ class LettaServer:
     def _up_or_dead(self) -> bool:
         if self.process.pid() is None:
             raise StackError(f"letta server exited during start:\n{self.process.log_tail(30)}")
-        return self.version() is not None
+        return self.healthy()
+
+    def _pg_connections(self) -> int:
+        """Connections the workers may hold together; refuses a worker count the Postgres cannot serve."""
+        max_connections = self.pg_max_connections()
+        connections = letta_workers.letta_connections(max_connections)
+        try:
+            letta_workers.pool_per_worker(self.workers, connections)
+        except letta_workers.WorkersError as exc:
+            raise StackError(f"letta server: {exc} (max_connections = {max_connections})") from None
+        return connections
 
     def _env(self) -> dict[str, str]:
         config = self.letta_dir / "config"
@@ -109,11 +139,7 @@ class LettaServer:
             # Letta's default is a new Postgres connection per query (NullPool). Measured here: a
             # connect now and then stalled for asyncpg's 60 s connect timeout, stalling the agent's
             # turn with it. A pool makes turns steady (and saves a SCRAM handshake per query).
-            # Its size: a turn holds a session and Letta starts background writes beside it, so with
-            # 8+ turns in flight a pool of 10 overflowed, opening and closing connections all the
-            # time (0.07-0.32 new sessions per turn) and now and then a connect timed out (HTTP 500).
-            # 40 covers the bridge's default 32 turns in flight (docs/LETTA_NOTES.md).
+            # Its size per worker: stack/letta_workers.py (pool_per_worker, docs/LETTA_NOTES.md).
             "LETTA_DISABLE_SQLALCHEMY_POOLING": "false",
-            "LETTA_PG_POOL_SIZE": "40",
             **self.model_env,
         }

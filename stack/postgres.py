@@ -111,13 +111,20 @@ class Postgres:
             conf.write("\n# vtuber-letta: loopback only, modest footprint for a 2-core machine\n"
                        "listen_addresses = '127.0.0.1'\nmax_connections = 200\nshared_buffers = 128MB\n")
 
+    def max_connections(self) -> int:
+        """The running server's max_connections (what every client's pool shares)."""
+        return int(self._psql(DB_NAME, "SHOW max_connections", what="read max_connections").strip())
+
     def _create_database(self) -> None:
+        self._psql("postgres", f"CREATE DATABASE {DB_NAME}", what="create database")
+        self._psql(DB_NAME, "CREATE EXTENSION IF NOT EXISTS vector", what="create extension vector")
+
+    def _psql(self, database: str, sql: str, *, what: str) -> str:
+        # The password in the environment: a command line is visible to every local user in `ps`.
         env = {**self._env(), "PGPASSWORD": self.password()}
-        psql = str(self.install.pg_bin / "psql")
-        base = [psql, "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER, "-v", "ON_ERROR_STOP=1"]
-        run_checked([*base, "-d", "postgres", "-c", f"CREATE DATABASE {DB_NAME}"], what="create database", env=env)
-        run_checked([*base, "-d", DB_NAME, "-c", "CREATE EXTENSION IF NOT EXISTS vector"],
-                    what="create extension vector", env=env)
+        argv = [str(self.install.pg_bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER,
+                "-v", "ON_ERROR_STOP=1", "-At", "-d", database, "-c", sql]
+        return run_checked(argv, what=what, env=env)
 
     def _accepts_connections(self) -> bool:
         if self.process.pid() is None:

@@ -51,6 +51,7 @@ def private_stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         postgres_port=free_port(),
         scripted_model_port=free_port(),
         memory_gate_url=f"http://127.0.0.1:{free_port()}",
+        console_port=free_port(),
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -76,6 +77,7 @@ def child_env(settings: Settings, **knobs: Any) -> dict[str, str]:
         "VTL_POSTGRES_PORT": str(settings.postgres_port),
         "VTL_SCRIPTED_MODEL_PORT": str(settings.scripted_model_port),
         "VTL_MEMORY_GATE_URL": settings.memory_gate_url,
+        "VTL_CONSOLE_PORT": str(settings.console_port),
         "VTL_TEMPLATE": settings.template_name,
         "VTL_PERSONA_CONFIG": str(persona),
     })

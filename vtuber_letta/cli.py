@@ -6,6 +6,7 @@
     vtuber-letta stream set --title ... --topic ...
     vtuber-letta bridge [--check]               Redis in, Letta, Redis out
     vtuber-letta memory-gate [--port N]         the service the memory tools write through
+    vtuber-letta console [--port N]             the streamer's web page over her memory (127.0.0.1)
     vtuber-letta say USER_ID "text"             one viewer message through the bridge
     vtuber-letta backup DIR | restore DIR [--force]   everything the VTuber remembers
     vtuber-letta demo                           the main job: stack up + a short scripted conversation
@@ -157,6 +158,14 @@ def _memory_gate_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return run_memory_gate(settings)
 
 
+def _console_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from console.server import run_console
+
+    if args.port is not None:
+        settings = settings.model_copy(update={"console_port": args.port})
+    return run_console(settings)
+
+
 def _backup_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from provisioning.backup import BackupError, backup, restore
 
@@ -220,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     gate = sub.add_parser("memory-gate", help="run the memory gate the memory tools write through")
     gate.add_argument("--port", type=int, help="listen on this port (default: from VTL_MEMORY_GATE_URL)")
     gate.set_defaults(handler=_memory_gate_cmd)
+
+    console = sub.add_parser("console", help="serve the console: see, correct and forget what she remembers")
+    console.add_argument("--port", type=int, help="listen on this port (default: VTL_CONSOLE_PORT, 8286)")
+    console.set_defaults(handler=_console_cmd)
 
     say_cmd = sub.add_parser("say", help="push one viewer message through the bridge and print the reply")
     say_cmd.add_argument("user_id")

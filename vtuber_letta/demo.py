@@ -73,6 +73,8 @@ def run_demo(settings: Settings) -> int:
         _stop_bridge(bridge)
     print("\nThe stack is still running: try `vtuber-letta bridge` and `vtuber-letta say USER \"text\"`;"
           " stop it with `vtuber-letta stack down`.")
+    print(f"See, correct and forget what she remembers in the console: http://{stack.console.address}/"
+          f" (password: {settings.console_password_hint}).")
     return 0
 
 

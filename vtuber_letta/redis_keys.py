@@ -52,6 +52,7 @@ BRIDGE_COUNTED = f"{PREFIX}:counted"  # hash task_id -> 1 once its viewer stats 
 VIEWER_QUEUE_PREFIX = f"{PREFIX}:vq:"
 VIEWER_ACTIVE_PREFIX = f"{PREFIX}:active:"
 TASK_DONE_PREFIX = f"{PREFIX}:done:"
+TASK_SPOKEN_PREFIX = f"{PREFIX}:spoken:"
 BRIDGE_HEARTBEAT_PREFIX = f"{PREFIX}:bridge:"
 VIEWER_STATS_PREFIX = f"{PREFIX}:viewer_stats:"
 VIEWER_TASKS_PREFIX = f"{PREFIX}:viewer_tasks:"
@@ -80,6 +81,13 @@ def viewer_active(viewer_id: str) -> str:
 def task_done(task_id: str) -> str:
     """Set (with a TTL) when a task was acknowledged; holds the response JSON."""
     return f"{TASK_DONE_PREFIX}{task_id}"
+
+
+def task_spoken(task_id: str) -> str:
+    """Set (with the done markers' TTL, value "1") when a task's whole reply went to speech before
+    its turn ended (the words were complete while tools still ran): a retry or a replay of that turn
+    must not speak it again."""
+    return f"{TASK_SPOKEN_PREFIX}{task_id}"
 
 
 def viewer_tasks(viewer_id: str) -> str:

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from vtuber_letta.private_files import create_private, private_dir
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+BRIDGE_CONCURRENCY_MAX = 256
 
 
 class SettingsError(SystemExit):
@@ -60,12 +61,25 @@ class Settings(BaseSettings):
     scripted_model_port: int = Field(8399, alias="VTL_SCRIPTED_MODEL_PORT", ge=1, le=65535)
     stack_user: str = Field("vtuber-letta", alias="VTL_STACK_USER")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="VTL_LOG_LEVEL")
+    # uvicorn workers of a Letta server (LETTA_UVICORN_WORKERS; stack/letta_workers.py boots and counts
+    # them): each a process of its own (~0.5 GB RSS) that can keep one core busy. The one default of
+    # the worker count: the stack and docker compose start this many, and the bridge sizes its
+    # concurrency by it. 1 until the 1-vs-2 throughput bench (bench/throughput.py --letta-workers)
+    # shows a second worker pays on the machine.
+    letta_workers: int = Field(1, alias="VTL_LETTA_WORKERS", ge=1, le=16)
 
     # --- the memory gate (tools/memory_gate.py): the only writer of a viewer's human block on a
     # memory tool's behalf. Letta hands the URL to the tools; the secret signs each agent's token.
     memory_gate_url: str = Field("http://127.0.0.1:8285", alias="VTL_MEMORY_GATE_URL")
     memory_gate_listen: str | None = Field(None, alias="VTL_MEMORY_GATE_LISTEN", pattern=r"^[\w.\-]*:[0-9]{1,5}$")  # host:port; default: the URL's
     memory_gate_secret_value: SecretStr | None = Field(None, alias="VTL_MEMORY_GATE_SECRET")
+
+    # --- the console (console/): the streamer's web page over her memory, on loopback by default.
+    # 0.0.0.0 only inside a container (published on 127.0.0.1 by compose). The password: this one,
+    # else one generated once (mode 0600) beside the Letta password (`vtuber-letta console` says where).
+    console_host: str = Field("127.0.0.1", alias="VTL_CONSOLE_HOST", pattern=r"^[\w.\-:]+$")
+    console_port: int = Field(8286, alias="VTL_CONSOLE_PORT", ge=1, le=65535)
+    console_password_value: SecretStr | None = Field(None, alias="VTL_CONSOLE_PASSWORD", min_length=8)
 
     # --- the agent template and the persona it is rendered from (provisioning) ---
     template_name: str = Field("vtuber", alias="VTL_TEMPLATE", pattern=r"^[a-z][a-z0-9_-]{0,49}$")
@@ -117,8 +131,13 @@ class Settings(BaseSettings):
     bridge_max_input_file_bytes: int = Field(65536, alias="VTL_BRIDGE_MAX_INPUT_FILE_BYTES", ge=1, le=16 * 1024 * 1024)
     bridge_max_payload_bytes: int = Field(65536, alias="VTL_BRIDGE_MAX_PAYLOAD_BYTES", ge=1024, le=16 * 1024 * 1024)
     # Viewers served at once per replica (one turn in flight each). Letta queues what it cannot run
-    # yet, so this only needs to exceed what Letta runs at once (bench/throughput.py: ~4 on 2 cores).
-    bridge_concurrency: int = Field(32, alias="VTL_BRIDGE_CONCURRENCY", ge=1, le=256)
+    # yet, so this only needs to exceed what Letta runs at once (bench/throughput.py: ~4 per worker
+    # on 2 cores); more only queues in Letta and fills its DB pool. Unset, it follows the Letta
+    # capacity it points at: VTL_BRIDGE_CONCURRENCY_PER_LETTA_WORKER x VTL_LETTA_WORKERS, so adding
+    # workers needs no second setting.
+    bridge_concurrency_per_letta_worker: int = Field(32, alias="VTL_BRIDGE_CONCURRENCY_PER_LETTA_WORKER", ge=1,
+                                                     le=BRIDGE_CONCURRENCY_MAX)
+    bridge_concurrency: int | None = Field(None, alias="VTL_BRIDGE_CONCURRENCY", ge=1, le=BRIDGE_CONCURRENCY_MAX)
     bridge_turns_per_claim: int = Field(8, alias="VTL_BRIDGE_TURNS_PER_CLAIM", ge=1, le=10000)
     bridge_replica_id: str | None = Field(
         None, alias="VTL_BRIDGE_REPLICA_ID", pattern=r"^[A-Za-z0-9_.:@+=-]{1,64}$"
@@ -181,6 +200,9 @@ class Settings(BaseSettings):
             raise ValueError("VTL_BRIDGE_HEARTBEAT_INTERVAL must be shorter than VTL_BRIDGE_HEARTBEAT_TTL")
         if self.bridge_retry_base_delay > self.bridge_retry_max_delay:
             raise ValueError("VTL_BRIDGE_RETRY_BASE_DELAY must not exceed VTL_BRIDGE_RETRY_MAX_DELAY")
+        if self.bridge_concurrency is None:
+            self.bridge_concurrency = min(BRIDGE_CONCURRENCY_MAX,
+                                          self.bridge_concurrency_per_letta_worker * self.letta_workers)
         return self
 
     @property
@@ -274,6 +296,22 @@ class Settings(BaseSettings):
         if self.memory_gate_secret_value:
             return self.memory_gate_secret_value.get_secret_value()
         return _generated_secret(self.letta_dir / "config" / "memory-gate-secret")
+
+    @property
+    def console_password_file(self) -> Path:
+        return self.letta_dir / "config" / "console-password"
+
+    @property
+    def console_password_hint(self) -> str:
+        """Where the console password is (never the password itself), for the messages that say so."""
+        return "VTL_CONSOLE_PASSWORD" if self.console_password_value else f"the file {self.console_password_file}"
+
+    @cached_property
+    def console_password(self) -> str:
+        """VTL_CONSOLE_PASSWORD, else one generated once (mode 0600) in console_password_file."""
+        if self.console_password_value:
+            return self.console_password_value.get_secret_value()
+        return _generated_secret(self.console_password_file)
 
     def resolved_model_handle(self) -> str:
         if self.letta_model:

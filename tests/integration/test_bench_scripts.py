@@ -21,7 +21,8 @@ CLEAN_BRIDGE = "bridge fallbacks to memory-python: 0, dead letters: 0"
 CLEAN_REPLIES = "Replies other than the scripted one: 0."
 # Smaller still than --quick where a script's quick run is long (throughput: 2.5 minutes).
 EXTRA_ARGS = {"throughput": ["--levels", "1,4", "--window", "4", "--rounds", "1", "--sides", "bridge,direct,bridge-mix"],
-              "tool_turns": ["--rounds", "2", "--warmup", "0"]}
+              "tool_turns": ["--rounds", "2", "--warmup", "0"],
+              "console": ["--viewers", "2000", "--agents", "5", "--rounds", "2"]}
 EXPECTED = {
     "overhead": ["| bridge vs direct, streamed |", CLEAN_REPLIES, CLEAN_BRIDGE],
     "throughput": ["| bridge / direct |", "| bridge-mix / bridge |", CLEAN_REPLIES, CLEAN_BRIDGE],
@@ -33,7 +34,11 @@ EXPECTED = {
     # The scripted model always searches: every answer reaches the prompt, from either tier.
     "recall": ["| large (96 facts) | 12 | 2 | 2 | 100 % |", "| small (24 facts) | 1 | 2 | 2 | 100 % |",
                "| recall (searches the tier) | 6 |"],
+    "console": ["| page 1, last seen (the agents' cards from Letta) | 2000 |"],
 }
+
+# Scripts that start what they measure themselves, without a Letta stack: run with --quick alone.
+STANDALONE = {"redis_memory": ["| queued | 5000 |", "| done | 5000 |"]}
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
@@ -54,6 +59,16 @@ def test_bench_script_runs_quick(provisioned, script, tmp_path):
         assert phrase in report, f"bench.{script}: {phrase!r} missing from its report:\n{report}\n{done.stderr[-2000:]}"
 
 
+@pytest.mark.parametrize("script", sorted(STANDALONE))
+def test_standalone_bench_script_runs_quick(script, tmp_path):
+    done = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick"], env={"PATH": "/usr/bin:/bin"},
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"bench.{script} failed:\n{done.stderr[-4000:]}"
+    assert done.stdout.startswith("## ") and f"Command: `.venv/bin/python -m bench.{script} --quick`" in done.stdout
+    for phrase in STANDALONE[script]:
+        assert phrase in done.stdout, f"bench.{script}: {phrase!r} missing from its report:\n{done.stdout}"
+
+
 def test_bench_scripts_are_all_covered():
     scripts = {path.stem for path in (REPO_ROOT / "bench").glob("*.py")} - {"__init__", "common", "cpu", "published"}
-    assert scripts == set(EXPECTED), "a bench script without a smoke test (or a test for a removed one)"
+    assert scripts == set(EXPECTED) | set(STANDALONE), "a bench script without a smoke test (or a test for a removed one)"

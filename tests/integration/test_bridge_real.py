@@ -95,6 +95,8 @@ def test_memory_survives_bridge_and_letta_restart_and_stays_per_viewer(stack, pr
     reply = by_task(wait_for_replies(r, [told_id], 90, bridge))[told_id]
     assert reply[0]["text"] == f"Nice to meet you, {name}! I'll remember that. 星星在看着你哦～"
     assert scripted.used("demo-remember-name") == 1  # the fact went through the real tool call
+    # Her words came before the calls in that response: they went to speech while the tools ran.
+    assert r.exists(keys.task_spoken(told_id)) == 1 and len(reply) == 1
 
     # Stop the bridge gracefully (exit 0, heartbeat gone), restart Letta, start a new bridge.
     assert bridge.stop() == 0, bridge.log_tail()
@@ -221,6 +223,65 @@ def test_sigkill_mid_turn_loses_nothing_and_never_sends_a_turn_twice(provisioned
     assert "outcome=replayed" in second.log_text(), second.log_tail()
     assert not dead_letters(r)
     assert bridge_leftovers(r) == {"requests": 0, "staging": 0, "triage": 0, "viewer_queues": 0}
+
+
+# --------------------------------------------------------------------------- 3b. a turn that outlives the deadline
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "plain"])
+def test_a_turn_that_outlives_the_deadline_once_is_answered_once_and_run_once(
+        provisioned, scripted, r, bridges, client, streaming):
+    """The model takes longer than LETTA_TIMEOUT (the default knobs otherwise): the bridge gives up
+    on the call, but Letta's run goes on. The retry must wait for that run and replay it, not
+    send the message again while it runs (that was two model turns for one message)."""
+    rid = run_id()
+    viewer = f"it:late-{rid}"
+    ViewerAgents(provisioned).ensure(viewer)
+    marker = f"late-{rid}"
+    scripted.add_rules({"name": "late", "when": {"user_contains": marker},
+                        "then": {"reply": "(late) I heard: {user}", "delay_ms": 6500}})
+    slow, after = task(viewer, f"{marker} one"), task(viewer, f"{marker} two")
+    bridge = bridges(LETTA_TIMEOUT=3, VTL_BRIDGE_STREAMING=streaming)
+    push(r, [slow, after])
+    replies = wait_for_replies(r, [slow["task_id"], after["task_id"]], 120, bridge)
+    time.sleep(1.0)
+    assert [x["task_id"] for x in tts_replies(r)] == [slow["task_id"], after["task_id"]], "answered twice, or out of order"
+    assert replies[0]["text"] == f"(late) I heard: {marker} one"
+    assert scripted.used("late") == 2, "a message was put to the model more than once"  # counted at the model
+    [agent] = agents_of(client, viewer)
+    counts = user_otid_counts(client, agent.id)
+    assert otid_count(counts, slow["task_id"]) == 1 and otid_count(counts, after["task_id"]) == 1, \
+        history_digest(client, agent.id)
+    assert bridge.log_text().count("outcome=replayed") == 2, bridge.log_tail()
+    assert not dead_letters(r)
+
+
+FAILURES = 24
+
+
+@pytest.mark.parametrize("status", [500, 429, 401])
+def test_a_failing_model_endpoint_is_waited_out_not_dead_lettered(provisioned, scripted, r, bridges, client, status):
+    """The model behind Letta answers 500 (down), 429 (rate limit) or 401 (key refused) for a while,
+    fallback off: Letta cannot answer now, so the tasks wait — more failures than
+    LETTA_RETRY_ATTEMPTS, yet no dead letter — and are answered once each, in order, afterwards."""
+    rid = run_id()
+    viewer = f"it:down{status}-{rid}"
+    ViewerAgents(provisioned).ensure(viewer)
+    marker = f"down-{rid}"
+    scripted.add_rules({"name": "up", "when": {"user_contains": marker}, "then": {"reply": "(back) I heard: {user}"}})
+    # 24 failures: Letta's OpenAI client tries each model call 3 times (500/429), so that is 8
+    # attempts of the bridge for 500/429 and 24 for 401, all beyond LETTA_RETRY_ATTEMPTS (3).
+    scripted.fail("down", status, when={"user_contains": marker}, times=FAILURES)
+    tasks = [task(viewer, f"{marker} one"), task(viewer, f"{marker} two")]
+    bridge = bridges(VTL_BRIDGE_RETRY_MAX_DELAY=1, LETTA_FALLBACK_TO_MEMORY=False)
+    push(r, tasks)
+    wait_for_replies(r, [t["task_id"] for t in tasks], 120, bridge)
+    time.sleep(1.0)
+    assert [x["task_id"] for x in tts_replies(r)] == [t["task_id"] for t in tasks]
+    assert scripted.used("down") == FAILURES and scripted.used("up") == 2  # every failure seen, then one turn each
+    assert not dead_letters(r), dead_letters(r)
+    [agent] = agents_of(client, viewer)
+    counts = user_otid_counts(client, agent.id)
+    assert [otid_count(counts, t["task_id"]) for t in tasks] == [1, 1], history_digest(client, agent.id)
 
 
 # --------------------------------------------------------------------------- 4. hostile payloads

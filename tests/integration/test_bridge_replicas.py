@@ -66,10 +66,8 @@ def test_two_replicas_answer_every_task_once_and_each_viewer_in_order(provisione
     clear_bridge_state(r)
     model.reset()
     rid = run_id()
-    # LETTA_TIMEOUT: a client timeout under load may lead to a second turn (bridge/README.md, "Residual
-    # risk"), which is not what this test is about; the lock outlives the timeout.
-    replicas = [BridgeProcess(settings, tmp_path / "logs", replica_id=f"rep-{name}-{rid}",
-                              LETTA_TIMEOUT=120, VTL_BRIDGE_LOCK_TTL=150) for name in ("a", "b")]
+    # The default LETTA_TIMEOUT: a turn that outlives it under load is waited out, not sent twice.
+    replicas = [BridgeProcess(settings, tmp_path / "logs", replica_id=f"rep-{name}-{rid}") for name in ("a", "b")]
     try:
         for bridge in replicas:
             bridge.start()

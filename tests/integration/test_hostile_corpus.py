@@ -67,10 +67,6 @@ DOC = REPO_ROOT / "docs" / "RELIABILITY.md"
 RUN_TIMEOUT = 240.0  # the whole corpus; it normally takes well under a minute
 STALL_TIMEOUT = 20.0  # nothing accounted for this long while the bridge is idle: stop waiting
 TEMPLATE = "vtuber"
-# A turn that outlives LETTA_TIMEOUT on the client may still finish on the server, and the retry can
-# then send it a second time (bridge/README.md, "Residual risk"); on a busy build machine tool turns
-# took over 30 s. Timeouts are not this module's subject: the client waits longer (the lock outlives it).
-PATIENT = {"LETTA_TIMEOUT": 120, "VTL_BRIDGE_LOCK_TTL": 150}
 
 
 # --------------------------------------------------------------------------- the run
@@ -242,7 +238,7 @@ def run_corpus(settings, work: Path) -> Run:
     model.reset()
     bridge = BridgeProcess(settings, work / "logs", replica_id=f"hostile-{rid}",
                            REDIS_URL=f"redis://{redis_user}:{redis_password}@{host}:{port}/0",
-                           VTL_BRIDGE_UPLOADS_DIR=uploads, **PATIENT)
+                           VTL_BRIDGE_UPLOADS_DIR=uploads)
     recorder = None
     try:
         bridge.start()

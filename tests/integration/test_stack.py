@@ -28,7 +28,7 @@ def client(stack):
 
 def test_every_part_is_healthy_and_listens_on_loopback_only(stack):
     statuses = {s.name: s for s in stack.status()}
-    assert set(statuses) == {"redis", "postgres", "model", "letta", "gate"}
+    assert set(statuses) == {"redis", "postgres", "model", "letta", "gate", "console"}
     for status in statuses.values():
         assert status.state == "healthy", status
         assert status.listens, f"{status.name} listens nowhere?"
@@ -84,7 +84,7 @@ def test_down_stops_every_process_of_the_stack(stack):
     pids = [s.pid for s in stack.status() if s.pid]
     trees = {member for pid in pids for member in process_tree(pid)}
     stopped = stack.down()
-    assert set(stopped) == {"memory-gate", "letta", "scripted-model", "postgres", "redis"}
+    assert set(stopped) == {"console", "memory-gate", "letta", "scripted-model", "postgres", "redis"}
     alive = [pid for pid in trees if _alive(pid)]
     assert not alive, f"still running after down: {alive}"
     assert all(s.state == "down" for s in stack.status())

@@ -81,6 +81,37 @@ def test_text_and_an_avatar_cue_in_one_response_take_one_model_call(scripted, tu
     assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy"}),)
 
 
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_the_words_are_complete_before_letta_runs_the_tools_when_the_model_writes_them_first(
+        scripted, turns, agent, position):
+    scripted.reply_with_tools("words-first", "Welcome back! I remember you.", expression(),
+                              ("remember_viewer_fact", {"fact": "drinks oolong tea", "category": "likes"}),
+                              text_position=position)
+    events: list = []  # text pieces, and WORDS_DONE where it was called
+
+    async def on_text(piece):
+        events.append(piece)
+
+    async def on_words_done():
+        events.append(WORDS_DONE)
+
+    async def go():
+        letta = LettaTurns.from_settings(turns)
+        return await letta.send_turn(agent, [TurnMessage(f"task-{uuid.uuid4().hex}", "hi again")], sender_name="Shape",
+                                     on_text=on_text, on_words_done=on_words_done)
+
+    result = asyncio.run(go())
+    assert result.reply_text == "Welcome back! I remember you." and result.memory_updated
+    if position == "before":  # Letta streams the words, then the calls: speech can go before the tools run
+        assert events.count(WORDS_DONE) == 1 and events[-1] == WORDS_DONE
+        assert "".join(events[:-1]).strip() == result.reply_text
+    else:  # calls first: the words end with the step, nothing to hand off early
+        assert WORDS_DONE not in events
+
+
+WORDS_DONE = object()
+
+
 def test_a_tool_call_first_then_the_text_is_answered_in_two_model_calls(scripted, turns, agent):
     scripted.add_rules({"name": "after", "when": {"after_tool": "set_expression"}, "then": {"reply": "Hi there!"}})
     scripted.reply_with_tools("cue-only", None, expression("shy"))

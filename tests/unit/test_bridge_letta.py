@@ -8,10 +8,12 @@ import asyncio
 import itertools
 from dataclasses import replace
 import json
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import letta_client
 import pytest
+import redis
 from letta_client import AsyncLetta
 
 from bridge.errors import Disposition, classify_error, classify_status
@@ -39,12 +41,14 @@ from bridge.replies import content_text, parse_letta_response, parse_messages
 REQ = httpx.Request("POST", "http://letta.test/v1/agents/agent-1/messages")
 
 
-def status_error(status: int) -> letta_client.APIStatusError:
-    response = httpx.Response(status, request=REQ, json={"detail": "x"})
+def status_error(status: int, error_type: str | None = None) -> letta_client.APIStatusError:
+    """An SDK status error; with error_type, the body Letta 0.16.8 sends for a model failure."""
+    body = {"error": {"type": error_type, "message": "…", "detail": "…"}} if error_type else None
+    response = httpx.Response(status, request=REQ, json=body or {"detail": "x"})
     cls = {400: letta_client.BadRequestError, 401: letta_client.AuthenticationError, 404: letta_client.NotFoundError,
            409: letta_client.ConflictError, 422: letta_client.UnprocessableEntityError,
            429: letta_client.RateLimitError}.get(status, letta_client.InternalServerError if status >= 500 else letta_client.APIStatusError)
-    return cls(f"HTTP {status}", response=response, body=None)
+    return cls(f"HTTP {status}", response=response, body=body)
 
 
 @pytest.mark.parametrize(
@@ -69,6 +73,17 @@ def status_error(status: int) -> letta_client.APIStatusError:
         (status_error(502), Disposition.UNAVAILABLE),
         (status_error(503), Disposition.UNAVAILABLE),
         (status_error(504), Disposition.UNAVAILABLE),
+        # The model behind Letta down, rate-limited, timing out, out of credits or refusing the key:
+        # Letta cannot answer now (wait or fall back), whatever the HTTP status says.
+        (status_error(500, "llm_error"), Disposition.UNAVAILABLE),
+        (status_error(429, "llm_rate_limit"), Disposition.UNAVAILABLE),
+        (status_error(504, "llm_timeout"), Disposition.UNAVAILABLE),
+        (status_error(402, "llm_insufficient_credits"), Disposition.UNAVAILABLE),
+        (status_error(401, "llm_authentication"), Disposition.UNAVAILABLE),
+        (status_error(400, "llm_bad_request"), Disposition.GIVE_UP),  # this request, not the model
+        (status_error(500, "internal_error"), Disposition.RETRY),
+        (redis.exceptions.LockError("viewer lock not acquired"), Disposition.UNAVAILABLE),  # not about the task
+        (redis.exceptions.TimeoutError("Timeout reading from socket"), Disposition.UNAVAILABLE),
         (ValueError("a bug"), Disposition.GIVE_UP),
         (KeyError("agent"), Disposition.GIVE_UP),
     ],
@@ -443,6 +458,62 @@ def test_stream_chunks_of_several_messages_are_separated_and_errors_surface():
         stopped.result()
 
 
+WORDS = {"message_type": "assistant_message", "id": "a", "content": "Hi there!"}
+
+
+def call_piece(name: str | None, call_id: str = "c1", arguments: str = "") -> dict:
+    return {"message_type": "tool_call_message", "tool_call": {"name": name, "tool_call_id": call_id, "arguments": arguments}}
+
+
+@pytest.mark.parametrize("chunks, done_after", [
+    ([WORDS, call_piece("set_expression")], 1),  # words, then a cue: done when the cue starts
+    ([WORDS, call_piece(None), call_piece("set_expression")], 2),  # the call's name in a later piece
+    ([call_piece("set_expression"), WORDS], None),  # cue first: the words end with the step
+    ([WORDS, call_piece("stay_silent")], None),  # silence chosen after all: nothing to hand off
+    ([WORDS], None),  # a plain reply ends with the step
+    ([{**WORDS, "content": "  "}, call_piece("play_motion")], None),  # no words yet
+    ([call_piece("play_motion", "c0"), WORDS, call_piece("remember_viewer_fact", "c2")], 2),
+])
+def test_a_streamed_step_knows_when_its_words_are_complete(chunks, done_after):
+    turn = StreamedTurn()
+    seen = []
+    for chunk in chunks:
+        turn.add(chunk)
+        seen.append(turn.words_done)
+    assert seen == [done_after is not None and i >= done_after for i in range(len(chunks))]
+
+
+def test_words_done_is_called_once_as_soon_as_a_tool_call_follows_the_words():
+    class WordsFirst(FakeLettaHttp):  # the model's usual shape: words, then two calls, then Letta runs them
+        def __call__(self, request):
+            self.requests.append(request)
+            reply = [
+                msg("assistant_message", id="m-1", content="好呀，我记住啦！"),
+                msg("tool_call_message", tool_call={"name": "set_expression", "arguments": '{"expression": "happy"}', "tool_call_id": "c1"}),
+                msg("tool_call_message", tool_call={"name": "remember_viewer_fact", "arguments": '{"fact": "likes cats"}', "tool_call_id": "c2"}),
+                msg("tool_return_message", tool_call_id="c1", status="success", tool_return="Expression set: happy"),
+                msg("tool_return_message", tool_call_id="c2", status="success", tool_return="Remembered"),
+            ]
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(token_chunks(reply)))
+
+    events: list[str] = []
+
+    async def on_text(delta: str) -> None:
+        events.append(f"text:{delta}")
+
+    async def on_words_done() -> None:
+        events.append("words done")
+
+    async def scenario():
+        return await turns_with(WordsFirst()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None,
+                                                        on_text=on_text, on_words_done=on_words_done)
+
+    result = asyncio.run(scenario())
+    assert events.count("words done") == 1
+    assert "".join(e[5:] for e in events[:events.index("words done")]) == "好呀，我记住啦！"  # every word first
+    assert result.reply_text == "好呀，我记住啦！" and result.memory_updated and not result.unfinished
+
+
 def test_find_answered_tells_which_tasks_a_coalesced_turn_carried():
     http = FakeLettaHttp()
 
@@ -483,4 +554,113 @@ def test_server_sent_events_are_read_to_the_end_and_an_error_event_is_retryable(
         await turns_with(ErrorStream()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
 
     with pytest.raises(LettaRetryable, match="LLM down"):
+        asyncio.run(send())
+
+
+# ---------------------------------------------------------------- one deadline, whole streams, settled runs
+
+class RunsHttp(FakeLettaHttp):
+    """Letta's run listing: `active` runs of the agent for the first `busy_polls` lookups."""
+
+    def __init__(self, busy_polls: int, *, created_at: str | None = None):
+        super().__init__()
+        self.busy_polls = busy_polls
+        self.created_at = created_at
+        self.polls = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.rstrip("/") != "/v1/runs":
+            return super().__call__(request)
+        self.requests.append(request)
+        assert request.url.params["agent_id"] == "agent-1" and request.url.params["active"] == "true"
+        self.polls += 1
+        created = self.created_at or datetime.now(timezone.utc).isoformat()
+        busy = self.polls <= self.busy_polls
+        return httpx.Response(200, json=[{"id": "run-1", "agent_id": "agent-1", "status": "running",
+                                          "created_at": created}] if busy else [])
+
+
+def test_settling_waits_for_the_earlier_run_to_end_and_says_how_many_there_were():
+    http = RunsHttp(busy_polls=3)
+    assert asyncio.run(turns_with(http).settle_runs("agent-1")) == 1
+    assert http.polls == 4  # polled until the run was over
+    assert asyncio.run(turns_with(RunsHttp(busy_polls=0)).settle_runs("agent-1")) == 0
+
+
+def test_a_run_still_in_flight_after_the_deadline_is_not_sent_over_and_an_orphan_does_not_count():
+    async def settle(http, deadline):
+        turns = turns_with(http)
+        turns._deadline = deadline
+        return await turns.settle_runs("agent-1")
+
+    with pytest.raises(LettaUnavailable, match="still in flight"):
+        asyncio.run(settle(RunsHttp(busy_polls=10**6), 0.6))
+    orphan = RunsHttp(busy_polls=10**6, created_at=(datetime.now(timezone.utc) - timedelta(hours=2)).isoformat())
+    assert asyncio.run(settle(orphan, 0.6)) == 0
+
+
+class EndlessPings(FakeLettaHttp):
+    """A hung model behind Letta: the stream sends keep-alive pings and nothing else."""
+
+    def __call__(self, request):
+        async def pings():
+            while True:
+                yield b'data: {"message_type": "ping"}\n\n'
+                await asyncio.sleep(0.05)
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=pings())
+
+
+class CutStream(FakeLettaHttp):
+    """The stream ends mid-reply: some text, no stop reason, no [DONE]."""
+
+    def __call__(self, request):
+        chunks = [{"message_type": "assistant_message", "id": "m-1", "content": "Hello the"}]
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(chunks))
+
+
+@pytest.mark.parametrize("handler, error", [(EndlessPings, "longer than LETTA_TIMEOUT"), (CutStream, "before \\[DONE\\]")])
+def test_a_stream_is_an_answer_only_when_it_ends_and_pings_do_not_extend_the_deadline(handler, error):
+    async def ignore(delta: str) -> None:
+        pass
+
+    async def send():
+        turns = turns_with(handler())
+        turns._deadline = 0.5
+        return await turns.send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
+
+    with pytest.raises(LettaRetryable, match=error):
+        asyncio.run(send())
+
+
+def test_an_error_event_after_a_model_failure_is_letta_cannot_answer_now_not_a_retry():
+    class ModelDown(FakeLettaHttp):  # what Letta 0.16.8 streams when the model fails mid-turn
+        def __call__(self, request):
+            body = (b'data: {"message_type": "stop_reason", "stop_reason": "llm_api_error"}\n\n'
+                    b'event: error\ndata: {"error_type": "internal_error", "message": "An error occurred"}\n\n')
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    async def ignore(delta: str) -> None:
+        pass
+
+    async def send():
+        await turns_with(ModelDown()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
+
+    with pytest.raises(LettaUnavailable, match="model failed mid-turn"):
+        asyncio.run(send())
+
+
+def test_an_error_event_naming_a_model_failure_is_unavailable_even_without_its_stop_reason():
+    class RateLimited(FakeLettaHttp):  # the error event as Letta 0.16.8 sent it for a 429 of the model
+        def __call__(self, request):
+            body = b'event: error\ndata: {"message_type": "error_message", "error_type": "llm_rate_limit"}\n\n'
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    async def ignore(delta: str) -> None:
+        pass
+
+    async def send():
+        await turns_with(RateLimited()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None, on_text=ignore)
+
+    with pytest.raises(LettaUnavailable):
         asyncio.run(send())

@@ -250,6 +250,7 @@ async def test_a_killed_bridge_loses_nothing_and_the_next_one_does_not_resend(r,
     assert out.responses()[0]["response_text"] == "echo: first"
     assert gateway.sends_of("t-1") == 1  # find_answered replayed the stored turn
     assert ("agent-1", "t-1") in gateway.find_calls
+    assert gateway.settled == ["agent-1"]  # the killed attempt's run was let end before the lookup
     assert gateway.sends_of("t-2") == 1 and ("agent-1", "t-2") not in gateway.find_calls  # first attempt: no lookup
 
 
@@ -275,6 +276,24 @@ async def test_a_turn_killed_after_its_tool_step_is_finished_not_replayed_as_sil
     assert response["task_id"] == "t-1" and response["response_text"] == "(after the tools)"
     assert gateway.sends_of("t-1") == 1  # never sent twice
     assert gateway.continued == [("agent-1", "t-1")]  # its next step was asked for instead
+
+
+@scenario
+async def test_losing_the_viewer_lock_stops_the_turn_in_flight_before_it_speaks_or_acknowledges(r, url, tmp_path):
+    settings = make_settings(url, tmp_path)
+    gateway = FakeGateway(hold=asyncio.Event())  # the turn is in Letta and stays there
+    async with Outputs(url) as out, running(settings, gateway):
+        await push(r, task("t-1", content="hi"))
+        await asyncio.wait_for(gateway.send_started.wait(), 10)
+        await r.delete(keys.viewer_active("bilibili:1"))  # the lock expired: another replica may take over
+        # Cancelled while Letta still "runs" it (hold is never set): it neither spoke nor acknowledged.
+        await wait_for(lambda: gateway.in_flight == 0, what="the turn in flight to be cancelled")
+        # The viewer's next owner (here this same replica, claiming again) replays the stored turn.
+        await wait_for(out.responses, what="the task answered by the next owner")
+        await asyncio.sleep(0.3)
+    assert [x["task_id"] for x in out.responses()] == ["t-1"]
+    assert gateway.sends_of("t-1") == 1 and ("agent-1", "t-1") in gateway.find_calls
+    assert await r.llen("tts_requests") == 1
 
 
 @scenario

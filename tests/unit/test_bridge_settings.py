@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from bridge.fakes import FakeGateway
 from bridge.gateway import LettaGateway
 from bridge.letta_turns import LettaTurns
-from vtuber_letta.settings import Settings
+from vtuber_letta.settings import Settings, SettingsError, load_settings
 
 
 def test_defaults(monkeypatch):
@@ -61,3 +61,30 @@ def test_invalid_values_are_refused(values):
 def test_gateways_follow_the_protocol():
     assert isinstance(FakeGateway(), LettaGateway)
     assert callable(LettaTurns.send_turn) and callable(LettaTurns.find_answered)
+
+
+# --------------------------------------------------------------------------- capacity follows Letta's workers
+
+def test_concurrency_follows_the_letta_workers_it_points_at():
+    one = Settings(_env_file=None)
+    assert one.letta_workers == 1
+    assert one.bridge_concurrency == one.bridge_concurrency_per_letta_worker == 32
+    assert Settings(_env_file=None, VTL_LETTA_WORKERS=2).bridge_concurrency == 64
+    assert Settings(_env_file=None, VTL_LETTA_WORKERS=3, VTL_BRIDGE_CONCURRENCY_PER_LETTA_WORKER=8).bridge_concurrency == 24
+    # At most what one replica may run (16 workers x 32 would be 512).
+    assert Settings(_env_file=None, VTL_LETTA_WORKERS=16).bridge_concurrency == 256
+
+
+def test_an_explicit_concurrency_wins_over_the_workers(monkeypatch):
+    monkeypatch.setenv("VTL_BRIDGE_CONCURRENCY", "5")
+    monkeypatch.setenv("VTL_LETTA_WORKERS", "4")
+    s = Settings(_env_file=None)
+    assert (s.letta_workers, s.bridge_concurrency) == (4, 5)
+
+
+@pytest.mark.parametrize("values", [{"VTL_LETTA_WORKERS": 0}, {"VTL_LETTA_WORKERS": 17},
+                                    {"VTL_BRIDGE_CONCURRENCY_PER_LETTA_WORKER": 0}])
+def test_a_bad_worker_count_is_refused_by_name(values):
+    [(name, value)] = values.items()
+    with pytest.raises(SettingsError, match=name):
+        load_settings(_env_file=None, **values)

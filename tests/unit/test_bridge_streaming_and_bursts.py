@@ -11,8 +11,8 @@ import pytest
 
 from bridge import check_bridge, run_bridge
 from bridge.fakes import FakeGateway
-from bridge.gateway import LettaPermanentError, TurnResult
-from bridge_harness import Outputs, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
+from bridge.gateway import AvatarCall, LettaPermanentError, TurnResult
+from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
 from vtuber_letta import redis_keys as keys
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,6 +60,73 @@ async def test_per_sentence_speech_queues_each_sentence_once_and_not_the_whole_r
     ]
     assert {s["response_channel"] for s in speech} == {"task_response:t-1"}
     assert out.responses()[0]["response_text"] == LONG
+
+
+def cue_reply(viewer, message) -> TurnResult:
+    """Words, then an avatar cue (the fake's model writes its words before its calls)."""
+    return TurnResult(reply_text=LONG, avatar_calls=(AvatarCall("set_expression", {"expression": "happy"}),))
+
+
+@scenario
+async def test_speech_gets_the_whole_reply_while_the_tools_still_run_and_only_once(r, url, tmp_path):
+    await speech_before_the_tools_end(r, url, tmp_path, per_sentence=False)
+
+
+@scenario
+async def test_per_sentence_speech_gets_every_sentence_while_the_tools_still_run_and_only_once(r, url, tmp_path):
+    await speech_before_the_tools_end(r, url, tmp_path, per_sentence=True)
+
+
+async def speech_before_the_tools_end(r, url, tmp_path, *, per_sentence: bool) -> None:
+    settings = make_settings(url, tmp_path, VTL_BRIDGE_TTS_PER_SENTENCE=per_sentence, VTL_BRIDGE_AVATAR_CHANNEL="avatar_out")
+    gateway = FakeGateway(reply=cue_reply, hold=asyncio.Event())  # the tools "run" until hold is set
+    async with Outputs(url) as out, running(settings, gateway):
+        await push(r, task("t-1"))
+        await wait_for(lambda: r.exists(keys.task_spoken("t-1")), what="speech hand-off")
+        spoken_early = await tts_requests(r)
+        assert out.responses() == [] and out.on("avatar_out") == []  # the turn has not ended
+        gateway.hold.set()
+        await wait_for(out.responses, what="final response")
+    if per_sentence:
+        assert [t["text"] for t in spoken_early] == ["第一句来了。", "Second sentence here!", "第三句？", "The end"]
+    else:
+        assert spoken_early == [{"message_id": "letta-t-1", "task_id": "t-1", "text": LONG,
+                                 "response_channel": "task_response:t-1"}]
+    assert await tts_requests(r) == spoken_early  # FINISH queued nothing for speech again
+    assert out.responses()[0]["response_text"] == LONG and out.on("avatar_out")[0]["args"] == {"expression": "happy"}
+    assert 0 < await r.ttl(keys.task_spoken("t-1")) <= settings.bridge_done_ttl
+
+
+@scenario
+async def test_without_tts_the_text_only_reply_also_goes_out_before_the_tools_end(r, url, tmp_path):
+    settings = make_settings(url, tmp_path, VTL_BRIDGE_TTS_HANDOFF=False)
+    gateway = FakeGateway(reply=cue_reply, hold=asyncio.Event())
+    async with Outputs(url) as out, running(settings, gateway):
+        await push(r, task("t-1"))
+        await wait_for(lambda: out.on("task_response:t-1"), what="text-only reply")
+        assert out.responses() == []
+        gateway.hold.set()
+        await wait_for(out.responses, what="final response")
+    assert out.on("task_response:t-1") == [{"text": LONG}]  # once
+    assert await r.llen("tts_requests") == 0
+
+
+@scenario
+async def test_a_turn_replayed_after_its_words_went_to_speech_is_not_spoken_again(r, url, tmp_path):
+    settings = make_settings(url, tmp_path)
+    gateway = FakeGateway(reply=cue_reply, hold=asyncio.Event())  # Letta stores the turn; the bridge dies
+    async with Outputs(url) as out:
+        bridge_a = asyncio.create_task(run_bridge(settings, gateway, stop_event=asyncio.Event(), replica_id="a"))
+        await push(r, task("t-1"))
+        await wait_for(lambda: r.exists(keys.task_spoken("t-1")), what="speech hand-off")
+        bridge_a.cancel()  # killed while the tools ran: no FINISH
+        await asyncio.gather(bridge_a, return_exceptions=True)
+        await wait_for(lambda: _not(check_bridge(settings, "a")), what="TTL expiry")
+        gateway.hold = None
+        async with running(settings, gateway, "b"):
+            await wait_for(out.responses, what="answer")
+    assert gateway.sends_of("t-1") == 1 and out.responses()[0]["response_text"] == LONG  # replayed
+    assert [t["message_id"] for t in await tts_requests(r)] == ["letta-t-1"]  # spoken once
 
 
 @scenario

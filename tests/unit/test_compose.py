@@ -20,6 +20,7 @@ import redis
 import yaml
 
 from tools.memory_client import GATE_URL_ENV
+from stack import letta_workers
 from stack.install import LETTA_VERSION
 from stack.processes import free_port, wait_until
 from stack.redacting_runner import REDACT_ENV
@@ -44,6 +45,11 @@ LETTA_SERVER_VARIABLES = {
     "OPENAI_API_KEY": ("letta/settings.py", "    openai_api_key: Optional[str]"),
     "OPENAI_BASE_URL": ("letta/settings.py", 'AliasChoices("OPENAI_BASE_URL"'),
     "OLLAMA_BASE_URL": ("letta/settings.py", "    ollama_base_url: Optional[str]"),
+    # docker-compose.scale-out.yml: the shared Postgres (its password builds the URI) and Redis.
+    "LETTA_PG_URI": ("letta/settings.py", "    pg_uri: Optional[str]"),
+    "LETTA_PG_PASSWORD": ("letta/settings.py", "    pg_password: Optional[str]"),
+    "LETTA_DISABLE_SQLALCHEMY_POOLING": ("letta/settings.py", "    disable_sqlalchemy_pooling: bool"),
+    "LETTA_REDIS_HOST": ("letta/settings.py", "    redis_host: Optional[str]"),
     # Set in stack/letta.Dockerfile (ToolSettings has no env prefix): our slim tool sandbox.
     "TOOL_EXEC_DIR": ("letta/settings.py", "    tool_exec_dir: Optional[str]"),
     "TOOL_EXEC_VENV_NAME": ("letta/settings.py", "    tool_exec_venv_name: Optional[str]"),
@@ -54,10 +60,13 @@ LETTA_DOCKERFILE = REPO / "stack" / "letta.Dockerfile"
 PYTHON_VARIABLES = {"PYTHONPATH"}
 # Read in the letta container by our line filter that keeps the password out of `docker logs`.
 RUNNER = "/opt/vtuber-letta/redacting_runner.py"
+# ... and by the boot of its uvicorn workers, which is also its healthcheck (stack/letta_workers.py).
+WORKERS_SCRIPT = "/opt/vtuber-letta/letta_workers.py"
 # What the letta/letta image keeps where (pgvector base image's PGDATA; Letta's LETTA_DIR and its
 # logs), and the line filter Letta runs under.
 LETTA_MOUNTS = {"/var/lib/postgresql/data": "data/letta/pgdata", "/root/.letta": "data/letta/config",
-                "/root/.letta/logs": "data/letta/logs", RUNNER: "stack/redacting_runner.py"}
+                "/root/.letta/logs": "data/letta/logs", RUNNER: "stack/redacting_runner.py",
+                WORKERS_SCRIPT: "stack/letta_workers.py"}
 
 
 # --------------------------------------------------------------------------- the validator
@@ -103,7 +112,7 @@ def test_the_validator_schema_checks(tmp_path):
     assert done.returncode != 0 and "stop_grace_periodd" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("variable", ["LETTA_API_KEY", "LETTA_MODEL", "REDIS_PASSWORD"])
+@pytest.mark.parametrize("variable", ["LETTA_API_KEY", "LETTA_MODEL", "REDIS_PASSWORD", "VTL_CONSOLE_PASSWORD"])
 def test_required_variables_stop_compose_with_a_message(tmp_path, variable):
     """Each required variable, missing or empty, stops compose with a message naming it."""
     for missing in ("", f"{variable}=\n"):
@@ -165,8 +174,9 @@ def test_every_container_variable_is_read_by_its_program(config):
     for name, service in config["services"].items():
         env = set(service.get("environment") or {})
         if name == "letta":
-            # GATE_URL_ENV: read by our tools inside Letta's sandbox; REDACT_ENV: by the line filter.
-            unknown = env - set(LETTA_SERVER_VARIABLES) - {GATE_URL_ENV, REDACT_ENV}
+            # GATE_URL_ENV: read by our tools inside Letta's sandbox; REDACT_ENV: by the line filter;
+            # WORKERS_ENV: by the workers' boot and healthcheck.
+            unknown = env - set(LETTA_SERVER_VARIABLES) - {GATE_URL_ENV, REDACT_ENV, letta_workers.WORKERS_ENV}
             assert not unknown, f"letta gets {sorted(unknown)}: not Letta server variables we know it reads"
         elif name == "redis":
             assert env == {"REDIS_PASSWORD"}, f"redis gets {sorted(env)}: only its password (its command reads it)"
@@ -219,17 +229,19 @@ def test_env_example_is_valid_as_is_and_with_every_line_uncommented(tmp_path):
 
 def test_every_service_is_used_and_starts_in_order(config):
     services = config["services"]
-    assert set(services) == {"redis", "letta", "memory-gate", "provision", "bridge"}
+    assert set(services) == {"redis", "letta", "memory-gate", "provision", "bridge", "console"}
     needed = {dep for s in services.values() for dep in (s.get("depends_on") or {})}
-    assert set(services) - needed == {"bridge"}, "every service but the bridge is something another waits for"
+    assert set(services) - needed == {"bridge", "console"}, \
+        "every service but the bridge and the console is something another waits for"
     assert services["provision"]["depends_on"] == {"letta": {"condition": "service_healthy"},
                                                    "redis": {"condition": "service_healthy"}}
     assert services["bridge"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
     assert services["provision"]["restart"] == "no"
+    assert services["console"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
 
 
 def test_the_commands_are_vtuber_letta_subcommands(config):
-    for name in ("provision", "bridge", "memory-gate"):
+    for name in ("provision", "bridge", "memory-gate", "console"):
         command = config["services"][name]["command"]
         args = command[1:] if command[0] == "vtuber-letta" else command[3:]
         assert command[0] == "vtuber-letta" or command[:3] == ["python", "-m", "vtuber_letta.cli"], command
@@ -245,7 +257,7 @@ def test_every_volume_is_used(config):
     letta = {v.split(":")[1]: v.split(":")[0] for v in services["letta"]["volumes"]}
     assert {target: str(Path(source).relative_to(REPO)) for target, source in letta.items()} == LETTA_MOUNTS
     assert [v.split(":")[:2] for v in services["redis"]["volumes"]] == [[str(REPO / "data/redis"), "/data"]]
-    for name in ("provision", "bridge"):
+    for name in ("provision", "bridge", "console"):
         service = services[name]
         targets = {v.split(":")[1]: v for v in service["volumes"]}
         env = service["environment"]
@@ -262,7 +274,7 @@ def test_redis_persists_and_everything_has_a_healthcheck(config):
     for name in ("redis", "letta", "memory-gate", "bridge"):
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
     assert services["bridge"]["healthcheck"]["test"][1:] == ["vtuber-letta", "bridge", "--check"]
-    assert services["letta"]["healthcheck"]["test"][-1].endswith("/v1/health/")
+    assert services["letta"]["healthcheck"]["test"][1:] == ["python3", WORKERS_SCRIPT, "check"]
     assert services["letta"]["environment"]["LETTA_SERVER_SECURE"] == "true"
     assert services["letta"]["environment"]["LETTA_SERVER_PASSWORD"] == _env_example()[0]["LETTA_API_KEY"]
 
@@ -325,7 +337,8 @@ def _pings(client) -> bool:
 
 def test_letta_runs_under_the_line_filter_that_blanks_its_password(config):
     letta = config["services"]["letta"]
-    assert letta["command"][1:] == [RUNNER, "./letta/server/startup.sh"]  # the image's own CMD, filtered
+    # The image's own CMD, its workers booted one first, filtered.
+    assert letta["command"][1:] == [RUNNER, "python3", WORKERS_SCRIPT, "boot", "--", "./letta/server/startup.sh"]
     assert letta["environment"][REDACT_ENV] == letta["environment"]["LETTA_SERVER_PASSWORD"]
 
 
@@ -377,3 +390,13 @@ def test_the_image_holds_every_package_and_a_python_the_project_accepts():
 def test_make_install_installs_the_validator():
     install = re.search(r"^install:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), flags=re.M)
     assert install and VALIDATOR in install.group(1), "the Makefile's install target must install docker-compose"
+
+
+def test_letta_and_the_bridge_get_the_one_default_worker_count(config):
+    """The worker count's default lives in vtuber_letta/settings.py; compose's fallback must be it,
+    and the bridge, whose concurrency follows it, must be told the same count as Letta."""
+    services = config["services"]
+    default = Settings.model_fields["letta_workers"].default
+    assert services["letta"]["environment"][letta_workers.WORKERS_ENV] == str(default)
+    assert services["bridge"]["environment"][letta_workers.WORKERS_ENV] == str(default)
+    assert f"${{{letta_workers.WORKERS_ENV}:-{default}}}" in BASE.read_text()
