@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install down
+.PHONY: demo test lint install down
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/vtuber-letta demo
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
+
+# ruff: pyflakes, pycodestyle, import order, bugbear (the rule set is in pyproject.toml)
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
 
 down: $(BIN)/.installed
 	$(BIN)/vtuber-letta stack down

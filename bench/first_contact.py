@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.common import (
-    Bridge, BridgeSender, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id,
-    table,
-)
+from bench.common import Bridge, BridgeSender, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id, table
 
 FULL = {"turns": 20, "warmup": 3}
 QUICK = {"turns": 8, "warmup": 2}

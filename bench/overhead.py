@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.common import (
-    Bridge, BridgeSender, DirectSender, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio,
-    report, run_id, table,
-)
+from bench.common import Bridge, BridgeSender, DirectSender, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id, table
 
 FULL = {"turns": 60, "warmup": 3, "settle_ms": 300}
 QUICK = {"turns": 12, "warmup": 2, "settle_ms": 300}

@@ -24,10 +24,7 @@ import json
 import random
 import time
 
-from bench.common import (
-    _http_json, _text, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id,
-    scripted_rules, table,
-)
+from bench.common import _http_json, _text, bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, ratio, report, run_id, scripted_rules, table
 from tools.gate_client import GateClient
 from vtuber_letta.letta_api import letta_client
 

@@ -17,9 +17,7 @@ import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from itertools import cycle
 
-from bench.common import (
-    bench_stack, bridge_cwd, bridge_env, log, ms, p50, p95, parse, parser, report, run_id, table,
-)
+from bench.common import bench_stack, bridge_cwd, bridge_env, log, ms, p50, p95, parse, parser, report, run_id, table
 from provisioning.viewers import ViewerAgents
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.redis_api import redis_client

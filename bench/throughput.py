@@ -35,8 +35,24 @@ import time
 from dataclasses import dataclass, field
 
 from bench.common import (
-    PLAIN_REPLY, Bridge, BridgeSender, DirectSender, TURN_WAIT_S, bench_stack, ensure_agents, log, ms,
-    p50, parse, parser, problem_counts, problems_since, report, restart_letta_with_workers, run_id, scripted_rules,
+    PLAIN_REPLY,
+    TURN_WAIT_S,
+    Bridge,
+    BridgeSender,
+    DirectSender,
+    bench_stack,
+    ensure_agents,
+    log,
+    ms,
+    p50,
+    parse,
+    parser,
+    problem_counts,
+    problems_since,
+    report,
+    restart_letta_with_workers,
+    run_id,
+    scripted_rules,
     table,
 )
 from bench.cpu import CpuMeter

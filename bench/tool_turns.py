@@ -16,10 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bench.common import (
-    Bridge, bench_stack, ensure_agents, log, ms, model_calls, p50, p95, parse, parser, ratio, report, run_id,
-    scripted_rules, table,
-)
+from bench.common import Bridge, bench_stack, ensure_agents, log, model_calls, ms, p50, p95, parse, parser, ratio, report, run_id, scripted_rules, table
 from bench.cpu import CpuMeter
 from bench.published import Published
 from vtuber_letta.letta_api import letta_client
@@ -144,7 +141,8 @@ def main() -> None:
                          ms(p50(cpu[kind]))])
         latency = (f"model latency {args.model_latency_ms} ms per call, {args.tokens_per_second:g} tokens/s"
                    if pacing else "the scripted model answers at once")
-        report(f"Tool turns through the bridge ({latency})", settings, args.reuse_stack, scripted="each kind: its reply and its tool calls in one response", sections=[
+        report(f"Tool turns through the bridge ({latency})", settings, args.reuse_stack,
+               scripted="each kind: its reply and its tool calls in one response", sections=[
             table(["turn", "n", "reply to speech p50 ms", "p95", "× plain p50", "turn end p50 ms", "p95", "× plain",
                    "first sentence p50 ms", "× plain", "model calls p50 (max)", "sandbox runs / turn",
                    "Letta CPU / turn ms"], rows),

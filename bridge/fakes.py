@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from bridge.gateway import LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink

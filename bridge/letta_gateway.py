@@ -16,9 +16,7 @@ from typing import Sequence
 
 from letta_client import AsyncLetta, NotFoundError
 
-from bridge.gateway import (
-    LettaError, LettaRetryable, LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink,
-)
+from bridge.gateway import LettaError, LettaRetryable, LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
 from bridge.letta_turns import LettaTurns, as_gateway_error
 from provisioning.provision import ProvisioningError
 from provisioning.viewers import ViewerAgents

@@ -25,7 +25,7 @@ def run_console(settings) -> int:
     """Serve until SIGTERM/SIGINT (uvicorn handles both)."""
     import uvicorn
 
-    settings.console_password  # generated now (not at the first login) so the file is there to read
+    _ = settings.console_password  # generated now (not at the first login) so the file is there to read
     log.info("console: http://%s:%s/ (password: %s)", settings.console_host, settings.console_port,
              settings.console_password_hint)
     uvicorn.run(console_app(settings), host=settings.console_host, port=settings.console_port,

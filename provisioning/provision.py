@@ -22,14 +22,7 @@ from typing import Callable
 
 from letta_client import APIConnectionError, APIStatusError, Letta
 
-from agent_templates.loader import (
-    AgentTemplate,
-    PersonaConfig,
-    TemplateError,
-    load_persona_config,
-    load_template,
-    render_shared_blocks,
-)
+from agent_templates.loader import AgentTemplate, PersonaConfig, TemplateError, load_persona_config, load_template, render_shared_blocks
 from provisioning.naming import PRODUCT_TAG, SHARED_BLOCK_TAG
 from provisioning.summary import Summary
 from tools import upsert_kwargs

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 from stack import letta_workers
 from stack.install import LettaInstall
-from stack.tool_sandbox import server_env as tool_sandbox_env
 from stack.processes import ManagedProcess, StackError, run_checked, wait_until
+from stack.tool_sandbox import server_env as tool_sandbox_env
 
 
 class LettaServer:

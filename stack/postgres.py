@@ -8,15 +8,15 @@ mode 0600 under data/letta/config. Run as an unprivileged user when we are root.
 from __future__ import annotations
 
 import os
-import signal
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 from stack.install import LettaInstall
-from stack.processes import ManagedProcess, as_user, StackError, port_open, run_checked, wait_until
+from stack.processes import ManagedProcess, StackError, as_user, port_open, run_checked, wait_until
 from vtuber_letta.private_files import TRAVERSE_ONLY, create_private, private_dir, write_private
 
 DB_NAME = "letta"

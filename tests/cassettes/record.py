@@ -24,8 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from stack.manager import Stack  # noqa: E402
-from stack.processes import port_open  # noqa: E402
 from stack.private import private_data_dir, private_stack_settings  # noqa: E402
+from stack.processes import port_open  # noqa: E402
 
 TEST_MODULE = "tests/unit/test_provisioning_cassettes.py"
 CASSETTE_DIR = REPO_ROOT / "tests" / "cassettes" / "provisioning"

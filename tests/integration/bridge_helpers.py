@@ -162,9 +162,9 @@ class BridgeProcess:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as err:
                 self.kill()
-                raise AssertionError(f"bridge {self.replica_id} ignored SIGTERM for {timeout:.0f}s:\n{self.log_tail()}")
+                raise AssertionError(f"bridge {self.replica_id} ignored SIGTERM for {timeout:.0f}s:\n{self.log_tail()}") from err
         return self.proc.returncode
 
     def kill(self) -> int | None:

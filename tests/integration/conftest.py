@@ -19,6 +19,7 @@ from tests.integration.scripted import ScriptedModel
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.settings import Settings
 
+
 @pytest.fixture(scope="session")
 def stack_settings() -> Settings:
     data_dir = private_data_dir()

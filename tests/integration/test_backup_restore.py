@@ -5,7 +5,8 @@ is wiped (processes stopped, Postgres and Redis data and the persona config dele
 empty; `vtuber-letta restore`. Then the fact, the persona edit, the persona config, the viewer map
 and the viewer's counters are back, and a turn through the bridge is answered by the same agent
 from its memory. Alice's long-term tier (facts the gate moved to her archival passages) is in the
-backup beside her Agent File and comes back with the database: the same passages, found again. A second restore into the now non-empty stack is refused without --force."""
+backup beside her Agent File and comes back with the database: the same passages, found again. A
+second restore into the now non-empty stack is refused without --force."""
 
 from __future__ import annotations
 

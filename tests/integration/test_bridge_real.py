@@ -160,7 +160,7 @@ def test_burst_of_five_viewers_each_answered_once_in_order(provisioned, r, bridg
         assert response["user_id"] == sent[response["task_id"]]["user_id"]
         assert response["source"] == "letta" and response["silent"] is False
     # Each viewer's replies in the order sent, each echoing its own message.
-    for v, viewer in enumerate(viewers):
+    for v in range(len(viewers)):
         mine = [x for x in replies if x["task_id"].startswith(f"b-{rid}-v{v}-")]
         assert [x["task_id"] for x in mine] == [t["task_id"] for t in tasks[v]], f"viewer {v} out of order"
         for reply, sent_task in zip(mine, tasks[v]):

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from bridge.letta_turns import otid_for
+from bridge.say import build_task
 from provisioning.viewers import ViewerAgents
 from tests.integration.bridge_helpers import (
     CRASH_KNOBS,
@@ -27,8 +29,6 @@ from tests.integration.bridge_helpers import (
     user_runs,
     wait_for,
 )
-from bridge.letta_turns import otid_for
-from bridge.say import build_task
 from vtuber_letta import redis_keys as keys
 
 pytestmark = pytest.mark.integration

@@ -26,6 +26,7 @@ import pytest
 
 from provisioning.provision import find_shared_block, provision
 from stack.manager import SCRIPTED_MODEL_KEY
+from stack.private import REPO_ROOT
 from tests.hostile.cases import (
     ANSWERED,
     CATEGORIES,
@@ -44,18 +45,7 @@ from tests.hostile.cases import (
     interleave,
     sample_context,
 )
-from stack.private import REPO_ROOT
-from tests.integration.bridge_helpers import (
-    BridgeProcess,
-    ChannelRecorder,
-    agents_of,
-    bridge_leftovers,
-    clear_bridge_state,
-    push,
-    redis_conn,
-    run_id,
-    wait_for,
-)
+from tests.integration.bridge_helpers import BridgeProcess, ChannelRecorder, agents_of, bridge_leftovers, clear_bridge_state, push, redis_conn, run_id, wait_for
 from tests.integration.scripted import ScriptedModel
 from tools.human_block import clean_field_value, parse_facts, parse_fields, split_sections
 from vtuber_letta import redis_keys as keys

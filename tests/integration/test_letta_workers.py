@@ -20,8 +20,18 @@ from stack import letta_workers
 from stack.manager import Stack
 from stack.private import private_data_dir, private_stack_settings
 from tests.integration.bridge_helpers import (
-    clear_bridge_state, dead_letters, memory_queue, otid_count, push, redis_conn, run_id, tts_replies,
-    user_otid_counts, agents_of, wait_for, wait_for_replies,
+    agents_of,
+    clear_bridge_state,
+    dead_letters,
+    memory_queue,
+    otid_count,
+    push,
+    redis_conn,
+    run_id,
+    tts_replies,
+    user_otid_counts,
+    wait_for,
+    wait_for_replies,
 )
 
 WORKERS = 2

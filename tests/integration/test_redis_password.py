@@ -8,10 +8,11 @@ import shutil
 import pytest
 import redis
 
-from bridge.service import check_bridge, redis_client as bridge_redis_client
+from bridge.service import check_bridge
+from bridge.service import redis_client as bridge_redis_client
+from stack.private import private_data_dir, private_stack_settings
 from stack.processes import free_port
 from stack.redis_server import RedisServer
-from stack.private import private_data_dir, private_stack_settings
 from vtuber_letta.redis_api import redis_client
 
 pytestmark = pytest.mark.integration

@@ -30,15 +30,7 @@ from provisioning.provision import load_blueprint, provision
 from provisioning.upgrade import FINGERPRINT_KEY
 from provisioning.viewers import ViewerAgents
 from stack.private import REPO_ROOT
-from tests.integration.bridge_helpers import (
-    agents_of,
-    clear_bridge_state,
-    dead_letters,
-    push,
-    redis_conn,
-    wait_for,
-    wait_for_replies,
-)
+from tests.integration.bridge_helpers import agents_of, clear_bridge_state, dead_letters, push, redis_conn, wait_for, wait_for_replies
 from tests.integration.test_provisioning import cli_env
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.letta_api import letta_client

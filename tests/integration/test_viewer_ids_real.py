@@ -13,17 +13,7 @@ import pytest
 
 from bridge.say import build_task
 from stack.private import child_env
-from tests.integration.bridge_helpers import (
-    agents_of,
-    bridge_leftovers,
-    clear_bridge_state,
-    dead_letters,
-    push,
-    redis_conn,
-    run_id,
-    wait_for,
-    wait_for_replies,
-)
+from tests.integration.bridge_helpers import agents_of, bridge_leftovers, clear_bridge_state, dead_letters, push, redis_conn, run_id, wait_for, wait_for_replies
 from vtuber_letta import redis_keys as keys
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import replace
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -17,25 +17,8 @@ import redis
 from letta_client import AsyncLetta
 
 from bridge.errors import Disposition, classify_error, classify_status
-from bridge.gateway import (
-    AvatarCall,
-    LettaPermanentError,
-    LettaRetryable,
-    LettaUnavailable,
-    TurnMessage,
-    ViewerTotals,
-    format_support,
-)
-from bridge.letta_turns import (
-    CONTINUE_NOTE,
-    MAX_STEPS_PER_TURN,
-    LettaTurns,
-    StreamedTurn,
-    answer_of_run,
-    otid_for,
-    safe_sender_name,
-    sse_events,
-)
+from bridge.gateway import AvatarCall, LettaPermanentError, LettaRetryable, LettaUnavailable, TurnMessage, ViewerTotals, format_support
+from bridge.letta_turns import CONTINUE_NOTE, MAX_STEPS_PER_TURN, LettaTurns, StreamedTurn, answer_of_run, otid_for, safe_sender_name, sse_events
 from bridge.replies import content_text, parse_letta_response, parse_messages
 
 REQ = httpx.Request("POST", "http://letta.test/v1/agents/agent-1/messages")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from bridge.queue import ViewerQueues
 from bridge_harness import scenario
+
+from bridge.queue import ViewerQueues
 from vtuber_letta import redis_keys as keys
 
 

@@ -8,13 +8,13 @@ import time
 import urllib.request
 
 import pytest
+from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
 from redis.asyncio import Redis
 
 from bridge import check_bridge, run_bridge
 from bridge.fakes import FakeGateway
 from bridge.gateway import AvatarCall, LettaPermanentError, LettaRetryable, LettaUnavailable, TurnMessage, TurnResult
 from bridge.service import BridgeService
-from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
 from vtuber_letta import redis_keys as keys
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,11 +8,11 @@ import asyncio
 import json
 
 import pytest
+from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
 
 from bridge import check_bridge, run_bridge
 from bridge.fakes import FakeGateway
 from bridge.gateway import AvatarCall, LettaPermanentError, TurnResult
-from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
 from vtuber_letta import redis_keys as keys
 
 pytestmark = pytest.mark.timeout(60)

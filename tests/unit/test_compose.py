@@ -19,11 +19,11 @@ import pytest
 import redis
 import yaml
 
-from tools.memory_client import GATE_URL_ENV
 from stack import letta_workers
 from stack.install import LETTA_VERSION
 from stack.processes import free_port, wait_until
 from stack.redacting_runner import REDACT_ENV
+from tools.memory_client import GATE_URL_ENV
 from vtuber_letta.cli import build_parser
 from vtuber_letta.settings import Settings
 

@@ -20,9 +20,7 @@ import yaml
 
 from stack import letta_workers
 from stack.processes import free_port, port_open, wait_until
-from tests.unit.test_compose import (
-    BASE, ENV_EXAMPLE, LETTA_SERVER_VARIABLES, REPO, SETTINGS_VARIABLES, _env_example, _interpolated, run_validator,
-)
+from tests.unit.test_compose import BASE, ENV_EXAMPLE, LETTA_SERVER_VARIABLES, REPO, SETTINGS_VARIABLES, _env_example, _interpolated, run_validator
 from vtuber_letta.settings import Settings
 
 SCALE_OUT = REPO / "docker-compose.scale-out.yml"
@@ -113,7 +111,7 @@ def test_bridge_replicas_share_one_redis_and_the_letta_workers_between_them(conf
     workers = sum(int(s["environment"][letta_workers.WORKERS_ENV]) for s in _letta_servers(config).values())
     assert sum(s.letta_workers for s in settings) == workers
     assert all(s.bridge_concurrency == s.bridge_concurrency_per_letta_worker * s.letta_workers for s in settings)
-    for name, bridge in bridges.items():
+    for bridge in bridges.values():
         assert bridge["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
     for name, service in services.items():
         for port in service.get("ports") or []:

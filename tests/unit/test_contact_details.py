@@ -14,18 +14,11 @@ import sys
 import time
 
 import pytest
+from contact_corpus import ACCEPTED, REFUSED
 
 import tools
 from tools import contact_details
-from tools.contact_details import (
-    CONTACT_KINDS,
-    CONTACT_PLACEHOLDER,
-    contact_detail_error,
-    find_contact_detail,
-    redact_contact_details,
-)
-
-from contact_corpus import ACCEPTED, REFUSED
+from tools.contact_details import CONTACT_KINDS, CONTACT_PLACEHOLDER, contact_detail_error, find_contact_detail, redact_contact_details
 
 PUBLIC_FUNCTIONS = ("find_contact_detail", "contact_detail_error", "redact_contact_details")
 

@@ -13,27 +13,9 @@ import itertools
 
 import pytest
 
-from tools.human_block import (
-    HumanBlockError,
-    format_human_block,
-    parse_facts,
-    replace_facts,
-    set_fields,
-    stored_count,
-    stored_line,
-)
+from tools.human_block import HumanBlockError, format_human_block, parse_facts, replace_facts, set_fields, stored_count, stored_line
 from tools.memory_gate import HumanBlock, MemoryGate, StoreUnavailable, memory_token
-from tools.memory_tiers import (
-    StoredFact,
-    TierPolicy,
-    category_of_tags,
-    fit_block,
-    format_recall,
-    next_to_move,
-    passage_tags,
-    plan_remember,
-    tier_matches,
-)
+from tools.memory_tiers import StoredFact, TierPolicy, category_of_tags, fit_block, format_recall, next_to_move, passage_tags, plan_remember, tier_matches
 
 SECRET = "tier-test-secret"
 

@@ -34,9 +34,9 @@ from provisioning.naming import VIEWER_TAG, agent_name, viewer_tag
 from provisioning.provision import ProvisioningError, load_blueprint, provision, shared_block_tags
 from provisioning.stream import set_stream
 from provisioning.viewers import ViewerAgents
-from tools.memory_gate import memory_token
 from stack.scripted_model import SCRIPTED_MODEL_ID
 from tools import upsert_kwargs
+from tools.memory_gate import memory_token
 from vtuber_letta import redis_keys
 from vtuber_letta.settings import Settings
 

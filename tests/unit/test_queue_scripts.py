@@ -13,10 +13,10 @@ import json
 
 import pytest
 import redis as redis_sync
+from bridge_harness import scenario
 from redis.exceptions import ResponseError
 
 from bridge.queue import Finished, Output, ViewerHold, ViewerQueues
-from bridge_harness import scenario
 from vtuber_letta import redis_keys as keys
 
 V = "bilibili:42"

@@ -21,19 +21,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 
 import tools
 from tools import human_block, memory_client
-from tools.human_block import (
-    FACTS_HEADING,
-    VERIFIED_HEADING,
-    VIEWER_HEADING,
-    format_human_block,
-    parse_facts,
-    set_fields,
-)
+from tools.human_block import FACTS_HEADING, VERIFIED_HEADING, VIEWER_HEADING, format_human_block, parse_facts, set_fields
 from tools.memory_gate import HumanBlock, MemoryGate, StoreUnavailable, memory_token, serve
 
 EXPRESSIONS = "neutral,happy,Surprised,shy"
@@ -623,7 +617,7 @@ def test_tool_source_imports_only_the_standard_library(name):
 def test_helper_globals_do_not_clobber_tool_arguments_or_sandbox_names(module):
     argument_names = {arg for func in tools.TOOLS.values()
                       for arg in func.__code__.co_varnames[: func.__code__.co_argcount]}
-    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
     defined = set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):

@@ -10,10 +10,10 @@ import unicodedata
 
 import pytest
 import redis
+from bridge_harness import scenario
 
 from bridge.queue import ViewerQueues
 from bridge.wire import WireError, parse_request
-from bridge_harness import scenario
 from provisioning.viewers import ViewerAgents
 from vtuber_letta import cli, redis_keys
 from vtuber_letta.viewer_ids import (
