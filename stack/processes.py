@@ -67,6 +67,10 @@ class ManagedProcess:
                 umask=PRIVATE_UMASK,
             )
         write_private(self.pid_file, f"{proc.pid}\n")
+        # The part outlives this object (it is found again by its pid file); keep its Popen for the
+        # life of this program, so dropping it neither warns "still running" nor leaves a zombie
+        # unreaped (`stop` reaps it).
+        _STARTED[proc.pid] = proc
         return proc.pid
 
     def stop(self, *, timeout: float = 20.0) -> bool:
@@ -78,6 +82,9 @@ class ManagedProcess:
         if not wait_until(lambda: not _alive(pid), timeout):
             _signal_group(pid, signal.SIGKILL)
             wait_until(lambda: not _alive(pid), 5.0)
+        started = _STARTED.pop(pid, None)
+        if started is not None:
+            started.poll()
         self.pid_file.unlink(missing_ok=True)
         return True
 
@@ -96,6 +103,9 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         return
     except PermissionError:
         os.kill(pid, sig)
+
+
+_STARTED: dict[int, subprocess.Popen] = {}  # the parts this program started, by pid
 
 
 def _alive(pid: int) -> bool:

@@ -318,7 +318,7 @@ def test_the_redis_command_starts_redis_with_the_password_from_stdin_only(tmp_pa
         assert wait_until(lambda: _pings(authed), 20), "redis did not start"
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port, socket_timeout=2).ping()
-        assert env["REDIS_PASSWORD"].encode() not in open(f"/proc/{server.pid}/cmdline", "rb").read()
+        assert env["REDIS_PASSWORD"].encode() not in Path(f"/proc/{server.pid}/cmdline").read_bytes()
     finally:
         server.terminate()
         assert server.wait(20) == 0  # SIGTERM reaches redis-server itself (the shell exec'd it)

@@ -202,8 +202,7 @@ def test_a_real_nginx_takes_the_configuration_shares_requests_and_streams(tmp_pa
         proc = subprocess.Popen(_nginx(tmp_path, conf, " daemon off;"), stderr=subprocess.PIPE)
         try:
             assert wait_until(lambda: port_open("127.0.0.1", port), 10), "nginx did not start"
-            answered = {urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
-                        for _ in range(10)}
+            answered = {_get(f"http://127.0.0.1:{port}/") for _ in range(10)}
             assert answered == {"letta-a", "letta-b"}
             # The first event arrives while the server is still writing: nothing is buffered.
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream", timeout=10) as stream:
@@ -214,9 +213,15 @@ def test_a_real_nginx_takes_the_configuration_shares_requests_and_streams(tmp_pa
         finally:
             proc.terminate()
             proc.wait(10)
+            proc.stderr.close()
     finally:
         for upstream in upstreams:
             upstream.close()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
 
 
 def test_make_install_installs_nginx():

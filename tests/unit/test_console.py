@@ -49,6 +49,7 @@ def app_client(settings, r, memory, redis_url):
     console = Console(settings, r, aioredis.Redis.from_url(redis_url), memory, Sessions(PASSWORD))
     with TestClient(build_app(console), base_url="http://127.0.0.1:8286", follow_redirects=False) as client:
         yield client
+        client.portal.call(console.redis_async.aclose)  # its connections live in the client's event loop
 
 
 def login(client) -> str:
@@ -319,6 +320,8 @@ def test_outcome_counters_come_from_the_bridge_metrics_endpoint(settings):
         assert bridge_outcomes(here) == {"answered": 4, "fallback": 1}
     finally:
         server.shutdown()
+        server.server_close()
+        thread.join(5)
     assert bridge_outcomes(settings.model_copy(update={"bridge_metrics_port": server.server_port})) is None
 
 
