@@ -2,7 +2,7 @@
 
 A stand-in for the upstream language model ONLY: tests and the local demo point the Letta
 server at it (OPENAI_BASE_URL=http://HOST:PORT/v1) because no real model is reachable here.
-Standard library only, so any interpreter can run it:
+Standard library only (and vtuber_letta.model_names, which is too), so any interpreter can run it:
 
     python -m stack.scripted_model --host 127.0.0.1 --port 8399 [--rules rules.json]
 
@@ -89,8 +89,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-SCRIPTED_MODEL_ID = "scripted-vtuber"
-EMBEDDING_MODEL_ID = "text-embedding-3-small"
+from vtuber_letta.model_names import EMBEDDING_MODEL_ID, SCRIPTED_MODEL_ID
+
 OWNER = "vtuber-letta-scripted"
 REQUEST_LOG_SIZE = 500
 DEFAULT_EMBEDDING_DIM = 1536

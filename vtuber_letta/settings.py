@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vtuber_letta.model_names import EMBEDDING_MODEL_ID, SCRIPTED_MODEL_ID
 from vtuber_letta.private_files import create_private, private_dir
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -320,12 +321,10 @@ class Settings(BaseSettings):
             raise SettingsError(
                 "LETTA_MODEL must name a model handle (e.g. openai-proxy/gpt-4o-mini) when a real model endpoint is configured"
             )
-        from stack.scripted_model import SCRIPTED_MODEL_ID
-
         return f"openai-proxy/{SCRIPTED_MODEL_ID}"
 
     def resolved_embedding_handle(self) -> str:
-        return self.letta_embedding or "openai/text-embedding-3-small"
+        return self.letta_embedding or f"openai/{EMBEDDING_MODEL_ID}"
 
 
 def _generated_secret(path: Path) -> str:
