@@ -16,7 +16,9 @@ One turn per viewer across replicas: a worker owns a viewer while it holds `vtl:
 (SET NX PX with a random token, renewed while working) and only ever works on the HEAD of that
 viewer's queue; FINISH pops the head (or the first n, for a coalesced turn) only if the token is
 still its own. RELEASE (and FINISH, when it leaves the queue empty) drops the lock only when the
-queue is empty, in the same script that checks it, so a task routed meanwhile can never be stranded. SWEEP re-readies viewers whose worker died (lock expired).
+queue is empty, in the same script that checks it, so a task routed meanwhile can never be stranded.
+SWEEP re-readies viewers whose worker died (lock expired). The lock's own scripts (CLAIM, RENEW,
+RELEASE) are in vtuber_letta/viewer_lock.py: the commands that change an agent take the same lock.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from redis.asyncio import Redis
 
 from vtuber_letta import redis_keys as keys
 from vtuber_letta import viewer_ids
+from vtuber_letta.viewer_lock import CLAIM, RELEASE, RENEW
 
 T = TypeVar("T")
 
@@ -77,21 +80,6 @@ def route_script() -> str:
     """The ROUTE script: the viewer-id check of vtuber_letta/viewer_ids.py, then the routing."""
     return viewer_ids.lua_viewer_id_check() + _ROUTE_BODY
 
-
-# KEYS: active lock, viewer queue; ARGV: token, ttl ms, peek count
-# Claim the viewer and read the first tasks of its queue in one round trip; nil if someone else has it.
-_CLAIM = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
-return redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
-"""
-
-# KEYS: active lock; ARGV: token, ttl ms
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
 
 # KEYS: active lock, viewer queue, attempts hash, counted hash, pending, the viewer's task index, then one
 #       done key per task, then one key per output
@@ -154,23 +142,6 @@ end
 return {1, 0, unpack(rest)}
 """
 
-# KEYS: active lock, viewer queue, pending, ready; ARGV: token, viewer, 'yield' | 'release'
-# Returns 1 released (queue empty), 2 yielded (queue re-readied), 0 keep working, -1 lock not ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-if redis.call('LLEN', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[3], ARGV[2])
-  return 1
-end
-if ARGV[3] == 'yield' then
-  redis.call('DEL', KEYS[1])
-  if not redis.call('LPOS', KEYS[4], ARGV[2]) then redis.call('RPUSH', KEYS[4], ARGV[2]) end
-  return 2
-end
-return 0
-"""
-
 # KEYS: pending, ready, then (active lock, viewer queue) per viewer; ARGV: the viewers
 # For each viewer: re-ready it if nobody holds its lock and it has work, forget it if its queue is
 # empty. One call per batch of pending viewers (not one per viewer). Returns how many were re-readied.
@@ -215,20 +186,6 @@ end
 return redis.call('HGETALL', KEYS[2])
 """
 
-
-# KEYS: active lock, viewer queue, pending, ready; ARGV: token, viewer
-# `agent forget`, while it holds the viewer: drop the viewer's whole queue (tasks routed while it
-# worked included) and let the viewer go, in one step. Returns how many tasks were dropped, -1 if the
-# lock is not ours.
-_DROP_VIEWER = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local dropped = redis.call('LLEN', KEYS[2])
-redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[3], ARGV[2])
-redis.call('LREM', KEYS[4], 0, ARGV[2])
-return dropped
-"""
 
 
 def cancel_point() -> None:
@@ -280,13 +237,13 @@ class ViewerQueues:
         self.max_payload_bytes = max_payload_bytes
         self.dead_letter_max = dead_letter_max
         self._route = redis.register_script(route_script())
-        self._renew = redis.register_script(_RENEW)
+        self._renew = redis.register_script(RENEW)
         self._finish = redis.register_script(_FINISH)
-        self._release = redis.register_script(_RELEASE)
+        self._release = redis.register_script(RELEASE)
         self._sweep = redis.register_script(_SWEEP)
         self._dead_letter_triage = redis.register_script(_DEAD_LETTER_TRIAGE)
         self._count = redis.register_script(_COUNT)
-        self._claim = redis.register_script(_CLAIM)
+        self._claim = redis.register_script(CLAIM)
 
     # ---- intake ----
     async def take(self, timeout: float) -> bool:
@@ -423,41 +380,6 @@ class ViewerQueues:
             "pending_viewers": pending,
             "known_viewers": viewers,
         }
-
-
-class ViewerHold:
-    """Keeps the bridge off one viewer while a command outside it changes that viewer's agent
-    (`provision` upgrading it, `agent forget` deleting it). Synchronous (redis-py), for the CLI.
-
-    It takes the bridge's own worker lock (`vtl:active:{viewer}`, CLAIM) with a token of its own,
-    so no replica can start a turn of that viewer meanwhile, and it never waits for a turn in
-    flight to end: `claim` answers None when the viewer is busy. `release` works like a worker
-    that yields: a viewer whose queue got tasks meanwhile goes back on the ready list at once.
-    """
-
-    def __init__(self, redis_sync, ttl_ms: int):
-        self.redis = redis_sync
-        self.ttl_ms = int(ttl_ms)
-        self._claim = redis_sync.register_script(_CLAIM)
-        self._release = redis_sync.register_script(_RELEASE)
-        self._drop = redis_sync.register_script(_DROP_VIEWER)
-
-    def claim(self, viewer: str) -> str | None:
-        """The token, or None if a worker (or another command) holds the viewer."""
-        import secrets
-
-        token = "hold-" + secrets.token_hex(12)
-        taken = self._claim(keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer)], args=[token, self.ttl_ms, 1])
-        return None if taken is None else token
-
-    def release(self, viewer: str, token: str) -> None:
-        self._release(keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING,
-                            keys.BRIDGE_READY], args=[token, viewer, "yield"])
-
-    def drop_and_release(self, viewer: str, token: str) -> int:
-        """Delete the viewer's queue and let the viewer go (forget); -1 if the hold had expired."""
-        return int(self._drop(keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING,
-                                    keys.BRIDGE_READY], args=[token, viewer]))
 
 
 async def _batched(items: AsyncIterator[T], size: int) -> AsyncIterator[list[T]]:

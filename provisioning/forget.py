@@ -89,7 +89,7 @@ class Forgetter:
     """One forget, against a Letta client, a sync Redis client that keeps bytes, and the settings."""
 
     def __init__(self, settings, client, redis_bytes, *, creation_lock_ttl: int, lock_wait: float):
-        from bridge.queue import ViewerHold
+        from vtuber_letta.viewer_lock import ViewerHold
 
         self.settings = settings
         self.client = client

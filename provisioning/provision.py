@@ -116,9 +116,9 @@ def provision(settings: Settings, *, dry_run: bool = False, reset_persona: bool 
 def _upgrade_agents(settings: Settings, client: Letta, blueprint: Blueprint, shared_ids: dict[str, str | None],
                     *, dry_run: bool, progress, redis_conn):
     """Every existing viewer agent to the current template (provisioning/upgrade.py)."""
-    from bridge.queue import ViewerHold
     from provisioning.upgrade import TemplateUpgrade, template_state
     from vtuber_letta.redis_api import redis_client
+    from vtuber_letta.viewer_lock import ViewerHold
 
     hold = None
     if not dry_run:

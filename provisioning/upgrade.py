@@ -20,7 +20,7 @@ Per agent: compare, change only what differs, make it take effect, then record i
    is written last, so an interrupted upgrade is redone on the next run.
 
 The bridge may be running: each agent is changed while holding the bridge's own worker lock of
-that viewer (`bridge.queue.ViewerHold`), so no turn of that viewer is in flight meanwhile. A viewer
+that viewer (`vtuber_letta.viewer_lock.ViewerHold`), so no turn of that viewer is in flight meanwhile. A viewer
 whose turn is in flight is skipped and retried after the others (for up to `busy_wait` seconds);
 one still busy then counts as failed ("run provision again"). Agents are paged through by the
 viewer tag, 100 at a time, never all loaded at once.
@@ -232,7 +232,7 @@ class TemplateUpgrade:
         self.blueprint = blueprint
         self.state = state
         self.fingerprint = state.fingerprint
-        self.hold = hold  # bridge.queue.ViewerHold, or None (no bridge to keep off: tests, dry run)
+        self.hold = hold  # vtuber_letta.viewer_lock.ViewerHold, or None (no bridge to keep off: tests, dry run)
         self.dry_run = dry_run
         self.progress = progress or (lambda _msg: None)
         self.busy_wait = busy_wait

@@ -72,7 +72,7 @@ def viewer_active(viewer_id: str) -> str:
     """The bridge worker lock of one viewer (random token, PX TTL renewed while working).
 
     Distinct from viewer_lock(): provisioning may take that one inside a turn. `provision` (template
-    upgrades) and `agent forget` take this one too (bridge.queue.ViewerHold), so they never change
+    upgrades) and `agent forget` take this one too (vtuber_letta.viewer_lock.ViewerHold), so they never change
     an agent while its viewer's turn is in flight.
     """
     return f"{VIEWER_ACTIVE_PREFIX}{viewer_id}"

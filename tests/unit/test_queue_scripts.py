@@ -1,4 +1,4 @@
-"""Every Lua script of bridge/queue.py on its own, against a real redis-server (conftest.py).
+"""Every Lua script of bridge/queue.py and vtuber_letta/viewer_lock.py on its own, against a real redis-server (conftest.py).
 
 The scripts carry the bridge's guarantees (nothing lost, order per viewer, one turn per viewer,
 no second answer), so each one is driven here case by case, including the crash points between
@@ -16,8 +16,9 @@ import redis as redis_sync
 from bridge_harness import scenario
 from redis.exceptions import ResponseError
 
-from bridge.queue import Finished, Output, ViewerHold, ViewerQueues
+from bridge.queue import Finished, Output, ViewerQueues
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.viewer_lock import ViewerHold
 
 V = "bilibili:42"
 

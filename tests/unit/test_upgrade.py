@@ -15,12 +15,12 @@ import pytest
 import redis
 
 from agent_templates.loader import load_persona_config, load_template
-from bridge.queue import ViewerHold
 from provisioning.provision import Blueprint
 from provisioning.summary import Summary
 from provisioning.upgrade import FINGERPRINT_KEY, TemplateUpgrade, UpgradeReport, plan_changes, template_state
 from stack.private import REPO_ROOT
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.viewer_lock import ViewerHold
 
 
 @pytest.fixture(scope="module")
