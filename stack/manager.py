@@ -70,7 +70,7 @@ class HttpPart:
             return False
         if port_open(self.host, self.port):
             raise StackError(f"port {self.port} is taken by another program: set {port_setting}")
-        self.process.start([sys.executable, "-m", "vtuber_letta.cli", *args], env=env, cwd=cwd)
+        self.process.start([sys.executable, "-m", "vtuber_letta.commands.cli", *args], env=env, cwd=cwd)
         if not wait_until(self.healthy, 30):
             raise StackError(f"{self.process.name} did not start on {self.address}:\n{self.process.log_tail()}")
         return True
@@ -106,7 +106,7 @@ def _cli_process(settings: Settings, command: str, port: int) -> ManagedProcess:
     data = settings.data_dir.resolve()
     return ManagedProcess(name=command, pid_file=data / "letta" / "run" / f"{command}.pid",
                           log_file=data / "letta" / "logs" / f"{command}.log",
-                          marker=f"vtuber_letta.cli {command} --port {port}")
+                          marker=f"vtuber_letta.commands.cli {command} --port {port}")
 
 
 def _cli_env(settings: Settings) -> dict[str, str]:

@@ -116,7 +116,7 @@ class BridgeProcess:
     def start(self, timeout: float = 60.0) -> "BridgeProcess":
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "vtuber_letta.cli", "bridge"], env=self.env, cwd=self.cwd,
+                [PYTHON, "-m", "vtuber_letta.commands.cli", "bridge"], env=self.env, cwd=self.cwd,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         # Poll the heartbeat key directly (cheap), then ask the real `--check` once.
@@ -141,7 +141,7 @@ class BridgeProcess:
     def check(self) -> bool:
         """`vtuber-letta bridge --check --replica-id <this replica>` exited 0."""
         done = subprocess.run(
-            [PYTHON, "-m", "vtuber_letta.cli", "bridge", "--check", "--replica-id", self.replica_id],
+            [PYTHON, "-m", "vtuber_letta.commands.cli", "bridge", "--check", "--replica-id", self.replica_id],
             env=self.env, cwd=self.cwd, capture_output=True, timeout=60,
         )
         return done.returncode == 0

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from bridge.letta_gateway import RealLettaGateway
-from bridge.say import say
 from bridge.service import run_bridge
 from provisioning.backup import DUMP_FILE, MANIFEST, read_manifest
 from provisioning.naming import viewer_hash
@@ -38,7 +37,8 @@ from tests.integration.tier_helpers import fill_until_moved
 from tools.gate_client import GateClient, recalled_facts
 from tools.human_block import stored_count
 from vtuber_letta import redis_keys
-from vtuber_letta.demo import DEMO_RULES
+from vtuber_letta.commands.demo import DEMO_RULES
+from vtuber_letta.commands.say import say
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.redis_api import redis_client
 
@@ -92,7 +92,7 @@ class PrivateStack:
         }
         if s.redis_password:
             env["REDIS_PASSWORD"] = s.redis_password.get_secret_value()
-        return subprocess.run([sys.executable, "-m", "vtuber_letta.cli", *args], env=env, cwd=self.data_dir,
+        return subprocess.run([sys.executable, "-m", "vtuber_letta.commands.cli", *args], env=env, cwd=self.data_dir,
                               capture_output=True, text=True, timeout=600)
 
 

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from bridge.letta_turns import otid_for
-from bridge.say import build_task
 from provisioning.viewers import ViewerAgents
 from tests.integration.bridge_helpers import (
     CRASH_KNOBS,
@@ -34,7 +33,8 @@ from tests.integration.bridge_helpers import (
 )
 from tests.integration.scripted import request_text
 from vtuber_letta import redis_keys as keys
-from vtuber_letta.demo import DEMO_RULES
+from vtuber_letta.commands.demo import DEMO_RULES
+from vtuber_letta.commands.say import build_task
 
 pytestmark = pytest.mark.integration
 

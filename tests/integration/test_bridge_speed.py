@@ -14,7 +14,6 @@ import time
 import pytest
 
 from bridge.letta_turns import otid_for
-from bridge.say import build_task
 from provisioning.viewers import ViewerAgents
 from tests.integration.bridge_helpers import (
     CRASH_KNOBS,
@@ -30,6 +29,7 @@ from tests.integration.bridge_helpers import (
     wait_for,
 )
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.commands.say import build_task
 
 pytestmark = pytest.mark.integration
 

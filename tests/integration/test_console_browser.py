@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from bridge.say import build_task, say
 from bridge.wire import DeadLetter, dump
 from provisioning.provision import find_shared_block, load_blueprint
 from provisioning.viewers import ViewerAgents
@@ -29,6 +28,7 @@ from tests.hostile.page_text import HOSTILE_TEXT
 from tests.integration.bridge_helpers import redis_conn, wait_for
 from tests.integration.browser import Browser
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.commands.say import build_task, say
 from vtuber_letta.letta_api import letta_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge.say import build_task
 from stack.processes import process_tree
 from stack.redis_server import config_quoted
 from tests.integration.bridge_helpers import BridgeProcess, clear_bridge_state, push, redis_conn, wait_for_replies
+from vtuber_letta.commands.say import build_task
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from agent_templates.loader import render_system
-from bridge.say import build_task
 from provisioning.backup import _Database
 from provisioning.naming import viewer_hash
 from provisioning.provision import load_blueprint, provision
@@ -33,6 +32,7 @@ from stack.private import REPO_ROOT
 from tests.integration.bridge_helpers import agents_of, clear_bridge_state, dead_letters, push, redis_conn, wait_for, wait_for_replies
 from tests.integration.test_provisioning import cli_env
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.commands.say import build_task
 from vtuber_letta.letta_api import letta_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]

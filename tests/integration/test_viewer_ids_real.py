@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from bridge.say import build_task
 from stack.private import child_env
 from tests.integration.bridge_helpers import agents_of, bridge_leftovers, clear_bridge_state, dead_letters, push, redis_conn, run_id, wait_for, wait_for_replies
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.commands.say import build_task
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def test_ids_with_slashes_spaces_and_emoji_are_answered_and_control_characters_d
     # The CLI takes the same ids: it finds the agent the bridge made, and refuses the bidi id
     # with the dead letter's reason.
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vtuber_letta.cli", *args], env=child_env(provisioned, VTL_LOG_LEVEL="WARNING"),
+        return subprocess.run([sys.executable, "-m", "vtuber_letta.commands.cli", *args], env=child_env(provisioned, VTL_LOG_LEVEL="WARNING"),
                               cwd=provisioned.data_dir.resolve(), capture_output=True, text=True, timeout=120)
 
     shown = cli("agent", "ensure", spaced)

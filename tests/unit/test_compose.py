@@ -24,7 +24,7 @@ from stack.install import LETTA_VERSION
 from stack.processes import free_port, wait_until
 from stack.redacting_runner import REDACT_ENV
 from tools.memory_client import GATE_URL_ENV
-from vtuber_letta.cli import build_parser
+from vtuber_letta.commands.cli import build_parser
 from vtuber_letta.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -244,7 +244,7 @@ def test_the_commands_are_vtuber_letta_subcommands(config):
     for name in ("provision", "bridge", "memory-gate", "console"):
         command = config["services"][name]["command"]
         args = command[1:] if command[0] == "vtuber-letta" else command[3:]
-        assert command[0] == "vtuber-letta" or command[:3] == ["python", "-m", "vtuber_letta.cli"], command
+        assert command[0] == "vtuber-letta" or command[:3] == ["python", "-m", "vtuber_letta.commands.cli"], command
         assert build_parser().parse_args(args).command == name
 
 

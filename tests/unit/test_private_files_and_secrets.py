@@ -17,7 +17,7 @@ import redis
 
 from stack.processes import ManagedProcess, free_port, wait_until
 from stack.redis_server import config_quoted
-from vtuber_letta.cli import warn_if_env_file_is_readable_by_others
+from vtuber_letta.commands.cli import warn_if_env_file_is_readable_by_others
 from vtuber_letta.private_files import TRAVERSE_ONLY, create_private, make_private, private_dir, write_private
 from vtuber_letta.settings import Settings
 

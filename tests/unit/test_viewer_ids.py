@@ -15,7 +15,8 @@ from bridge_harness import scenario
 from bridge.queue import ViewerQueues
 from bridge.wire import WireError, parse_request
 from provisioning.viewers import ViewerAgents
-from vtuber_letta import cli, redis_keys
+from vtuber_letta import redis_keys
+from vtuber_letta.commands import cli
 from vtuber_letta.viewer_ids import (
     MAX_VIEWER_ID_BYTES,
     MAX_VIEWER_ID_CHARS,

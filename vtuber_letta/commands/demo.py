@@ -23,10 +23,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from bridge.say import say
 from provisioning.provision import provision
 from stack.manager import Stack, format_status
 from stack.processes import wait_until
+from vtuber_letta.commands.say import say
 from vtuber_letta.private_files import PRIVATE_FILE, PRIVATE_UMASK
 from vtuber_letta.settings import Settings
 
@@ -99,9 +99,9 @@ def _start_bridge(settings: Settings) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE), "ab") as out:
         os.chmod(log, PRIVATE_FILE)  # the viewers' words are in it
-        proc = subprocess.Popen([sys.executable, "-m", "vtuber_letta.cli", "bridge"], env={**os.environ},
+        proc = subprocess.Popen([sys.executable, "-m", "vtuber_letta.commands.cli", "bridge"], env={**os.environ},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
-    checker = [sys.executable, "-m", "vtuber_letta.cli", "bridge", "--check"]
+    checker = [sys.executable, "-m", "vtuber_letta.commands.cli", "bridge", "--check"]
     if not wait_until(lambda: subprocess.run(checker, capture_output=True).returncode == 0, 30, interval=0.5):
         proc.kill()
         raise RuntimeError(f"the bridge did not start; see {log}")

@@ -56,7 +56,7 @@ def _stack_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from vtuber_letta.demo import run_demo
+    from vtuber_letta.commands.demo import run_demo
 
     return run_demo(settings)
 
@@ -139,7 +139,7 @@ def _bridge_cmd(args: argparse.Namespace, settings: Settings) -> int:
 def _say_cmd(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from bridge.say import say
+    from vtuber_letta.commands.say import say
 
     check_viewer_id(args.user_id)  # else the task would only come back as a dead letter
     check_platform(args.platform)
