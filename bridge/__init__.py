@@ -5,7 +5,8 @@
 
 Modules: wire (the JSON contract), queue (Redis keys and Lua scripts), service (the loop),
 gateway (what the bridge needs from Letta), letta_turns + replies (the real message API),
-errors (retry / wait / give up), turn_text (what the agent reads), metrics, fakes (a test gateway).
+errors (retry / wait / give up), turn_text (what the agent reads), metrics. The unit tests' in-memory
+Letta is tests/unit/fake_gateway.py.
 """
 
 from bridge.service import BridgeService, check_bridge, run_bridge

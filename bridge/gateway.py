@@ -3,7 +3,7 @@
 The bridge's service never calls the Letta SDK: it talks to a `LettaGateway`. The real
 one is composed by the CLI from provisioning (`ensure_agent`, `record_verified_event`) and
 `bridge.letta_turns.LettaTurns` (`send_turn`, `find_answered`); tests use
-`bridge.fakes.FakeGateway`.
+`FakeGateway` (tests/unit/fake_gateway.py).
 
 Error contract (see `bridge.errors.classify_error`): a gateway raises
 - `LettaUnavailable`  Letta cannot be reached or is overloaded (connection refused,

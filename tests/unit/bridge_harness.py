@@ -1,5 +1,5 @@
 """Shared harness of the bridge's unit tests: a real redis-server (conftest.py), the bridge run
-in-process with bridge.fakes.FakeGateway, and a recorder of everything it publishes."""
+in-process with fake_gateway.FakeGateway, and a recorder of everything it publishes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from fake_gateway import FakeGateway
 from redis.asyncio import Redis
 
 from bridge import check_bridge, run_bridge
-from bridge.fakes import FakeGateway
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
 

@@ -1,4 +1,4 @@
-"""The bridge end to end against a real redis-server (conftest.py) and bridge.fakes.FakeGateway."""
+"""The bridge end to end against a real redis-server (conftest.py) and fake_gateway.FakeGateway."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import urllib.request
 
 import pytest
 from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
+from fake_gateway import FakeGateway
 from redis.asyncio import Redis
 
 from bridge import check_bridge, run_bridge
-from bridge.fakes import FakeGateway
 from bridge.gateway import AvatarCall, LettaPermanentError, LettaRetryable, LettaUnavailable, TurnMessage, TurnResult
 from bridge.service import BridgeService
 from vtuber_letta import redis_keys as keys

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fake_gateway import FakeGateway
 from pydantic import ValidationError
 
-from bridge.fakes import FakeGateway
 from bridge.gateway import LettaGateway
 from bridge.letta_turns import LettaTurns
 from vtuber_letta.settings import Settings, SettingsError, load_settings

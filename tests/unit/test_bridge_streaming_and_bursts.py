@@ -1,5 +1,5 @@
 """Streaming replies (sentence chunks, per-sentence speech) and burst coalescing, end to end
-against a real redis-server with bridge.fakes.FakeGateway (which streams replies in 3-character
+against a real redis-server with fake_gateway.FakeGateway (which streams replies in 3-character
 pieces, like tokens)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 
 import pytest
 from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
+from fake_gateway import FakeGateway
 
 from bridge import check_bridge, run_bridge
-from bridge.fakes import FakeGateway
 from bridge.gateway import AvatarCall, LettaPermanentError, TurnResult
 from vtuber_letta import redis_keys as keys
 

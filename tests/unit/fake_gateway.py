@@ -1,4 +1,4 @@
-"""An in-memory LettaGateway for tests and dry runs (no Letta server).
+"""An in-memory LettaGateway for the unit tests (no Letta server).
 
 It behaves like the real thing where the bridge depends on it: turns are stored in a per-agent
 history before the reply comes back (so `find_answered` sees a turn whose client died), and it
