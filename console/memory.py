@@ -243,7 +243,7 @@ class LettaMemory:
         return json.dumps(strip_secrets(data), ensure_ascii=False, indent=1)
 
     def _shared(self):
-        from provisioning.provision import find_shared_block
+        from provisioning.blueprint import find_shared_block
 
         bp = self.viewers.blueprint
         for spec in bp.template.memory_blocks:
@@ -275,7 +275,7 @@ class LettaMemory:
         raise ConsoleError(f"there is no shared block {label!r}")
 
     def update_stream(self, changes: dict[str, str]) -> None:
-        from provisioning.provision import ProvisioningError
+        from provisioning.blueprint import ProvisioningError
         from provisioning.stream import set_stream
 
         try:

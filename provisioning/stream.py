@@ -10,7 +10,7 @@ from __future__ import annotations
 from letta_client import Letta
 
 from agent_templates.loader import StreamSpec, TemplateError, render_block
-from provisioning.provision import ProvisioningError, find_shared_block, load_blueprint
+from provisioning.blueprint import ProvisioningError, find_shared_block, load_blueprint
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.settings import Settings
 

@@ -39,8 +39,8 @@ from letta_client import APIConnectionError, APIStatusError, Letta, NotFoundErro
 from redis.exceptions import RedisError
 
 from agent_templates.loader import avatar_secrets, render_system
+from provisioning.blueprint import Blueprint
 from provisioning.naming import PRODUCT_TAG, VIEWER_TAG, viewer_tags
-from provisioning.provision import Blueprint
 from tools.memory_client import GATE_TOKEN_ENV
 from tools.memory_gate import memory_token
 

@@ -20,9 +20,9 @@ import redis
 from letta_client import Letta, NotFoundError
 
 from agent_templates.loader import avatar_secrets, render_human_block, render_system
+from provisioning.blueprint import Blueprint, ProvisioningError, find_shared_block, load_blueprint
 from provisioning.forget import ForgetReport, Forgetter
 from provisioning.naming import PRODUCT_TAG, VIEWER_TAG, agent_name, viewer_tag, viewer_tags
-from provisioning.provision import Blueprint, ProvisioningError, find_shared_block, load_blueprint
 from provisioning.tier_files import tier_path, write_tier_file
 from provisioning.upgrade import FINGERPRINT_KEY, template_state
 from tools.memory_client import GATE_TOKEN_ENV as MEMORY_TOKEN_ENV

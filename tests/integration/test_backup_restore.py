@@ -26,8 +26,9 @@ import pytest
 from bridge.letta_gateway import RealLettaGateway
 from bridge.service import run_bridge
 from provisioning.backup import DUMP_FILE, MANIFEST, read_manifest
+from provisioning.blueprint import find_shared_block
 from provisioning.naming import viewer_hash
-from provisioning.provision import find_shared_block, provision
+from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from stack.install import LETTA_VERSION
 from stack.manager import Stack

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bridge.wire import DeadLetter, dump
-from provisioning.provision import find_shared_block, load_blueprint
+from provisioning.blueprint import find_shared_block, load_blueprint
 from provisioning.viewers import ViewerAgents
 from tests.hostile.page_text import HOSTILE_TEXT
 from tests.integration.bridge_helpers import redis_conn, wait_for

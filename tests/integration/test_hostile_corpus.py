@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioning.provision import find_shared_block, provision
+from provisioning.blueprint import find_shared_block
+from provisioning.provision import provision
 from stack.manager import SCRIPTED_MODEL_KEY
 from stack.private import REPO_ROOT
 from tests.hostile.cases import (

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 from letta_client import NotFoundError
 
+from provisioning.blueprint import find_shared_block, load_blueprint
 from provisioning.naming import agent_name, viewer_tag
-from provisioning.provision import find_shared_block, load_blueprint, provision
+from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from stack.private import REPO_ROOT
 from vtuber_letta import redis_keys

@@ -20,7 +20,7 @@ import pytest
 
 from bridge.gateway import AvatarCall, TurnMessage
 from bridge.letta_turns import LettaTurns
-from provisioning.provision import find_shared_block, load_blueprint
+from provisioning.blueprint import find_shared_block, load_blueprint
 from provisioning.viewers import ViewerAgents
 from tools.human_block import parse_facts
 

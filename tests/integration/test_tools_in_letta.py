@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from provisioning.provision import find_shared_block, load_blueprint, provision
+from provisioning.blueprint import find_shared_block, load_blueprint
+from provisioning.provision import provision
 from provisioning.viewers import ViewerAgents
 from tests.integration.scripted import ScriptedModel, request_text
 from tools.human_block import add_fact, parse_facts, parse_fields

@@ -24,8 +24,9 @@ import pytest
 
 from agent_templates.loader import render_system
 from provisioning.backup import _Database
+from provisioning.blueprint import load_blueprint
 from provisioning.naming import viewer_hash
-from provisioning.provision import load_blueprint, provision
+from provisioning.provision import provision
 from provisioning.upgrade import FINGERPRINT_KEY
 from provisioning.viewers import ViewerAgents
 from stack.private import REPO_ROOT

@@ -30,8 +30,9 @@ import redis
 
 import provisioning.viewers as viewers_module
 from agent_templates.loader import load_template
+from provisioning.blueprint import ProvisioningError, load_blueprint, shared_block_tags
 from provisioning.naming import VIEWER_TAG, agent_name, viewer_tag
-from provisioning.provision import ProvisioningError, load_blueprint, provision, shared_block_tags
+from provisioning.provision import provision
 from provisioning.stream import set_stream
 from provisioning.viewers import ViewerAgents
 from stack.scripted_model import SCRIPTED_MODEL_ID

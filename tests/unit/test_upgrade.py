@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from agent_templates.loader import load_persona_config, load_template
-from provisioning.provision import Blueprint
+from provisioning.blueprint import Blueprint
 from provisioning.summary import Summary
 from provisioning.upgrade import FINGERPRINT_KEY, TemplateUpgrade, UpgradeReport, plan_changes, template_state
 from stack.private import REPO_ROOT

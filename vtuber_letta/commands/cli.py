@@ -296,7 +296,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from letta_client import APIConnectionError, APIStatusError
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from provisioning.provision import ProvisioningError
+    from provisioning.blueprint import ProvisioningError
     from stack.processes import StackError
 
     return (StackError, ProvisioningError, InvalidViewerId, APIConnectionError, APIStatusError, RedisConnectionError)
