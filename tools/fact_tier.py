@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Protocol
 
-from tools.memory_gate import letta_call
+from tools.letta_store import letta_call
 from tools.memory_tiers import FACT_TAG, StoredFact, category_of_tags, is_fact_passage, is_tier_passage, passage_tags
 
 ARCHIVE_CHECK_TTL_S = 300.0

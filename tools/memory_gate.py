@@ -50,6 +50,7 @@ from tools.human_block import (
     remove_fact,
     stored_count,
 )
+from tools.letta_store import StoreUnavailable, letta_call
 from tools.memory_tiers import (
     EPISODE_CATEGORY,
     EPISODE_TAG,
@@ -92,24 +93,6 @@ class BlockStore(Protocol):
 
     def write(self, block: HumanBlock, value: str) -> None:
         """Replace the block's value."""
-
-
-class StoreUnavailable(Exception):
-    """The store (Letta) could not be asked; nothing was changed."""
-
-
-class letta_call:
-    """`with letta_call():` turns Letta being unreachable into StoreUnavailable (nothing changed, try later)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        from letta_client import APIConnectionError, APITimeoutError
-
-        if kind is not None and issubclass(kind, (APIConnectionError, APITimeoutError)):
-            raise StoreUnavailable(kind.__name__) from exc
-        return False
 
 
 class LettaBlockStore:
