@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from jinja2 import TemplateError as JinjaTemplateError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tools import AVATAR_EXPRESSIONS_ENV, AVATAR_MOTIONS_ENV, TOOLS
-from tools.human_block import HUMAN_LABEL, format_human_block
+from tools.human_block import HUMAN_LABEL, block_time, format_human_block
 
 log = logging.getLogger(__name__)
 
@@ -492,11 +492,7 @@ def render_system(template: AgentTemplate, config: PersonaConfig) -> str:
 
 
 def _timestamp(value: datetime | str) -> str:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    return str(value)
+    return block_time(value) if isinstance(value, datetime) else str(value)
 
 
 def render_human_block(

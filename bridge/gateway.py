@@ -18,9 +18,10 @@ Anything else is classified by `classify_error` too (raw SDK errors included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence, runtime_checkable
+
+from bridge.viewer_stats import ViewerTotals
 
 
 class LettaError(Exception):
@@ -78,32 +79,6 @@ class TurnMessage:
 
     task_id: str
     text: str
-
-
-@dataclass(frozen=True)
-class ViewerTotals:
-    """Platform-verified counters of one viewer, kept by the bridge in Redis (absolute values).
-
-    `support` maps a currency code (or "" when unknown) to the total amount received.
-    """
-
-    first_seen: float
-    last_seen: float
-    visits: int = 0
-    messages: int = 0
-    support: dict[str, float] = field(default_factory=dict)
-    gifts: int = 0
-    super_chats: int = 0
-    memberships: int = 0
-
-    def as_block_fields(self) -> dict[str, str]:
-        """The `## Verified by the platform` fields of tools/human_block.py (VERIFIED_FIELDS)."""
-        return {
-            "first_seen": _iso(self.first_seen),
-            "last_seen": _iso(self.last_seen),
-            "visits": str(self.visits),
-            "total_support": format_support(self.support),
-        }
 
 
 @dataclass(frozen=True)
@@ -185,17 +160,3 @@ class LettaGateway(Protocol):
         """The viewer was forgotten (`agent forget`): drop any cached agent id of theirs, so the next
         ensure_agent resolves (creates) it again. True if one was cached."""
         ...
-
-
-def format_support(support: dict[str, float]) -> str:
-    """'0', '30 CNY' or '30 CNY + 5 USD' (currencies sorted, amounts without trailing zeros)."""
-    parts = [f"{_amount(value)} {code}".strip() for code, value in sorted(support.items()) if value > 0]
-    return " + ".join(parts) if parts else "0"
-
-
-def _amount(value: float) -> str:
-    return f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

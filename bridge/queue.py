@@ -29,6 +29,7 @@ from typing import AsyncIterator, Literal, Sequence, TypeVar
 
 from redis.asyncio import Redis
 
+from bridge.viewer_stats import COUNT
 from vtuber_letta import redis_keys as keys
 from vtuber_letta import viewer_ids
 from vtuber_letta.viewer_lock import CLAIM, RELEASE, RENEW
@@ -170,24 +171,6 @@ redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 return 1
 """
 
-# KEYS: counted hash, viewer stats; ARGV: task id, then (op, field, value) triples
-# op: setnx | set | incr | incrf. Counted once per task id; returns the stats hash.
-_COUNT = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], '1') == 1 then
-  for i = 2, #ARGV, 3 do
-    local op, field, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if op == 'setnx' then redis.call('HSETNX', KEYS[2], field, value)
-    elseif op == 'set' then redis.call('HSET', KEYS[2], field, value)
-    elseif op == 'incr' then redis.call('HINCRBY', KEYS[2], field, value)
-    elseif op == 'incrf' then redis.call('HINCRBYFLOAT', KEYS[2], field, value)
-    end
-  end
-end
-return redis.call('HGETALL', KEYS[2])
-"""
-
-
-
 def cancel_point() -> None:
     """Raise CancelledError if this task was cancelled.
 
@@ -242,7 +225,7 @@ class ViewerQueues:
         self._release = redis.register_script(RELEASE)
         self._sweep = redis.register_script(_SWEEP)
         self._dead_letter_triage = redis.register_script(_DEAD_LETTER_TRIAGE)
-        self._count = redis.register_script(_COUNT)
+        self._count = redis.register_script(COUNT)
         self._claim = redis.register_script(CLAIM)
 
     # ---- intake ----

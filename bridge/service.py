@@ -39,7 +39,8 @@ from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
 from bridge.metrics import BridgeMetrics
 from bridge.queue import Finished, FinishResult, Output, ViewerQueues, cancel_point
 from bridge.reply_stream import ReplyStream, already_spoken, speech_outputs
-from bridge.turn_text import compose_turn_text, stats_ops, totals_from_stats
+from bridge.turn_text import compose_turn_text
+from bridge.viewer_stats import stats_ops, totals_from_stats
 from bridge.wire import (
     CHAT_TYPES,
     AvatarEvent,

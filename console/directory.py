@@ -13,8 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bridge.gateway import ViewerTotals, format_support
-from bridge.turn_text import totals_from_stats
+from bridge.viewer_stats import ViewerTotals, format_support, totals_from_stats
 from vtuber_letta import redis_keys as keys
 
 PER_PAGE = 50

@@ -29,6 +29,7 @@ tools; the other two belong to the bridge/provisioning and are kept byte for byt
 
 import re
 import unicodedata
+from datetime import datetime, timezone
 
 from tools.contact_details import redact_contact_details
 
@@ -87,6 +88,16 @@ SUPPORT_CLAIM_AMOUNT = re.compile(r"[0-9０-９$¥€£￥]|元|块|円|一千|�
 MARKUP = re.compile(r"<\s*[/!?A-Za-z]|```")
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
 TRAILING_PUNCTUATION = ".。!！?？,，;；:：~～ "
+
+
+def block_time(value):
+    """A moment as the block writes it: '2025-08-01T12:00:00Z' (UTC, whole seconds).
+    value: epoch seconds, or a datetime (a naive one is taken as UTC)."""
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    else:
+        moment = datetime.fromtimestamp(value, tz=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class HumanBlockError(ValueError):

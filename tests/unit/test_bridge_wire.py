@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.turn_text import compose_turn_text, defuse, money, stats_ops, totals_from_stats
+from bridge.turn_text import compose_turn_text, defuse
+from bridge.viewer_stats import money, stats_ops, totals_from_stats
 from bridge.wire import MAX_CONTENT_CHARS, DeadLetter, LettaRequest, WireError, dump, parse_request, read_input_file
 
 LIMIT = 65536
