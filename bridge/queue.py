@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import AsyncIterator, Literal, Sequence, TypeVar
 
 from redis.asyncio import Redis
@@ -183,6 +184,23 @@ def cancel_point() -> None:
         raise asyncio.CancelledError()
 
 
+class FinishStatus(IntEnum):
+    """What FINISH answers first (the script's own numbers)."""
+
+    FINISHED = 1
+    LOCK_LOST = 0  # the viewer's lock is not ours any more: nothing was written
+    HEAD_MOVED = -1  # the queue's head is not what was answered: nothing was written
+
+
+class ReleaseStatus(IntEnum):
+    """What RELEASE answers (the script's own numbers)."""
+
+    RELEASED = 1  # the queue was empty: the viewer is let go
+    YIELDED = 2  # work left, but others get a turn: the viewer is back on the ready list
+    KEEP_WORKING = 0  # work left and no yield asked: the lock is still ours
+    LOCK_LOST = -1  # not ours: nothing changed
+
+
 @dataclass(frozen=True)
 class Finished:
     """One task acknowledged by FINISH: its raw payload (must still be at its place in the queue),
@@ -195,10 +213,10 @@ class Finished:
 
 @dataclass(frozen=True)
 class FinishResult:
-    """What FINISH did: status 1 ok, 0 lock lost, -1 head moved; released: the queue was empty and
-    the viewer was let go; queued: else the next tasks of the queue, head first."""
+    """What FINISH did; released: the queue was empty and the viewer was let go; queued: else the
+    next tasks of the queue, head first."""
 
-    status: int
+    status: FinishStatus
     released: bool
     queued: list[bytes]
 
@@ -287,14 +305,13 @@ class ViewerQueues:
         for out in outputs:
             args += [out.op, out.value]
         reply = await self._finish(keys=script_keys, args=args)
-        status = int(reply[0])
-        if status != 1:
+        status = FinishStatus(int(reply[0]))
+        if status is not FinishStatus.FINISHED:
             return FinishResult(status=status, released=False, queued=[])
-        return FinishResult(status=1, released=bool(int(reply[1])), queued=list(reply[2:]))
+        return FinishResult(status=status, released=bool(int(reply[1])), queued=list(reply[2:]))
 
-    async def release(self, viewer: str, token: str, *, yield_turn: bool) -> int:
-        """1 released (empty), 2 yielded to others, 0 more work (keep going), -1 lock was lost."""
-        return int(
+    async def release(self, viewer: str, token: str, *, yield_turn: bool) -> ReleaseStatus:
+        return ReleaseStatus(
             await self._release(
                 keys=[keys.viewer_active(viewer), keys.viewer_queue(viewer), keys.BRIDGE_PENDING, keys.BRIDGE_READY],
                 args=[token, viewer, "yield" if yield_turn else "release"],

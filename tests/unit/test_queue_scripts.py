@@ -16,7 +16,7 @@ import redis as redis_sync
 from bridge_harness import scenario
 from redis.exceptions import ResponseError
 
-from bridge.queue import Finished, Output, ViewerQueues
+from bridge.queue import Finished, FinishStatus, Output, ReleaseStatus, ViewerQueues
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.viewer_lock import ViewerHold
 
@@ -211,10 +211,10 @@ async def test_finish_caps_the_dead_letter_list(r, url, tmp_path):
 
 REFUSED_FINISHES = [
     # (what went wrong, token, tasks) → status; nothing is written in any of them
-    ("stale token", "B", [done("t1")], 0),
-    ("head moved", "A", [done("t2")], -1),
-    ("fewer queued than answered", "A", [done("t1"), done("t2"), done("t3")], -1),
-    ("second of a group moved", "A", [done("t1"), done("t9")], -1),
+    ("stale token", "B", [done("t1")], FinishStatus.LOCK_LOST),
+    ("head moved", "A", [done("t2")], FinishStatus.HEAD_MOVED),
+    ("fewer queued than answered", "A", [done("t1"), done("t2"), done("t3")], FinishStatus.HEAD_MOVED),
+    ("second of a group moved", "A", [done("t1"), done("t9")], FinishStatus.HEAD_MOVED),
 ]
 
 
@@ -248,12 +248,12 @@ async def test_finish_with_an_unknown_output_op_fails_before_writing_anything(r,
 
 RELEASES = [
     # (queued tasks, token, yield?) → (status, lock kept?, on the ready list?, still pending?)
-    ([], "A", False, (1, False, False, False)),
-    ([], "A", True, (1, False, False, False)),
-    (["t1"], "A", False, (0, True, False, True)),  # more work: keep going
-    (["t1"], "A", True, (2, False, True, True)),  # yield to others: back on the ready list
-    (["t1"], "B", True, (-1, True, False, True)),  # not ours: nothing changes
-    ([], "B", False, (-1, True, False, True)),
+    ([], "A", False, (ReleaseStatus.RELEASED, False, False, False)),
+    ([], "A", True, (ReleaseStatus.RELEASED, False, False, False)),
+    (["t1"], "A", False, (ReleaseStatus.KEEP_WORKING, True, False, True)),  # more work: keep going
+    (["t1"], "A", True, (ReleaseStatus.YIELDED, False, True, True)),  # yield to others: back on the ready list
+    (["t1"], "B", True, (ReleaseStatus.LOCK_LOST, True, False, True)),  # not ours: nothing changes
+    ([], "B", False, (ReleaseStatus.LOCK_LOST, True, False, True)),
 ]
 
 
