@@ -1,8 +1,13 @@
-"""The one decision about a failed Letta call: retry it, wait for Letta, or give up.
+"""What the bridge does with a failed Letta call, decided in one place.
 
-Pure and table-tested (tests/unit/test_bridge_errors.py), in the manner of lettabot's
-error classifier. Both our gateway exceptions and raw SDK/HTTP errors are accepted,
-so a gateway that lets an SDK error escape is still handled sensibly.
+A gateway raises one error type, `LettaError`, which carries its cause: the `disposition` (retry
+it, wait for Letta, give up), the HTTP status when there was one, and whether the viewer's agent
+is gone (a 404 on the agent). The three subclasses are the three dispositions by name.
+Everything that can fail a Letta call is classified here, side by side: HTTP statuses
+(`classify_status`), the stop reasons a run can end with (`classify_stop_reason`) and any other
+exception (`classify_error`, raw SDK and transport errors included, so a gateway that lets one
+escape is still handled sensibly). Pure and table-tested (tests/unit/test_bridge_errors.py), in
+the manner of lettabot's error classifier.
 """
 
 from __future__ import annotations
@@ -13,14 +18,49 @@ import httpx
 import letta_client
 from redis.exceptions import RedisError
 
-from bridge.gateway import LettaPermanentError, LettaRetryable, LettaUnavailable
-
 
 class Disposition(str, Enum):
     RETRY = "retry"  # transient refusal by a live server: a few more attempts, then give up
     UNAVAILABLE = "unavailable"  # Letta unusable right now: fallback, or wait for recovery
     GIVE_UP = "give_up"  # the task itself is the problem: dead-letter it
 
+
+class LettaError(Exception):
+    """A Letta call failed. `disposition`: what to do about it; `status`: the HTTP status, if any;
+    `agent_gone`: Letta answered 404 for the agent (forgotten: re-resolve it, never dead-letter)."""
+
+    disposition: Disposition = Disposition.GIVE_UP
+
+    def __init__(self, message: str = "", *, status: int | None = None, agent_gone: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.agent_gone = agent_gone
+
+    @staticmethod
+    def of(disposition: Disposition, message: str, **cause) -> "LettaError":
+        """The error of that disposition (its subclass below)."""
+        return _BY_DISPOSITION[disposition](message, **cause)
+
+
+class LettaUnavailable(LettaError):
+    """Letta (or the model behind it) is unreachable or overloaded: transient."""
+
+    disposition = Disposition.UNAVAILABLE
+
+
+class LettaRetryable(LettaError):
+    """A live server refused this once (rate limit, conflict, internal error): try again later."""
+
+    disposition = Disposition.RETRY
+
+
+class LettaPermanentError(LettaError):
+    """Letta rejected the request itself; sending it again cannot help."""
+
+    disposition = Disposition.GIVE_UP
+
+
+_BY_DISPOSITION = {cls.disposition: cls for cls in (LettaUnavailable, LettaRetryable, LettaPermanentError)}
 
 # 401/403 mean this bridge cannot use Letta at all (wrong LETTA_API_KEY): treated as an outage,
 # so the show goes on through the fallback instead of dead-lettering every viewer's message.
@@ -35,6 +75,11 @@ MODEL_UNAVAILABLE_TYPES = frozenset({
     "llm_error", "llm_rate_limit", "llm_timeout", "llm_insufficient_credits", "llm_authentication",
 })
 
+# How a run that produced nothing can stop (letta_client's StopReasonType), beside the statuses.
+_UNAVAILABLE_STOPS = frozenset({"llm_api_error", "insufficient_credits"})
+_RETRY_STOPS = frozenset({"error", "invalid_llm_response", "invalid_tool_call", "cancelled"})
+_PERMANENT_STOPS = frozenset({"requires_approval", "context_window_overflow_in_system_prompt"})
+
 
 def classify_status(status: int) -> Disposition:
     """Disposition of an HTTP status from Letta."""
@@ -45,14 +90,22 @@ def classify_status(status: int) -> Disposition:
     return Disposition.GIVE_UP
 
 
+def classify_stop_reason(stop: str | None) -> Disposition | None:
+    """Disposition of a run that stopped without producing anything; None: not a failure
+    (end_turn, max_steps... or a reason this version does not know)."""
+    if stop in _UNAVAILABLE_STOPS:
+        return Disposition.UNAVAILABLE
+    if stop in _RETRY_STOPS:
+        return Disposition.RETRY
+    if stop in _PERMANENT_STOPS:
+        return Disposition.GIVE_UP
+    return None
+
+
 def classify_error(exc: BaseException) -> Disposition:
     """Disposition of any exception raised while handling a task with Letta."""
-    if isinstance(exc, LettaUnavailable):
-        return Disposition.UNAVAILABLE
-    if isinstance(exc, LettaRetryable):
-        return Disposition.RETRY
-    if isinstance(exc, LettaPermanentError):
-        return Disposition.GIVE_UP
+    if isinstance(exc, LettaError):
+        return exc.disposition
     if isinstance(exc, letta_client.APIStatusError):
         if letta_error_type(exc) in MODEL_UNAVAILABLE_TYPES:
             return Disposition.UNAVAILABLE
@@ -63,9 +116,16 @@ def classify_error(exc: BaseException) -> Disposition:
         return Disposition.UNAVAILABLE
     if isinstance(exc, RedisError):  # e.g. the viewer's creation lock while finding its agent: not the task
         return Disposition.UNAVAILABLE
-    if isinstance(exc, letta_client.APIResponseValidationError):
-        return Disposition.GIVE_UP
-    return Disposition.GIVE_UP
+    return Disposition.GIVE_UP  # a response we cannot read (APIResponseValidationError) or a bug
+
+
+def letta_error(exc: BaseException) -> LettaError:
+    """Our error for anything raised by the SDK or the transport (a LettaError as it is)."""
+    if isinstance(exc, LettaError):
+        return exc
+    status = getattr(exc, "status_code", None)
+    return LettaError.of(classify_error(exc), describe_error(exc), status=status,
+                         agent_gone=isinstance(exc, letta_client.NotFoundError))
 
 
 def letta_error_type(exc: BaseException) -> str | None:

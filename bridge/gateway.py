@@ -5,7 +5,7 @@ one is composed by the CLI from provisioning (`ensure_agent`, `record_verified_e
 `bridge.letta_turns.LettaTurns` (`send_turn`, `find_answered`); tests use
 `FakeGateway` (tests/unit/fake_gateway.py).
 
-Error contract (see `bridge.errors.classify_error`): a gateway raises
+Error contract (bridge/errors.py, where the errors live): a gateway raises a `LettaError`:
 - `LettaUnavailable`  Letta cannot be reached or is overloaded (connection refused,
                       timeouts, 502/503/504, the model endpoint down): retried, then
                       the fallback (or waiting, when the fallback is off);
@@ -21,23 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence, runtime_checkable
 
+from bridge.errors import LettaError, LettaPermanentError, LettaRetryable, LettaUnavailable  # noqa: F401 (re-exported)
 from bridge.viewer_stats import ViewerTotals
-
-
-class LettaError(Exception):
-    """Base of the gateway's errors."""
-
-
-class LettaUnavailable(LettaError):
-    """Letta (or the model behind it) is unreachable or overloaded: transient."""
-
-
-class LettaRetryable(LettaError):
-    """A live server refused this once (rate limit, conflict, internal error): try again later."""
-
-
-class LettaPermanentError(LettaError):
-    """Letta rejected the request itself; sending it again cannot help."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from letta_client import AsyncLetta
 
-from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, classify_error, describe_error
+from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, classify_error, classify_stop_reason, describe_error
 from bridge.gateway import (
     LettaError,
     LettaPermanentError,
@@ -38,7 +38,7 @@ from bridge.gateway import (
     TurnResult,
     WordsDoneSink,
 )
-from bridge.replies import SILENT_TOOL, UNAVAILABLE_STOPS, content_text, field_of, merge_steps, parse_letta_response, parse_messages
+from bridge.replies import SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")
@@ -243,7 +243,8 @@ class LettaTurns:
                     if event == "error":
                         # Letta sends the run's stop reason just before: llm_api_error is the model
                         # endpoint failing mid-stream, which no retry of this task fixes by itself.
-                        if turn.stop_reason in UNAVAILABLE_STOPS or _error_type(data) in MODEL_UNAVAILABLE_TYPES:
+                        if (classify_stop_reason(turn.stop_reason) is Disposition.UNAVAILABLE
+                                or _error_type(data) in MODEL_UNAVAILABLE_TYPES):
                             raise LettaUnavailable(f"the model failed mid-turn: {data[:300]}")
                         raise LettaRetryable(f"turn failed: {data[:300]}")
                     if data.startswith("[DONE]"):

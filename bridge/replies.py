@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
-from bridge.gateway import AvatarCall, LettaPermanentError, LettaRetryable, LettaUnavailable, TurnResult
+from bridge.errors import Disposition, LettaError, classify_stop_reason
+from bridge.gateway import AvatarCall, TurnResult
 
 SILENT_TOOL = "stay_silent"
 AVATAR_TOOLS = frozenset({"set_expression", "play_motion"})
@@ -27,10 +28,6 @@ MEMORY_TOOLS = frozenset({
     "core_memory_append", "core_memory_replace", "archival_memory_insert",
 })
 
-# A turn that stopped like this and produced nothing is not an answer.
-UNAVAILABLE_STOPS = frozenset({"llm_api_error", "insufficient_credits"})
-_RETRY_STOPS = frozenset({"error", "invalid_llm_response", "invalid_tool_call", "cancelled"})
-_PERMANENT_STOPS = frozenset({"requires_approval", "context_window_overflow_in_system_prompt"})
 
 
 def field_of(obj: Any, name: str, default: Any = None) -> Any:
@@ -140,20 +137,16 @@ def merge_steps(earlier: TurnResult, step: TurnResult) -> TurnResult:
 def parse_letta_response(response: Any) -> TurnResult:
     """TurnResult of a `client.agents.messages.create(...)` LettaResponse.
 
-    Raises LettaUnavailable / LettaRetryable / LettaPermanentError when the run stopped with an
-    error and produced nothing to say.
+    Raises a LettaError (bridge/errors.py: classify_stop_reason) when the run stopped with an error
+    and produced nothing to say.
     """
     parsed = parse_messages(field_of(response, "messages") or [])
     stop = field_of(field_of(response, "stop_reason"), "stop_reason")
-    if parsed.result.unfinished and stop in _RETRY_STOPS | UNAVAILABLE_STOPS:
+    failure = classify_stop_reason(stop)
+    if parsed.result.unfinished and failure in (Disposition.RETRY, Disposition.UNAVAILABLE):
         # The step's tools ran but the run then failed: asking for the next step is still right
         # (the calls are in the history); an error with nothing produced is raised below.
         return parsed.result
-    if not parsed.produced and stop is not None:
-        if stop in UNAVAILABLE_STOPS:
-            raise LettaUnavailable(f"turn stopped: {stop}")
-        if stop in _RETRY_STOPS:
-            raise LettaRetryable(f"turn stopped: {stop}")
-        if stop in _PERMANENT_STOPS:
-            raise LettaPermanentError(f"turn stopped: {stop}")
+    if not parsed.produced and failure is not None:
+        raise LettaError.of(failure, f"turn stopped: {stop}")
     return parsed.result
