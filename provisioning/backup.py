@@ -486,7 +486,7 @@ def _read_viewer_stats(redis_conn) -> dict[str, dict[str, str]]:
 
 
 def _persona_in_force(settings: Settings) -> tuple[str, Path | None]:
-    from agent_templates.loader import PERSONA_SAMPLE_NAME
+    from agent_templates.persona import PERSONA_SAMPLE_NAME
 
     path = Path(settings.persona_config)
     if path.is_file():

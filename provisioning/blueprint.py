@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 from letta_client import Letta
 
-from agent_templates.loader import AgentTemplate, PersonaConfig, TemplateError, load_persona_config, load_template, render_shared_blocks
+from agent_templates.files import TemplateError
+from agent_templates.persona import PersonaConfig, load_persona_config
+from agent_templates.render import render_shared_blocks
+from agent_templates.template import AgentTemplate, load_template
 from provisioning.naming import PRODUCT_TAG, SHARED_BLOCK_TAG
 from vtuber_letta.settings import Settings
 

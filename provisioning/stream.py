@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from letta_client import Letta
 
-from agent_templates.loader import StreamSpec, TemplateError, render_block
+from agent_templates.files import TemplateError
+from agent_templates.persona import StreamSpec
+from agent_templates.render import render_block
 from provisioning.blueprint import ProvisioningError, find_shared_block, load_blueprint
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.settings import Settings

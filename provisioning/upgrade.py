@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable
 from letta_client import APIConnectionError, APIStatusError, Letta, NotFoundError
 from redis.exceptions import RedisError
 
-from agent_templates.loader import avatar_secrets, render_system
+from agent_templates.persona import avatar_secrets
+from agent_templates.render import render_system
 from provisioning.blueprint import Blueprint
 from provisioning.naming import PRODUCT_TAG, VIEWER_TAG, viewer_tags
 from tools.memory_client import GATE_TOKEN_ENV

@@ -19,7 +19,8 @@ from pathlib import Path
 import redis
 from letta_client import Letta, NotFoundError
 
-from agent_templates.loader import avatar_secrets, render_human_block, render_system
+from agent_templates.persona import avatar_secrets
+from agent_templates.render import render_human_block, render_system
 from provisioning.blueprint import Blueprint, ProvisioningError, find_shared_block, load_blueprint
 from provisioning.forget import ForgetReport, Forgetter
 from provisioning.naming import PRODUCT_TAG, VIEWER_TAG, agent_name, viewer_tag, viewer_tags

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_templates.loader import render_system
+from agent_templates.render import render_system
 from provisioning.backup import _Database
 from provisioning.blueprint import load_blueprint
 from provisioning.naming import viewer_hash

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 import provisioning.viewers as viewers_module
-from agent_templates.loader import load_template
+from agent_templates.template import load_template
 from provisioning.blueprint import ProvisioningError, load_blueprint, shared_block_tags
 from provisioning.naming import VIEWER_TAG, agent_name, viewer_tag
 from provisioning.provision import provision

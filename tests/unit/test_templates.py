@@ -21,7 +21,7 @@ from agent_templates import (
     render_shared_blocks,
     render_system,
 )
-from agent_templates.loader import LETTA_COUNTS_PER_TOOL_CALL, TEMPLATES_DIR, ToolRuleSpec
+from agent_templates.template import LETTA_COUNTS_PER_TOOL_CALL, TEMPLATES_DIR, ToolRuleSpec
 from tools.human_block import DEFAULT_HUMAN_LIMIT, add_fact, parse_facts, parse_fields, split_sections
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from agent_templates.loader import load_persona_config, load_template
+from agent_templates.persona import load_persona_config
+from agent_templates.template import load_template
 from provisioning.blueprint import Blueprint
 from provisioning.summary import Summary
 from provisioning.upgrade import FINGERPRINT_KEY, TemplateUpgrade, UpgradeReport, plan_changes, template_state
