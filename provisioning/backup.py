@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -50,8 +49,9 @@ from letta_client import APIConnectionError, APIStatusError, NotFoundError
 
 from provisioning.naming import agent_name, viewer_hash
 from stack.install import LETTA_VERSION
-from stack.postgres import DB_NAME, DB_USER
-from stack.processes import StackError, run_checked
+from stack.letta_database import LettaDatabase
+from stack.postgres import DB_NAME
+from stack.processes import StackError
 from vtuber_letta import redis_keys
 from vtuber_letta.settings import Settings
 
@@ -66,8 +66,6 @@ FORGOTTEN_FILE = "forgotten.json"
 PERSONA_FILE = "persona.yaml"
 # Tables whose row counts the manifest records (read from the dump) and a restore verifies.
 COUNTED_TABLES = ("organizations", "agents", "block", "blocks_agents", "messages", "tools", "archival_passages")
-
-_COPY_HEADER = re.compile(r"^COPY (?:\"?(\w+)\"?\.)?\"?(\w+)\"? .* FROM stdin;$")
 
 
 class BackupError(Exception):
@@ -119,10 +117,10 @@ def _write_backup(settings: Settings, stack, target: Path, log: Callable[[str], 
 
     # 1. The database: one consistent snapshot, the primary copy.
     log("backup: dumping the Letta database")
-    db = _Database(stack)
+    db = LettaDatabase(stack)
     dump = target / DUMP_FILE
     db.dump(dump)
-    counts, revision = db.dump_contents(dump)
+    counts, revision = db.dump_contents(dump, COUNTED_TABLES)
     files[DUMP_FILE] = _sha256(dump)
     report.add(f"database  {DUMP_FILE} ({_size(dump)}, alembic {revision}; "
                + ", ".join(f"{counts[t]} {t}" for t in COUNTED_TABLES) + ")")
@@ -226,7 +224,7 @@ def restore(settings: Settings, source: Path, *, force: bool = False, forgotten:
     stack = _local_stack(settings, Stack, log)
     log("restore: bringing the local stack up")
     stack.up()
-    db = _Database(stack)
+    db = LettaDatabase(stack)
     redis_conn = redis_client(settings)
 
     # Refuse to overwrite anything unless told to.
@@ -360,86 +358,6 @@ def read_manifest(source: Path) -> dict:
     if DUMP_FILE not in manifest.get("files", {}):
         raise BackupError(f"the backup's manifest lists no {DUMP_FILE}")
     return manifest
-
-
-# ============================================================================ the database
-
-
-class _Database:
-    """pg_dump / pg_restore / psql of the local stack's Postgres, over loopback TCP with its password."""
-
-    def __init__(self, stack):
-        self.pg = stack.postgres
-        self.bin = self.pg.install.pg_bin
-
-    def _env(self) -> dict[str, str]:
-        return {"PATH": f"{self.bin}:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-                "PGPASSWORD": self.pg.password(), "PGCONNECT_TIMEOUT": "10"}
-
-    def _conn(self) -> list[str]:
-        return ["-h", "127.0.0.1", "-p", str(self.pg.port), "-U", DB_USER]
-
-    def query(self, sql: str, database: str = DB_NAME) -> str:
-        return run_checked([str(self.bin / "psql"), *self._conn(), "-d", database, "-X", "-A", "-t",
-                            "-v", "ON_ERROR_STOP=1", "-c", sql], what="psql", env=self._env(), timeout=120).strip()
-
-    def server_version(self) -> str:
-        return self.query("SHOW server_version")
-
-    def alembic_revision(self) -> str:
-        return self.query("SELECT version_num FROM alembic_version")
-
-    def table_counts(self, tables: tuple[str, ...]) -> dict[str, int]:
-        sql = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM public.{t}" for t in tables)
-        rows = (line.split("|") for line in self.query(sql).splitlines() if line)
-        return {name: int(count) for name, count in rows}
-
-    def dump(self, path: Path) -> None:
-        # Custom format: compressed, restorable with pg_restore, one snapshot for the whole database.
-        run_checked([str(self.bin / "pg_dump"), *self._conn(), "-d", DB_NAME, "-F", "c", "-f", str(path)],
-                    what="pg_dump of the Letta database", env=self._env(), timeout=3600)
-        path.chmod(0o600)
-
-    def dump_contents(self, path: Path) -> tuple[dict[str, int], str]:
-        """Row counts of COUNTED_TABLES and the alembic revision, read back from the dump file itself."""
-        argv = [str(self.bin / "pg_restore"), "--data-only", "-f", "-"]
-        for table in (*COUNTED_TABLES, "alembic_version"):
-            argv += ["-t", table]
-        counts = {t: 0 for t in COUNTED_TABLES}
-        revision, table = "", None
-        # Streamed: the messages table may be large, and only the lines are counted.
-        with subprocess.Popen([*argv, str(path)], env=self._env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace") as proc:
-            for raw in proc.stdout:
-                line = raw.rstrip("\n")
-                if table is None:
-                    match = _COPY_HEADER.match(line)
-                    if match:
-                        table = match.group(2)
-                    continue
-                if line == "\\.":
-                    table = None
-                elif table == "alembic_version":
-                    revision = line.split("\t")[0]
-                elif table in counts:
-                    counts[table] += 1
-            errors = proc.stderr.read()
-        if proc.returncode != 0:
-            raise BackupError(f"the dump cannot be read back (pg_restore exit {proc.returncode}): "
-                              f"{errors.strip()[-500:]}")
-        if not revision:
-            raise BackupError("the dump holds no alembic revision: is this the Letta database?")
-        return counts, revision
-
-    def recreate(self) -> None:
-        self.query(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)", database="postgres")
-        self.query(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}", database="postgres")
-
-    def restore(self, path: Path) -> None:
-        # The dump carries the pgvector extension and the schema; one transaction: all or nothing.
-        run_checked([str(self.bin / "pg_restore"), *self._conn(), "-d", DB_NAME, "--no-owner",
-                     "--single-transaction", "--exit-on-error", str(path)],
-                    what="pg_restore of the Letta database", env=self._env(), timeout=3600)
 
 
 # ============================================================================ helpers

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from agent_templates.render import render_system
-from provisioning.backup import _Database
 from provisioning.blueprint import load_blueprint
 from provisioning.naming import viewer_hash
 from provisioning.provision import provision
 from provisioning.upgrade import FINGERPRINT_KEY
 from provisioning.viewers import ViewerAgents
+from stack.letta_database import LettaDatabase
 from stack.private import REPO_ROOT
 from tests.integration.bridge_helpers import agents_of, clear_bridge_state, dead_letters, push, redis_conn, wait_for, wait_for_replies
 from tests.integration.test_provisioning import cli_env
@@ -181,7 +181,7 @@ def redis_dump(r) -> list[tuple[bytes, bytes]]:
 
 def database_text(stack, tmp_path: Path) -> str:
     """Every row of the Letta database as text (a data-only plain pg_dump)."""
-    db = _Database(stack)
+    db = LettaDatabase(stack)
     path = tmp_path / "letta-data.sql"
     subprocess.run([str(db.bin / "pg_dump"), *db._conn(), "-d", "letta", "--data-only", "-f", str(path)],
                    env=db._env(), check=True, capture_output=True, timeout=300)
