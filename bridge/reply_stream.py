@@ -22,9 +22,10 @@ from typing import Callable
 
 from redis.asyncio import Redis
 
+from bridge.outputs import speech_outputs
 from bridge.queue import Output
 from bridge.sentences import SentenceSplitter
-from bridge.wire import ReplyChunk, TaskResponse, TtsRequest, dump
+from bridge.wire import ReplyChunk, TtsRequest, dump
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
 
@@ -32,15 +33,6 @@ from vtuber_letta.settings import Settings
 async def already_spoken(redis: Redis, task_id: str) -> bool:
     """True when an earlier attempt handed this task's reply to speech before its turn ended."""
     return bool(await redis.exists(keys.task_spoken(task_id)))
-
-
-def speech_outputs(settings: Settings, task_id: str, text: str) -> list[Output]:
-    """The whole reply's way to speech: a TTS request, or the text-only response without TTS."""
-    channel = keys.task_response_channel(task_id)
-    if settings.bridge_tts_handoff:
-        speech = TtsRequest(message_id=f"letta-{task_id}", task_id=task_id, text=text, response_channel=channel)
-        return [Output("lpush", settings.bridge_tts_queue, dump(speech))]
-    return [Output("publish", channel, dump(TaskResponse(text=text)))]
 
 
 class ReplyStream:

@@ -1,0 +1,100 @@
+"""What the bridge writes for a task, built without touching Redis: the reply's outputs, the
+fallback's, the forward to memory-python's, the dead letter's. Pure: the worker hands them to
+FINISH, which writes them atomically with acknowledging the task (bridge/queue.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from bridge.decisions import Chat
+from bridge.gateway import TurnResult
+from bridge.queue import Output
+from bridge.wire import AvatarEvent, DeadLetter, LettaResponse, TaskResponse, TtsRequest, dump
+from vtuber_letta import redis_keys as keys
+from vtuber_letta.settings import Settings
+
+FORWARDED_DONE = '{"forwarded":"memory-python"}'  # the done marker of a task handed to memory-python
+FALLBACK_DONE = '{"fallback":"memory-python"}'  # ... and of one handed over because Letta was down
+
+
+def speech_outputs(settings: Settings, task_id: str, text: str) -> list[Output]:
+    """The whole reply's way to speech: a TTS request, or the text-only response without TTS."""
+    channel = keys.task_response_channel(task_id)
+    if settings.bridge_tts_handoff:
+        speech = TtsRequest(message_id=f"letta-{task_id}", task_id=task_id, text=text, response_channel=channel)
+        return [Output("lpush", settings.bridge_tts_queue, dump(speech))]
+    return [Output("publish", channel, dump(TaskResponse(text=text)))]
+
+
+def reply_outputs(
+    settings: Settings, batch: Sequence[Chat], result: TurnResult, *, tail: Sequence[Output], spoken: bool, now: float
+) -> tuple[list[Output], list[str]]:
+    """The outputs of an answered turn and the done marker of each task (its LettaResponse).
+
+    The last task of the batch carries the reply (avatar events, words); each earlier one gets an
+    empty response naming the task that answered it. `tail`: the stream's last sentences, first;
+    `spoken`: the reply already went to speech (sentence by sentence, or whole before the tools),
+    so it is not queued for speech again."""
+    s = settings
+    answering = batch[-1].task_id
+    viewer = batch[0].request.user_id
+    outputs: list[Output] = list(tail)
+    done_values: list[str] = []
+    for chat in batch[:-1]:
+        response = LettaResponse(task_id=chat.task_id, user_id=viewer, response_text="", memory_updated=False,
+                                 timestamp=now, answered_by=answering)
+        done_values.append(dump(response))
+        outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
+        outputs.append(Output("publish", keys.task_response_channel(chat.task_id),
+                              dump(TaskResponse(text="", answered_by=answering))))
+    response = LettaResponse(
+        task_id=answering, user_id=viewer, response_text=result.reply_text, memory_updated=result.memory_updated,
+        timestamp=now, silent=result.silent, answers=[chat.task_id for chat in batch] if len(batch) > 1 else None,
+    )
+    done_values.append(dump(response))
+    outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
+    for call in result.avatar_calls:
+        event = AvatarEvent(tool=call.tool, args=call.args, task_id=answering, user_id=viewer, timestamp=now)
+        outputs.append(Output("publish", s.bridge_avatar_channel, dump(event)))
+    if result.silent and not spoken:
+        outputs.append(Output("publish", keys.task_response_channel(answering), dump(TaskResponse(text="", silent=True))))
+    elif not spoken:
+        outputs += speech_outputs(s, answering, result.reply_text)
+    return outputs, done_values
+
+
+def forward_output(settings: Settings, raw: bytes) -> Output:
+    """A task for memory-python, byte for byte."""
+    return Output("lpush", settings.bridge_memory_queue, raw)
+
+
+def fallback_outputs(settings: Settings, batch: Sequence[Chat]) -> list[Output]:
+    """Letta is down: the tasks for memory-python, marked meta.letta_fallback = true."""
+    outputs = []
+    for chat in batch:
+        payload: dict[str, Any] = json.loads(chat.raw)
+        meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+        payload["meta"] = {**meta, "letta_fallback": True}
+        outputs.append(Output("lpush", settings.bridge_memory_queue, json.dumps(payload, ensure_ascii=False)))
+    return outputs
+
+
+def dead_letter_entry(
+    raw: bytes, reason: str, *, stage: str, task_id: str | None, user_id: str | None, attempts: int | None,
+    replica_id: str, at: float, max_bytes: int,
+) -> str:
+    """One dead letter: the reason, the raw payload (cut at max_bytes), where it failed and who wrote it."""
+    text = raw[:max_bytes].decode("utf-8", "replace") + ("…[truncated]" if len(raw) > max_bytes else "")
+    return dump(DeadLetter(
+        reason=reason, raw=text, task_id=task_id, user_id=user_id, stage=stage,
+        attempts=attempts, replica_id=replica_id, at=at,
+    ))
+
+
+def task_id_of(raw: bytes) -> str | None:
+    """The task id of a raw payload, if it has one (an earlier member of a failing group)."""
+    try:
+        return json.loads(raw).get("task_id")
+    except (ValueError, AttributeError):
+        return None
