@@ -13,7 +13,7 @@ from typing import Union
 
 from bridge.gateway import TurnResult
 from bridge.queue import Output
-from bridge.wire import LettaRequest
+from bridge.wire import TaskRequest
 
 
 class Outcome(str, Enum):
@@ -39,7 +39,7 @@ class Chat:
     """One validated task of a Letta turn and the text the agent reads for it."""
 
     raw: bytes
-    request: LettaRequest
+    request: TaskRequest
     text: str
 
     @property

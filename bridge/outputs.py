@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from bridge.decisions import Chat
 from bridge.gateway import TurnResult
 from bridge.queue import Output
-from bridge.wire import AvatarEvent, DeadLetter, LettaResponse, TaskResponse, TtsRequest, dump
+from bridge.wire import AvatarEvent, DeadLetter, TaskReply, TaskResponse, TtsRequest, dump
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
 
@@ -30,7 +30,7 @@ def speech_outputs(settings: Settings, task_id: str, text: str) -> list[Output]:
 def reply_outputs(
     settings: Settings, batch: Sequence[Chat], result: TurnResult, *, tail: Sequence[Output], spoken: bool, now: float
 ) -> tuple[list[Output], list[str]]:
-    """The outputs of an answered turn and the done marker of each task (its LettaResponse).
+    """The outputs of an answered turn and the done marker of each task (its TaskReply).
 
     The last task of the batch carries the reply (avatar events, words); each earlier one gets an
     empty response naming the task that answered it. `tail`: the stream's last sentences, first;
@@ -42,13 +42,13 @@ def reply_outputs(
     outputs: list[Output] = list(tail)
     done_values: list[str] = []
     for chat in batch[:-1]:
-        response = LettaResponse(task_id=chat.task_id, user_id=viewer, response_text="", memory_updated=False,
+        response = TaskReply(task_id=chat.task_id, user_id=viewer, response_text="", memory_updated=False,
                                  timestamp=now, answered_by=answering)
         done_values.append(dump(response))
         outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
         outputs.append(Output("publish", keys.task_response_channel(chat.task_id),
                               dump(TaskResponse(text="", answered_by=answering))))
-    response = LettaResponse(
+    response = TaskReply(
         task_id=answering, user_id=viewer, response_text=result.reply_text, memory_updated=result.memory_updated,
         timestamp=now, silent=result.silent, answers=[chat.task_id for chat in batch] if len(batch) > 1 else None,
     )

@@ -16,7 +16,7 @@ from typing import Callable
 
 from bridge.metrics import BridgeMetrics
 from bridge.queue import ViewerQueues
-from bridge.wire import LettaRequest
+from bridge.wire import TaskRequest
 from vtuber_letta.settings import Settings
 
 MEMORY_PYTHON = "memory-python"
@@ -44,7 +44,7 @@ class Replica:
         except asyncio.TimeoutError:
             return False
 
-    def route_of(self, request: LettaRequest) -> str:
+    def route_of(self, request: TaskRequest) -> str:
         """"letta" or "memory-python": Letta off sends everything to memory-python; otherwise by
         meta.memory_type (LETTA_MEMORY_TYPE_ROUTING, VTL_BRIDGE_DEFAULT_MEMORY_TYPE)."""
         if not self.settings.letta_enabled:

@@ -5,7 +5,7 @@ The gateway hands every new piece of reply text to `ReplyStream.feed`; each comp
 published at once as a `ReplyChunk` on the chunk channel and, with per-sentence speech, LPUSHed
 to the TTS queue, both in one Redis round trip. These writes are not part of the atomic FINISH of
 the task: they are a preview that lets speech start early, and after a retry a sentence may be
-published again (consumers key on task_id + index). The final `LettaResponse` stays the authority.
+published again (consumers key on task_id + index). The final `TaskReply` stays the authority.
 
 Speech never waits for tools: when the model moves on from its words to tool calls (an avatar cue,
 a memory write), the gateway calls `words_done` and the reply goes to speech then — the last

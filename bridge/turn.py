@@ -30,7 +30,7 @@ from bridge.reply_stream import ReplyStream, already_spoken
 from bridge.retry_policy import Action, Switches, backoff, next_action
 from bridge.turn_text import compose_turn_text
 from bridge.viewer_stats import stats_ops, totals_from_stats
-from bridge.wire import CHAT_TYPES, LettaRequest, WireError, parse_request, read_input_file
+from bridge.wire import CHAT_TYPES, TaskRequest, WireError, parse_request, read_input_file
 from vtuber_letta.viewer_ids import split_platform
 
 log = logging.getLogger("vtuber_letta.bridge")
@@ -50,7 +50,7 @@ class LettaTurn:
                                  retry_attempts=self.settings.letta_retry_attempts)
         self._letta_down_until = 0.0
 
-    async def decide(self, raw: bytes, request: LettaRequest, *, queued: list[bytes], mid_burst: bool,
+    async def decide(self, raw: bytes, request: TaskRequest, *, queued: list[bytes], mid_burst: bool,
                      on_attempt: Callable[[int], None]) -> Decision:
         """The head `raw` (parsed: `request`) of a viewer's queue, as last read (`queued`, head first);
         mid_burst: the viewer's previous turn ended with messages already waiting. on_attempt is told
@@ -146,7 +146,7 @@ class LettaTurn:
                     break
         if not raws or raws[0] != head.raw:
             return []
-        candidates: list[LettaRequest] = []
+        candidates: list[TaskRequest] = []
         seen = {head.task_id}
         for raw in raws[1:]:
             try:
@@ -173,7 +173,7 @@ class LettaTurn:
             followers.append(chat)
         return followers
 
-    async def _viewer_text(self, request: LettaRequest) -> str | None:
+    async def _viewer_text(self, request: TaskRequest) -> str | None:
         if request.content and request.content.strip():
             return request.content
         if request.input_file:
@@ -253,7 +253,7 @@ class LettaTurn:
                            spoken_before=spoken_before)
 
 
-def _sender_name(request: LettaRequest) -> str:
+def _sender_name(request: TaskRequest) -> str:
     """'小明@bilibili': the display name (else the id after the platform) and the platform."""
     name = request.meta.display_name or split_platform(request.user_id)[1] or request.user_id
     platform = request.platform

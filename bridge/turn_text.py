@@ -14,7 +14,7 @@ import re
 import unicodedata
 
 from bridge.viewer_stats import money
-from bridge.wire import LettaRequest
+from bridge.wire import TaskRequest
 
 EVENT_MARKER = "[platform event:"
 # Brackets a viewer could use to imitate the marker, ASCII and full-width.
@@ -33,7 +33,7 @@ def defuse(text: str) -> str:
     return text.strip()
 
 
-def compose_turn_text(request: LettaRequest, viewer_text: str | None) -> str:
+def compose_turn_text(request: TaskRequest, viewer_text: str | None) -> str:
     """The user message of one task (viewer_text: content or the input_file text)."""
     said = defuse(viewer_text or "")
     if not request.is_event:

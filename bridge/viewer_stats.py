@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from tools.human_block import block_time
 
 if TYPE_CHECKING:
-    from bridge.wire import LettaRequest
+    from bridge.wire import TaskRequest
 
 CURRENCY_SYMBOLS = {"CNY": "¥", "RMB": "¥", "JPY": "¥", "USD": "$", "EUR": "€", "GBP": "£", "KRW": "₩"}
 
@@ -50,7 +50,7 @@ class ViewerTotals:
 
 
 
-def stats_ops(request: LettaRequest, now: float) -> list[tuple[str, str, str]]:
+def stats_ops(request: TaskRequest, now: float) -> list[tuple[str, str, str]]:
     """The viewer-stats updates (op, field, value) one permanent task implies."""
     stamp = repr(now)
     ops = [("setnx", "first_seen", stamp), ("set", "last_seen", stamp)]

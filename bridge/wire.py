@@ -12,7 +12,7 @@ In (list `letta_requests`, LPUSHed by the host, consumed oldest first)::
 
 Out:
 
-- `letta_responses` (pub/sub): `LettaResponse`
+- `letta_responses` (pub/sub): `TaskReply`
 - `task_response:{task_id}` (pub/sub, text-only form when TTS hand-off is off or the turn is silent):
   `TaskResponse`
 - `tts_requests` (list, LPUSH as the host's chat-ai does): `TtsRequest`
@@ -147,7 +147,7 @@ class TaskMeta(BaseModel):
         return value.strip().upper() or None if isinstance(value, str) else value
 
 
-class LettaRequest(BaseModel):
+class TaskRequest(BaseModel):
     """One task on `letta_requests` (the host's user-turn format plus `meta.memory_type`)."""
 
     model_config = ConfigDict(extra="allow")
@@ -167,7 +167,7 @@ class LettaRequest(BaseModel):
         return {} if value is None else value
 
     @model_validator(mode="after")
-    def _required_by_type(self) -> "LettaRequest":
+    def _required_by_type(self) -> "TaskRequest":
         has_text = bool(self.content and self.content.strip())
         if self.type in CHAT_TYPES and not has_text and not self.input_file:
             raise ValueError(f"a {self.type} task needs non-empty content or an input_file")
@@ -187,8 +187,9 @@ class LettaRequest(BaseModel):
         return viewer_ids.platform_of(self.user_id, self.meta.platform)
 
 
-class LettaResponse(BaseModel):
-    """Published on `letta_responses` once per answered task.
+class TaskReply(BaseModel):
+    """Published on `letta_responses` once per answered task. (Our document, whatever the channel
+    is called; the SDK's own `LettaResponse` is a Letta reply, parsed by bridge/replies.py.)
 
     Example: {"task_id": "3f0c9a", "user_id": "bilibili:12345", "response_text": "你好呀小明！",
               "memory_updated": true, "source": "letta", "timestamp": 1756450000.12, "silent": false}
@@ -212,7 +213,7 @@ class LettaResponse(BaseModel):
 
 class ReplyChunk(BaseModel):
     """One sentence of a reply, published on `letta_response_chunks` while the agent is still
-    talking (streaming), so speech can start before the turn ends. The final `LettaResponse`
+    talking (streaming), so speech can start before the turn ends. The final `TaskReply`
     still carries the whole reply and is the authority (e.g. `silent`).
 
     Example: {"task_id": "3f0c9a", "user_id": "bilibili:12345", "index": 0, "text": "你好呀小明！",
@@ -314,7 +315,7 @@ def _reason(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
-def parse_request(raw: bytes | str, *, max_bytes: int) -> LettaRequest:
+def parse_request(raw: bytes | str, *, max_bytes: int) -> TaskRequest:
     """Validate one raw payload; raise WireError with a dead-letter reason."""
     data_bytes = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
     if len(data_bytes) > max_bytes:
@@ -326,7 +327,7 @@ def parse_request(raw: bytes | str, *, max_bytes: int) -> LettaRequest:
     if not isinstance(data, dict):
         raise WireError(f"not a JSON object (got {type(data).__name__})")
     try:
-        return LettaRequest.model_validate(data)
+        return TaskRequest.model_validate(data)
     except ValidationError as exc:
         task_id, user_id = data.get("task_id"), data.get("user_id")
         raise WireError(_reason(exc), task_id=task_id if viewer_ids.is_task_id(task_id) else None,

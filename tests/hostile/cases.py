@@ -4,7 +4,7 @@ Every case is one raw payload and the outcome the bridge must reach for it:
 
 - `dead_letter`: an entry on `vtl:dead_letters` whose `raw` is the payload as received and whose
   `reason` contains `reason` (None: any non-empty reason);
-- `answered`: exactly one LettaResponse (and, unless silent, one `tts_requests` item) for its
+- `answered`: exactly one TaskReply (and, unless silent, one `tts_requests` item) for its
   task id, naming its viewer, harmless (the checks of the case and the global ones below);
 - `forwarded`: the payload, byte for byte, on memory-python's `user_input_queue`.
 

@@ -10,7 +10,7 @@ import pytest
 
 from bridge.turn_text import compose_turn_text, defuse
 from bridge.viewer_stats import money, stats_ops, totals_from_stats
-from bridge.wire import MAX_CONTENT_CHARS, DeadLetter, LettaRequest, WireError, dump, parse_request, read_input_file
+from bridge.wire import MAX_CONTENT_CHARS, DeadLetter, TaskRequest, WireError, dump, parse_request, read_input_file
 
 LIMIT = 65536
 
@@ -311,7 +311,7 @@ def test_dead_letter_shape():
     assert entry == {"reason": "bad", "raw": "{", "stage": "validate", "replica_id": "r1", "at": 1.5}
 
 
-def _request(**fields) -> LettaRequest:
+def _request(**fields) -> TaskRequest:
     return parse_request(task(**fields), max_bytes=LIMIT)
 
 
