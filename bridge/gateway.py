@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence, runtime_checkable
 
-from bridge.errors import LettaError, LettaPermanentError, LettaRetryable, LettaUnavailable  # noqa: F401 (re-exported)
 from bridge.viewer_stats import ViewerTotals
 
 

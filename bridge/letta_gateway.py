@@ -16,9 +16,10 @@ from typing import Sequence
 
 from letta_client import AsyncLetta, NotFoundError
 
-from bridge.gateway import LettaError, LettaRetryable, LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
-from bridge.letta_turns import LettaTurns, as_gateway_error
-from provisioning.provision import ProvisioningError
+from bridge.errors import LettaError, LettaRetryable, LettaUnavailable, letta_error
+from bridge.gateway import TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
+from bridge.letta_turns import LettaTurns
+from provisioning.blueprint import ProvisioningError
 from provisioning.viewers import ViewerAgents
 from tools.human_block import set_fields
 from vtuber_letta.letta_api import async_letta_client
@@ -45,8 +46,8 @@ class RealLettaGateway:
                 agent = await asyncio.to_thread(self._viewers.ensure, viewer_id, display_name, platform, verify=verify)
             except ProvisioningError as exc:  # the shared blocks or tools are missing: no viewer can be answered
                 raise LettaUnavailable(f"cannot make the viewer's agent: {exc}") from exc
-            except Exception as exc:  # as_gateway_error passes our own errors through unchanged
-                raise as_gateway_error(exc) from exc
+            except Exception as exc:  # letta_error passes our own errors through unchanged
+                raise letta_error(exc) from exc
             agent_id = agent.agent_id
             self._agents[viewer_id] = agent_id
             self._viewer_of[agent_id] = viewer_id
@@ -67,7 +68,7 @@ class RealLettaGateway:
             return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text,
                                                on_words_done=on_words_done)
         except LettaError as exc:
-            if not isinstance(exc.__cause__, NotFoundError):
+            if not exc.agent_gone:
                 raise
             # The agent is gone (forgotten, and this bridge missed the invalidation): the new one has
             # never seen these messages, so sending them to it is no second turn.
@@ -81,7 +82,7 @@ class RealLettaGateway:
             return await self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text,
                                                    on_words_done=on_words_done)
         except LettaError as exc:
-            if not isinstance(exc.__cause__, NotFoundError):
+            if not exc.agent_gone:
                 raise
             # Gone mid-turn: the retry finds nothing in the new agent's history and sends the task anew.
             await self._reresolve(agent_id, exc)
@@ -91,7 +92,7 @@ class RealLettaGateway:
         try:
             return await self._turns.settle_runs(agent_id)
         except LettaError as exc:
-            if isinstance(exc.__cause__, NotFoundError):
+            if exc.agent_gone:
                 return 0  # a deleted agent runs nothing
             raise
 
@@ -99,7 +100,7 @@ class RealLettaGateway:
         try:
             return await self._turns.find_answered(agent_id, task_ids)
         except LettaError as exc:
-            if isinstance(exc.__cause__, NotFoundError):
+            if exc.agent_gone:
                 return None  # a deleted agent has answered nothing
             raise
 
@@ -111,9 +112,9 @@ class RealLettaGateway:
             try:
                 await self._record(fresh, event)
             except Exception as again:
-                raise as_gateway_error(again) from again
+                raise letta_error(again) from again
         except Exception as exc:
-            raise as_gateway_error(exc) from exc
+            raise letta_error(exc) from exc
 
     async def _record(self, agent_id: str, event: VerifiedEvent) -> None:
         block = await self._client.agents.blocks.retrieve(HUMAN_LABEL, agent_id=agent_id)

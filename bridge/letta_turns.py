@@ -27,12 +27,8 @@ from typing import Any, AsyncIterator, Sequence
 
 from letta_client import AsyncLetta
 
-from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, classify_error, classify_stop_reason, describe_error
+from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, LettaRetryable, LettaUnavailable, classify_stop_reason, letta_error
 from bridge.gateway import (
-    LettaError,
-    LettaPermanentError,
-    LettaRetryable,
-    LettaUnavailable,
     TextSink,
     TurnMessage,
     TurnResult,
@@ -70,19 +66,6 @@ def safe_sender_name(name: str | None) -> str | None:
     text = "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Zl", "Zp"))
     text = _NAME_UNSAFE.sub("_", text).strip("_")
     return text[:MAX_NAME_CHARS] or None
-
-
-def as_gateway_error(exc: BaseException) -> LettaError:
-    """Our exception for any error raised by the SDK or the transport."""
-    if isinstance(exc, LettaError):
-        return exc
-    disposition = classify_error(exc)
-    text = describe_error(exc)
-    if disposition is Disposition.UNAVAILABLE:
-        return LettaUnavailable(text)
-    if disposition is Disposition.RETRY:
-        return LettaRetryable(text)
-    return LettaPermanentError(text)
 
 
 class _SinkFailed(Exception):
@@ -212,7 +195,7 @@ class LettaTurns:
                 page = await self._client.runs.list(agent_id=agent_id, active=True, limit=20)
                 runs = getattr(page, "items", page)
             except Exception as exc:
-                raise as_gateway_error(exc) from exc
+                raise letta_error(exc) from exc
             live = [field_of(run, "id") for run in runs if not _orphaned(run)]
             seen.update(live)
             if not live:
@@ -270,7 +253,7 @@ class LettaTurns:
         except _SinkFailed as failed:  # the caller's own failure (e.g. Redis), not Letta's
             raise failed.__cause__ from None
         except Exception as exc:  # every failure is mapped to the gateway's error contract
-            raise as_gateway_error(exc) from exc
+            raise letta_error(exc) from exc
 
     def _drain(self, events: AsyncIterator[Any], response: Any) -> None:
         """Finish reading a streamed response in the background, then release its connection."""
@@ -299,7 +282,7 @@ class LettaTurns:
         try:
             page = await self._client.agents.messages.list(agent_id, order="desc", limit=self._history_scan)
         except Exception as exc:
-            raise as_gateway_error(exc) from exc
+            raise letta_error(exc) from exc
         timeline = chronological(page.items)
         for index, message in enumerate(timeline):
             if field_of(message, "message_type") == "user_message" and field_of(message, "otid") == target:

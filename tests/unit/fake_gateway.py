@@ -12,7 +12,8 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from bridge.gateway import LettaUnavailable, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
+from bridge.errors import LettaUnavailable
+from bridge.gateway import TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
 
 
 @dataclass

@@ -16,8 +16,8 @@ import pytest
 import redis
 from letta_client import AsyncLetta
 
-from bridge.errors import Disposition, classify_error, classify_status
-from bridge.gateway import AvatarCall, LettaPermanentError, LettaRetryable, LettaUnavailable, TurnMessage
+from bridge.errors import Disposition, LettaPermanentError, LettaRetryable, LettaUnavailable, classify_error, classify_status
+from bridge.gateway import AvatarCall, TurnMessage
 from bridge.letta_turns import CONTINUE_NOTE, MAX_STEPS_PER_TURN, LettaTurns, StreamedTurn, answer_of_run, otid_for, safe_sender_name, sse_events
 from bridge.replies import content_text, parse_letta_response, parse_messages
 from bridge.viewer_stats import ViewerTotals, format_support

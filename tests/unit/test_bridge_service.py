@@ -13,7 +13,8 @@ from fake_gateway import FakeGateway
 from redis.asyncio import Redis
 
 from bridge import check_bridge, run_bridge
-from bridge.gateway import AvatarCall, LettaPermanentError, LettaRetryable, LettaUnavailable, TurnMessage, TurnResult
+from bridge.errors import LettaPermanentError, LettaRetryable, LettaUnavailable
+from bridge.gateway import AvatarCall, TurnMessage, TurnResult
 from bridge.service import BridgeService
 from vtuber_letta import redis_keys as keys
 

@@ -12,7 +12,8 @@ from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, 
 from fake_gateway import FakeGateway
 
 from bridge import check_bridge, run_bridge
-from bridge.gateway import AvatarCall, LettaPermanentError, TurnResult
+from bridge.errors import LettaPermanentError
+from bridge.gateway import AvatarCall, TurnResult
 from vtuber_letta import redis_keys as keys
 
 pytestmark = pytest.mark.timeout(60)
