@@ -2,7 +2,7 @@
 
 A private redis-server of the stack (stack/redis_server.py, the same config as `stack up`); no
 Letta. Two figures, each from INFO memory's used_memory before and after `--tasks` entries:
-  queued      a chat task as the host LPUSHes it (bridge/say.py build_task), the shape it keeps
+  queued      a chat task as the host LPUSHes it (vtuber_letta/commands/say.py build_task), the shape it keeps
               while it waits on letta_requests or in a viewer's queue
   done        an answered task's done marker (`vtl:done:<task_id>`, the reply as published on
               letta_responses), kept for VTL_BRIDGE_DONE_TTL (24 h by default) so that a redelivered
@@ -19,12 +19,12 @@ import time
 from datetime import datetime, timezone
 
 from bench.common import command_line, log, table
-from bridge.say import build_task
-from bridge.wire import LettaResponse, dump
+from bridge.wire import TaskReply, dump
 from stack.private import private_data_dir
 from stack.processes import free_port
 from stack.redis_server import RedisServer
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.commands.say import build_task
 from vtuber_letta.redis_api import redis_client
 from vtuber_letta.settings import Settings
 
@@ -64,7 +64,7 @@ def main() -> None:
                     if figure == "queued":
                         pipe.lpush(keys.LETTA_REQUESTS, json.dumps(task, ensure_ascii=False))
                     else:
-                        reply = LettaResponse(task_id=task["task_id"], user_id=task["user_id"], response_text=text,
+                        reply = TaskReply(task_id=task["task_id"], user_id=task["user_id"], response_text=text,
                                               memory_updated=False, timestamp=time.time())
                         pipe.set(keys.task_done(task["task_id"]), dump(reply), ex=86400)
                 pipe.execute()

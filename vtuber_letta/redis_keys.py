@@ -38,7 +38,7 @@ def viewer_lock(viewer_id: str) -> str:
 
 # ---------------------------------------------------------------------------
 # bridge (bridge/): the reliable per-viewer queue. Owned by the bridge; every
-# name below is written only by bridge/service.py and its Lua scripts.
+# name below is written only by the bridge (bridge/) and its Lua scripts.
 # Flow: request list --BLMOVE--> STAGING --route.lua--> viewer_queue(v) (+ PENDING, READY)
 #       or --> TRIAGE (unroutable, dead-lettered by Python) --> DEAD_LETTERS.
 # ---------------------------------------------------------------------------

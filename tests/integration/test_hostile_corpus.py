@@ -164,7 +164,7 @@ class Run:
 
 
 def dead_letter_raw(raw: bytes, limit: int = 65536) -> str:
-    """`raw` of a dead letter, as bridge/service.py writes it (replacement characters, cut at the limit)."""
+    """`raw` of a dead letter, as bridge/outputs.py writes it (replacement characters, cut at the limit)."""
     return raw[:limit].decode("utf-8", "replace") + ("…[truncated]" if len(raw) > limit else "")
 
 

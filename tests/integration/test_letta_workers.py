@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from bridge.say import build_task
 from stack import letta_workers
 from stack.manager import Stack
 from stack.private import private_data_dir, private_stack_settings
@@ -33,6 +32,7 @@ from tests.integration.bridge_helpers import (
     wait_for,
     wait_for_replies,
 )
+from vtuber_letta.commands.say import build_task
 
 WORKERS = 2
 REPLY = "好的，我记住啦。"
