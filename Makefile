@@ -26,9 +26,10 @@ demo: install
 test: install lint
 	$(BIN)/python -m pytest
 
-# ruff: pyflakes, pycodestyle, import order, bugbear (the rule set is in pyproject.toml)
+# ruff: pyflakes, pycodestyle, import order, bugbear; mypy on the pure leaves (both set in pyproject.toml)
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 down: $(BIN)/.installed
 	$(BIN)/vtuber-letta stack down

@@ -13,7 +13,7 @@ from typing import Union
 
 from bridge.gateway import TurnResult
 from bridge.queue import Output
-from bridge.wire import TaskRequest
+from bridge.wire import Stage, TaskRequest
 
 
 class Outcome(str, Enum):
@@ -73,7 +73,7 @@ class DeadLetter:
 
     raws: list[bytes]
     reason: str
-    stage: str  # validate | letta
+    stage: Stage  # validate | letta
     attempt: int  # 0: never sent
     attempts: int | None = None  # recorded in the dead letter (Letta failures only)
 

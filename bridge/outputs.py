@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from bridge.decisions import Chat
 from bridge.gateway import TurnResult
 from bridge.queue import Output
-from bridge.wire import AvatarEvent, DeadLetter, TaskReply, TaskResponse, TtsRequest, dump
+from bridge.wire import AvatarEvent, DeadLetter, Stage, TaskReply, TaskResponse, TtsRequest, dump
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
 
@@ -74,14 +74,14 @@ def fallback_outputs(settings: Settings, batch: Sequence[Chat]) -> list[Output]:
     outputs = []
     for chat in batch:
         payload: dict[str, Any] = json.loads(chat.raw)
-        meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
-        payload["meta"] = {**meta, "letta_fallback": True}
+        meta = payload.get("meta")
+        payload["meta"] = {**(meta if isinstance(meta, dict) else {}), "letta_fallback": True}
         outputs.append(Output("lpush", settings.bridge_memory_queue, json.dumps(payload, ensure_ascii=False)))
     return outputs
 
 
 def dead_letter_entry(
-    raw: bytes, reason: str, *, stage: str, task_id: str | None, user_id: str | None, attempts: int | None,
+    raw: bytes, reason: str, *, stage: Stage, task_id: str | None, user_id: str | None, attempts: int | None,
     replica_id: str, at: float, max_bytes: int,
 ) -> str:
     """One dead letter: the reason, the raw payload (cut at max_bytes), where it failed and who wrote it."""

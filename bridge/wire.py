@@ -276,6 +276,9 @@ class AvatarEvent(BaseModel):
     timestamp: float
 
 
+Stage = Literal["intake", "validate", "letta", "internal"]  # where a dead letter's task failed
+
+
 class DeadLetter(BaseModel):
     """A task the bridge could not process, LPUSHed on `vtl:dead_letters`.
 
@@ -291,7 +294,7 @@ class DeadLetter(BaseModel):
     raw: str
     task_id: str | None = None
     user_id: str | None = None
-    stage: Literal["intake", "validate", "letta", "internal"]
+    stage: Stage
     attempts: int | None = None
     replica_id: str
     at: float

@@ -24,7 +24,7 @@ from bridge.outputs import FALLBACK_DONE, FORWARDED_DONE, dead_letter_entry, fal
 from bridge.queue import Finished, FinishResult, Output, ReleaseStatus, cancel_point
 from bridge.replica import MEMORY_PYTHON, Replica, loggable
 from bridge.turn import LettaTurn
-from bridge.wire import WireError, parse_request
+from bridge.wire import Stage, WireError, parse_request
 from vtuber_letta import redis_keys as keys
 
 log = logging.getLogger("vtuber_letta.bridge")
@@ -223,7 +223,7 @@ class ViewerWorker:
             state.reason = f"{len(batch)} tasks"
         return Outcome.FALLBACK
 
-    async def _dead_letter(self, state: TaskState, raws: list[bytes], reason: str, stage: str, *,
+    async def _dead_letter(self, state: TaskState, raws: list[bytes], reason: str, stage: Stage, *,
                            task_id: str | None, user_id: str | None, attempts: int | None = None) -> Outcome:
         """Dead-letter the task (or every task of a coalesced turn that kept failing), one entry each."""
         finished, outputs = [], []
