@@ -1,6 +1,6 @@
 """What the Letta turn hands back to the viewer's worker: a decision, never an acknowledgement.
 
-The turn (bridge/letta_turn.py) asks Letta and the retry policy; the worker (bridge/worker.py)
+The turn (bridge/turn.py) asks Letta and the retry policy; the worker (bridge/worker.py)
 acts on what it decides: answers, falls back, dead-letters, or leaves the task where it is. That
 the turn returns instead of acknowledging is what keeps the two from calling each other.
 """

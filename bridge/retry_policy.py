@@ -5,7 +5,7 @@
 `cause` is how the last attempt failed (bridge/errors.py's Disposition), or None before the
 first attempt of this turn (then only the Letta-down hold matters). The switches are the
 operator's: LETTA_FALLBACK_TO_MEMORY and LETTA_RETRY_ATTEMPTS. Table-tested in
-tests/unit/test_retry_policy.py; the Letta turn (bridge/letta_turn.py) asks it and acts.
+tests/unit/test_retry_policy.py; the Letta turn (bridge/turn.py) asks it and acts.
 """
 
 from __future__ import annotations
