@@ -28,12 +28,7 @@ from typing import Any, AsyncIterator, Sequence
 from letta_client import AsyncLetta
 
 from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, LettaRetryable, LettaUnavailable, classify_stop_reason, letta_error
-from bridge.gateway import (
-    TextSink,
-    TurnMessage,
-    TurnResult,
-    WordsDoneSink,
-)
+from bridge.gateway import TextSink, TurnMessage, TurnResult, WordsDoneSink
 from bridge.replies import SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
