@@ -1,4 +1,4 @@
-"""A stand-in for `letta server` that boots like uvicorn 0.29 does (tests/unit/test_letta_workers.py).
+"""A stand-in for `letta server` that boots like uvicorn 0.29 does (tests/unit/test_letta_workers_launcher.py).
 
 It answers GET /v1/health/ with {"status": "ok"} on 127.0.0.1:$FAKE_PORT (after
 $FAKE_HEALTHY_AFTER_S seconds), and with LETTA_UVICORN_WORKERS above one it spawns that many
