@@ -47,7 +47,8 @@ CATEGORIES = {
 
 # The only tools a viewer agent is ever offered (agent_templates/vtuber/template.yaml).
 OFFERED_TOOLS = frozenset({
-    "conversation_search", "remember_viewer_fact", "forget_viewer_fact", "set_expression", "play_motion", "stay_silent",
+    "conversation_search", "remember_viewer_fact", "forget_viewer_fact", "recall_viewer_facts", "set_expression",
+    "play_motion", "stay_silent",
 })
 
 # Files the runner creates in (and around) the uploads folder before the run.

@@ -90,6 +90,7 @@ class PrivateStack:
             "VTL_DATA_DIR": str(s.data_dir), "VTL_LETTA_SERVER_HOME": str(s.letta_server_home),
             "VTL_POSTGRES_PORT": str(s.postgres_port), "VTL_SCRIPTED_MODEL_PORT": str(s.scripted_model_port),
             "VTL_PERSONA_CONFIG": str(s.persona_config), "VTL_MEMORY_GATE_URL": s.memory_gate_url,
+            "VTL_CONSOLE_PORT": str(s.console_port),  # `restore` brings this stack up, console included
         }
         if s.redis_password:
             env["REDIS_PASSWORD"] = s.redis_password.get_secret_value()
