@@ -37,9 +37,12 @@ MAX_NAME_CHARS = 64
 # A turn asks for at most this many model steps: the first, plus continuations after steps that
 # only called tools (a memory write, then a search, then the reply is 3).
 MAX_STEPS_PER_TURN = 4
-# A run still `running` after this long is an orphan of a crashed server (Letta 0.16.8 never ends
-# those), not an attempt in flight: Letta's own model streams give up after 600 s.
-ORPHANED_RUN_AGE_S = 900.0
+# A run still `running` this long after it began is taken for an orphan: Letta 0.16.8 never ends
+# the runs of a server (or worker) that died mid-turn, and waiting for them would hold the viewer
+# until fallback. Twice the turn's deadline, at least a minute: a live run outlives its client by
+# the model's own slowness only, and one hung for longer than this may, when it ends, make a second
+# turn (a trade for answering at all after a crash; docs/RELIABILITY.md).
+MIN_ORPHANED_RUN_AGE_S = 60.0
 RUN_POLL_S = 0.25
 # What the agent reads before a step the bridge asks for (a system message, persisted in history).
 CONTINUE_NOTE = ("[turn continues] Your tool calls above have run. The viewer is still waiting: "
@@ -91,6 +94,10 @@ class LettaTurns:
         self._deadline = timeout  # the whole turn, every step and the stream's keep-alives included
         self._history_scan = history_scan
         self._draining: set[asyncio.Task] = set()  # streamed responses being read to their end
+
+    @property
+    def orphan_age(self) -> float:
+        return max(MIN_ORPHANED_RUN_AGE_S, 2 * self._deadline)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "LettaTurns":
@@ -181,7 +188,7 @@ class LettaTurns:
         ends: sending while it runs would make a second turn. Cancelling does not help: Letta
         0.16.8 checks for a cancel only between steps, so the step in flight still runs and stores
         its turn. A run still in flight at the end raises LettaUnavailable (the retry comes back
-        later); one older than ORPHANED_RUN_AGE_S is an orphan and does not count."""
+        later); one older than `orphan_age` is an orphan and does not count."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self._deadline
         seen: set[str] = set()
@@ -191,7 +198,7 @@ class LettaTurns:
                 runs = getattr(page, "items", page)
             except Exception as exc:
                 raise letta_error(exc) from exc
-            live = [field_of(run, "id") for run in runs if not _orphaned(run)]
+            live = [field_of(run, "id") for run in runs if not _orphaned(run, self.orphan_age)]
             seen.update(live)
             if not live:
                 return len(seen)
@@ -425,13 +432,13 @@ def _error_type(data: str) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def _orphaned(run: Any) -> bool:
+def _orphaned(run: Any, orphan_age: float) -> bool:
     created = field_of(run, "created_at")
     if not isinstance(created, datetime):
         return False
     if created.tzinfo is None:  # Letta stores UTC
         created = created.replace(tzinfo=timezone.utc)
-    return (datetime.now(timezone.utc) - created).total_seconds() > ORPHANED_RUN_AGE_S
+    return (datetime.now(timezone.utc) - created).total_seconds() > orphan_age
 
 
 def chronological(messages: Sequence[Any]) -> list[Any]:
