@@ -1,7 +1,8 @@
 """What the Letta turn hands back to the viewer's worker: a decision, never an acknowledgement.
 
 The turn (bridge/turn.py) asks Letta and the retry policy; the worker (bridge/worker.py)
-acts on what it decides: answers, falls back, dead-letters, or leaves the task where it is. That
+acts on what it decides: answers, falls back, dead-letters, ends a stale chat, or leaves the task
+where it is. That
 the turn returns instead of acknowledging is what keeps the two from calling each other.
 """
 
@@ -27,6 +28,7 @@ class Outcome(str, Enum):
     FALLBACK = "fallback"  # Letta down: handed to memory-python
     DUPLICATE = "duplicate"  # already done (a re-delivery)
     COALESCED = "coalesced"  # answered in another task's turn
+    STALE = "stale"  # a chat task that waited too long (VTL_BRIDGE_STALE_CHAT_AFTER): not answered late
     DEAD_LETTER = "dead_letter"
     ABANDONED = "abandoned"  # stop was requested while it waited to be retried: left at the head
     LOCK_LOST = "lock_lost"  # another worker owns the viewer now: nothing acknowledged
@@ -79,10 +81,21 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class Stale:
+    """A chat task waited `waited_s` in its viewer's queue, longer than VTL_BRIDGE_STALE_CHAT_AFTER:
+    it is not sent to Letta (nor to memory-python, which would answer it just as late)."""
+
+    raw: bytes
+    request: TaskRequest
+    waited_s: float
+    attempt: int  # 0: never sent
+
+
+@dataclass(frozen=True)
 class Abandoned:
     """Stop was requested while the task waited to be retried: it stays at the head for later."""
 
     attempt: int
 
 
-Decision = Union[Answered, FallBack, DeadLetter, Abandoned]
+Decision = Union[Answered, FallBack, DeadLetter, Stale, Abandoned]

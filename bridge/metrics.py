@@ -25,6 +25,7 @@ class BridgeMetrics:
         self.queue_depth = Gauge("vtl_bridge_queue_depth", "Items waiting in a bridge list", ["queue"], registry=r)
         self.pending_viewers = Gauge("vtl_bridge_pending_viewers", "Viewers with queued tasks", registry=r)
         self.dead_letters = Gauge("vtl_bridge_dead_letter_depth", "Entries in the dead-letter list", registry=r)
+        self.dead_letter_bytes = Gauge("vtl_bridge_dead_letter_bytes", "Bytes held by the dead-letter list", registry=r)
         self.in_flight = Gauge("vtl_bridge_in_flight_turns", "Tasks being handled by this replica", registry=r)
         self.known_viewers = Gauge("vtl_bridge_known_viewers", "Viewers with a Letta agent", registry=r)
         self._server: Any = None

@@ -1,21 +1,21 @@
 """What the bridge writes for a task, built without touching Redis: the reply's outputs, the
-fallback's, the forward to memory-python's, the dead letter's. Pure: the worker hands them to
-FINISH, which writes them atomically with acknowledging the task (bridge/queue.py)."""
+fallback's, the forward to memory-python's, a stale chat's, the dead letter's. Pure: the worker
+hands them to FINISH, which writes them atomically with acknowledging the task (bridge/queue.py).
+
+A task's done marker (`vtl:done:{task}`) holds only the outcome word (`done_markers`): only its
+existence is ever read, and a reply kept for the marker's whole TTL would cost Redis memory."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Sequence
 
-from bridge.decisions import Chat
+from bridge.decisions import Chat, Outcome
 from bridge.gateway import TurnResult
 from bridge.queue import Output
-from bridge.wire import AvatarEvent, DeadLetter, Stage, TaskReply, TaskResponse, TtsRequest, dump
+from bridge.wire import AvatarEvent, DeadLetter, Stage, TaskReply, TaskRequest, TaskResponse, TtsRequest, dump
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
-
-FORWARDED_DONE = '{"forwarded":"memory-python"}'  # the done marker of a task handed to memory-python
-FALLBACK_DONE = '{"fallback":"memory-python"}'  # ... and of one handed over because Letta was down
 
 
 def speech_outputs(settings: Settings, task_id: str, text: str) -> list[Output]:
@@ -27,10 +27,16 @@ def speech_outputs(settings: Settings, task_id: str, text: str) -> list[Output]:
     return [Output("publish", channel, dump(TaskResponse(text=text)))]
 
 
+def done_markers(batch_size: int, outcome: Outcome) -> list[str]:
+    """The done marker of each task of a turn that ended with `outcome`: the last task carries the
+    turn's reply (its outcome), each earlier one was answered by it (coalesced)."""
+    return [Outcome.COALESCED.value] * (batch_size - 1) + [outcome.value]
+
+
 def reply_outputs(
     settings: Settings, batch: Sequence[Chat], result: TurnResult, *, tail: Sequence[Output], spoken: bool, now: float
-) -> tuple[list[Output], list[str]]:
-    """The outputs of an answered turn and the done marker of each task (its TaskReply).
+) -> list[Output]:
+    """The outputs of an answered turn.
 
     The last task of the batch carries the reply (avatar events, words); each earlier one gets an
     empty response naming the task that answered it. `tail`: the stream's last sentences, first;
@@ -40,20 +46,17 @@ def reply_outputs(
     answering = batch[-1].task_id
     viewer = batch[0].request.user_id
     outputs: list[Output] = list(tail)
-    done_values: list[str] = []
     for chat in batch[:-1]:
         response = TaskReply(task_id=chat.task_id, user_id=viewer, response_text="", memory_updated=False,
-                                 timestamp=now, answered_by=answering)
-        done_values.append(dump(response))
-        outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
+                             timestamp=now, answered_by=answering)
+        outputs.append(Output("publish", s.bridge_response_channel, dump(response)))
         outputs.append(Output("publish", keys.task_response_channel(chat.task_id),
                               dump(TaskResponse(text="", answered_by=answering))))
     response = TaskReply(
         task_id=answering, user_id=viewer, response_text=result.reply_text, memory_updated=result.memory_updated,
         timestamp=now, silent=result.silent, answers=[chat.task_id for chat in batch] if len(batch) > 1 else None,
     )
-    done_values.append(dump(response))
-    outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
+    outputs.append(Output("publish", s.bridge_response_channel, dump(response)))
     for call in result.avatar_calls:
         event = AvatarEvent(tool=call.tool, args=call.args, task_id=answering, user_id=viewer, timestamp=now)
         outputs.append(Output("publish", s.bridge_avatar_channel, dump(event)))
@@ -61,7 +64,17 @@ def reply_outputs(
         outputs.append(Output("publish", keys.task_response_channel(answering), dump(TaskResponse(text="", silent=True))))
     elif not spoken:
         outputs += speech_outputs(s, answering, result.reply_text)
-    return outputs, done_values
+    return outputs
+
+
+def stale_outputs(settings: Settings, request: TaskRequest, *, now: float) -> list[Output]:
+    """A chat task not answered because it waited too long: its record on the response channel
+    says so, and its `task_response:{task}` gets an empty message (the host's output handler waits
+    for one), as a silent turn's does. Nothing goes to speech."""
+    record = TaskReply(task_id=request.task_id, user_id=request.user_id, response_text="", memory_updated=False,
+                       timestamp=now, stale=True)
+    return [Output("publish", settings.bridge_response_channel, dump(record)),
+            Output("publish", keys.task_response_channel(request.task_id), dump(TaskResponse(text="", stale=True)))]
 
 
 def forward_output(settings: Settings, raw: bytes) -> Output:

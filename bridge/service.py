@@ -31,12 +31,13 @@ from typing import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge.decisions import Outcome
 from bridge.errors import describe_error
 from bridge.gateway import LettaGateway
 from bridge.lease import ViewerLease
 from bridge.metrics import BridgeMetrics
 from bridge.outputs import dead_letter_entry
-from bridge.queue import ViewerQueues, cancel_point
+from bridge.queue import Routed, ViewerQueues, cancel_point, viewer_queue_full
 from bridge.replica import Replica, default_replica_id, loggable
 from bridge.turn import LettaTurn
 from bridge.wire import WireError, parse_request
@@ -82,6 +83,9 @@ class BridgeService:
             request_queue=settings.bridge_request_queue,
             max_payload_bytes=settings.bridge_max_payload_bytes,
             dead_letter_max=settings.bridge_dead_letter_max,
+            dead_letters_max_bytes=settings.bridge_dead_letters_max_bytes,
+            viewer_queue_max=settings.bridge_viewer_queue_max,
+            replica_id=self.replica_id,
         )
         self.replica = Replica(settings, self.queues, self.metrics, self.replica_id, clock)
         self.turn = LettaTurn(self.replica, redis, gateway)  # one for every worker: it keeps the Letta-down hold
@@ -194,15 +198,25 @@ class BridgeService:
             await self._route_staging()  # what this replica moved is routed before it leaves
 
     async def _route_staging(self) -> None:
-        _, triaged = await self.queues.route_all()
-        if triaged:
+        if (await self._route()).triaged:
             await self._drain_triage()
+
+    async def _route(self) -> Routed:
+        """Route what is staged; count and log the chat tasks refused for a full viewer queue."""
+        routed = await self.queues.route_all()
+        for task_id, viewer in routed.refused:
+            self.metrics.outcomes.labels(Outcome.DEAD_LETTER.value).inc()
+            log.warning(
+                "task=%s viewer=%s type=- route=- attempt=0 outcome=dead_letter duration_ms=0 reason=intake: %s",
+                task_id or "-", loggable(viewer), viewer_queue_full(self.settings.bridge_viewer_queue_max),
+            )
+        return routed
 
     async def _sweep_loop(self) -> None:
         while True:
             cancel_point()
             try:
-                await self.queues.route_all()  # staging left behind by a replica that died
+                await self._route()  # staging left behind by a replica that died
                 await self._drain_triage()
                 readied = await self.queues.sweep()
                 if readied:
@@ -220,6 +234,7 @@ class BridgeService:
             m.queue_depth.labels(queue).set(depths[queue])
         m.pending_viewers.set(depths["pending_viewers"])
         m.dead_letters.set(depths["dead_letters"])
+        m.dead_letter_bytes.set(depths["dead_letter_bytes"])
         m.known_viewers.set(depths["known_viewers"])
 
     async def _drain_triage(self) -> None:

@@ -21,10 +21,10 @@ from typing import Awaitable, Callable, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.decisions import Abandoned, Answered, Chat, DeadLetter, Decision, FallBack, Outcome
+from bridge.decisions import Abandoned, Answered, Chat, DeadLetter, Decision, FallBack, Outcome, Stale
 from bridge.errors import classify_error, describe_error
 from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
-from bridge.queue import cancel_point
+from bridge.queue import TaskAge, cancel_point
 from bridge.replica import Replica, loggable
 from bridge.reply_stream import ReplyStream, already_spoken
 from bridge.retry_policy import Action, Switches, backoff, next_action
@@ -38,6 +38,15 @@ T = TypeVar("T")
 
 MAX_BURST_WAIT_S = 1.0  # the longest a mid-burst group waits for more of the burst
 EMPTY_TEXT = "content is empty once control characters are removed"
+
+
+class _StaleUnsent(Exception):
+    """The stale head was attempted before, but no attempt reached the agent: it ends stale."""
+
+
+def too_old(age: TaskAge, limit: float) -> bool:
+    """A chat task waited longer than `limit` seconds (0: no limit) since it was routed."""
+    return bool(limit) and age.waited_s is not None and age.waited_s > limit
 
 
 class LettaTurn:
@@ -66,6 +75,16 @@ class LettaTurn:
         coalesce = True
         while True:
             cancel_point()
+            # Stale chat: measured when the turn is decided, and again before each retry (an
+            # outage can last longer than the limit). An attempted task may already be in the
+            # agent's history: it ends stale only once the history shows it is not (_turn).
+            stale_unless_sent = False
+            if s.bridge_stale_chat_after and not request.is_event:
+                [age] = await self.replica.queues.ages([request.task_id])
+                if too_old(age, s.bridge_stale_chat_after):
+                    if not age.attempted:
+                        return Stale(raw, request, age.waited_s or 0.0, attempt=0)
+                    stale_unless_sent = True
             batch = [head] + (await self._followers(head, queued, mid_burst) if coalesce else [])
             now = self.replica.clock()
             attempts, stats = await self.replica.queues.begin_attempt(
@@ -78,7 +97,11 @@ class LettaTurn:
                            letta_down=letta_down) is Action.FALL_BACK:
                 return FallBack(batch, attempt)
             try:
-                result, outcome, stream = await self._turn(batch, stats, now, check_history=max(attempts) > 1)
+                result, outcome, stream = await self._turn(batch, stats, now, check_history=max(attempts) > 1,
+                                                           stale_unless_sent=stale_unless_sent)
+            except _StaleUnsent:
+                [age] = await self.replica.queues.ages([request.task_id])
+                return Stale(raw, request, age.waited_s or 0.0, attempt=attempt)
             except RedisError:
                 raise  # our own store failed, not Letta: the worker leaves the task at the head
             except Exception as exc:  # every Letta failure is classified; none is swallowed silently
@@ -159,10 +182,13 @@ class LettaTurn:
             seen.add(request.task_id)
             candidates.append(request)
         followers = []
-        done = await self.replica.queues.done_flags([r.task_id for r in candidates]) if candidates else []
-        for raw, request, is_done in zip(raws[1:], candidates, done):
-            if is_done:
-                break
+        ids = [r.task_id for r in candidates]
+        done = await self.replica.queues.done_flags(ids) if candidates else []
+        limit = s.bridge_stale_chat_after
+        ages = await self.replica.queues.ages(ids) if candidates and limit else [TaskAge(None, False)] * len(ids)
+        for raw, request, is_done, age in zip(raws[1:], candidates, done, ages):
+            if is_done or (too_old(age, limit) and not age.attempted):
+                break  # a stale one ends stale when it becomes the head; the fresh ones after it follow
             try:
                 text = await self._viewer_text(request)
             except WireError:
@@ -186,12 +212,15 @@ class LettaTurn:
             return await call
 
     async def _turn(
-        self, batch: list[Chat], stats: dict[str, str], now: float, *, check_history: bool
+        self, batch: list[Chat], stats: dict[str, str], now: float, *, check_history: bool,
+        stale_unless_sent: bool = False,
     ) -> tuple[TurnResult, Outcome, ReplyStream | None]:
         """Everything Letta does for one turn (one task, or a coalesced burst); safe to repeat
         (at-least-once). check_history: a task of the batch was attempted before, so its turn may
         already be in the agent's history. Returns the result, the outcome and the stream that
-        published it (if any). `stats`: the viewer's counters once this batch was counted."""
+        published it (if any). `stats`: the viewer's counters once this batch was counted.
+        stale_unless_sent: the head is a stale chat attempted before: _StaleUnsent unless the
+        history shows an earlier attempt reached the agent (then that turn is replayed or finished)."""
         request = batch[0].request
         viewer, task_id = request.user_id, request.task_id
         agent_id = await self._timed(
@@ -221,6 +250,8 @@ class LettaTurn:
             if found is not None and not found.unfinished:
                 muted = self._stream(answering, viewer, spoken_before=True) if spoken_before else None
                 return replace(found, memory_updated=found.memory_updated or recorded), Outcome.REPLAYED, muted
+            if found is None and stale_unless_sent and not spoken_before:
+                raise _StaleUnsent()
         else:
             found, answering, spoken_before = None, task_ids[-1], False
         stream = None

@@ -198,6 +198,9 @@ class TaskReply(BaseModel):
     task id the reply answers, its own included); each earlier task gets response_text "" and
     `answered_by` (the task id whose reply answered it), so no task is left without a response
     and no reply is stored or spoken twice.
+
+    A chat task that waited in its viewer's queue longer than VTL_BRIDGE_STALE_CHAT_AFTER is not
+    answered late: {"task_id": "3f0c9a", ..., "response_text": "", "memory_updated": false, "stale": true}.
     """
 
     task_id: str
@@ -209,6 +212,7 @@ class TaskReply(BaseModel):
     silent: bool = False
     answered_by: str | None = None
     answers: list[str] | None = None
+    stale: bool | None = None  # true: a chat task that waited too long, not answered (response_text "")
 
 
 class ReplyChunk(BaseModel):
@@ -235,12 +239,14 @@ class TaskResponse(BaseModel):
 
     Example: {"text": "你好呀小明！"}; a silent turn: {"text": "", "silent": true}
     (published so the output handler, which waits for one message, is not left hanging);
-    a task answered by a later task's reply (burst coalescing): {"text": "", "answered_by": "3f0c9b"}.
+    a task answered by a later task's reply (burst coalescing): {"text": "", "answered_by": "3f0c9b"};
+    a chat task that waited too long, not answered: {"text": "", "stale": true}.
     """
 
     text: str
     silent: bool | None = None
     answered_by: str | None = None
+    stale: bool | None = None
 
 
 class TtsRequest(BaseModel):

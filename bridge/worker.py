@@ -2,7 +2,7 @@
 first, until it is empty (or it is others' turn).
 
 Per task: validate (bridge/wire.py) -> already done? -> route: memory-python (forward the raw
-payload) or Letta (bridge/turn.py decides: answered, fall back, dead-letter, or abandoned) ->
+payload) or Letta (bridge/turn.py decides: answered, fall back, dead-letter, stale, or abandoned) ->
 the outputs (bridge/outputs.py), the pop and the done marker in one atomic FINISH. The worker is
 the only caller of FINISH; it writes the dead letters and the fallbacks, and one log line per task.
 """
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from bridge.decisions import Abandoned, Answered, Chat, DeadLetter, Decision, FallBack, Outcome
+from bridge.decisions import Abandoned, Answered, Chat, DeadLetter, Decision, FallBack, Outcome, Stale
 from bridge.errors import describe_error
 from bridge.lease import LeaseLost, ViewerLease
-from bridge.outputs import FALLBACK_DONE, FORWARDED_DONE, dead_letter_entry, fallback_outputs, forward_output, reply_outputs, task_id_of
+from bridge.outputs import dead_letter_entry, done_markers, fallback_outputs, forward_output, reply_outputs, stale_outputs, task_id_of
 from bridge.queue import Finished, FinishResult, Output, ReleaseStatus, cancel_point
 from bridge.replica import MEMORY_PYTHON, Replica, loggable
 from bridge.turn import LettaTurn
@@ -173,7 +173,8 @@ class ViewerWorker:
             return Outcome.DUPLICATE
         state.route = self.replica.route_of(request)
         if state.route == MEMORY_PYTHON:
-            await self._finish(state, [Finished(raw, request.task_id, FORWARDED_DONE)], [forward_output(self.settings, raw)])
+            await self._finish(state, [Finished(raw, request.task_id, Outcome.FORWARDED.value)],
+                               [forward_output(self.settings, raw)])
             return Outcome.FORWARDED
         decision = await self.turn.decide(raw, request, queued=state.queued, mid_burst=state.mid_burst,
                                           on_attempt=lambda attempt: setattr(state, "attempt", attempt))
@@ -189,9 +190,15 @@ class ViewerWorker:
                                            task_id=task_id, user_id=user_id, attempts=decision.attempts)
         if isinstance(decision, FallBack):
             return await self._fall_back(state, decision.batch)
+        if isinstance(decision, Stale):
+            await self._finish(state, [Finished(decision.raw, task_id, Outcome.STALE.value)],
+                               stale_outputs(self.settings, decision.request, now=self.replica.clock()))
+            state.reason = f"waited {decision.waited_s:.0f}s (VTL_BRIDGE_STALE_CHAT_AFTER={self.settings.bridge_stale_chat_after:g})"
+            return Outcome.STALE
         assert isinstance(decision, Answered)
-        outputs, done_values = reply_outputs(self.settings, decision.batch, decision.result, tail=decision.tail,
-                                             spoken=decision.spoken, now=self.replica.clock())
+        outputs = reply_outputs(self.settings, decision.batch, decision.result, tail=decision.tail,
+                                spoken=decision.spoken, now=self.replica.clock())
+        done_values = done_markers(len(decision.batch), decision.outcome)
         finished = [Finished(chat.raw, chat.task_id, done) for chat, done in zip(decision.batch, done_values)]
         await self._finish(state, finished, outputs)
         return self._log_coalesced(state, decision.batch, decision.outcome)
@@ -216,7 +223,7 @@ class ViewerWorker:
 
     async def _fall_back(self, state: TaskState, batch: list[Chat]) -> Outcome:
         """Letta is down: hand the tasks to memory-python, marked meta.letta_fallback = true."""
-        finished = [Finished(chat.raw, chat.task_id, FALLBACK_DONE) for chat in batch]
+        finished = [Finished(chat.raw, chat.task_id, Outcome.FALLBACK.value) for chat in batch]
         await self._finish(state, finished, fallback_outputs(self.settings, batch))
         state.route = MEMORY_PYTHON
         if len(batch) > 1:

@@ -21,19 +21,12 @@ from bridge.queue import ViewerQueues
 from bridge.wire import DeadLetter
 from console.errors import ConsoleError
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.dead_letter_list import SEND_AGAIN
 
 DEAD_LETTERS_SHOWN = 50
 TRUNCATED_MARK = "…[truncated]"  # bridge/service.py cuts a dead letter's raw at the payload limit
 _OUTCOME_LINE = re.compile(r'^vtl_bridge_tasks_total\{outcome="([a-z_]+)"\}\s+([0-9.eE+]+)$', re.MULTILINE)
 
-# KEYS: dead letters, request list; ARGV: the exact entry, the payload
-# The entry leaves the dead-letter list and its payload goes back on the request list in one step,
-# so two clicks (or two moderators) send it once; 0 when the entry is no longer there.
-_SEND_AGAIN = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[2])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -116,8 +109,9 @@ async def send_again(redis_async, settings, entry: str) -> str:
         raise ConsoleError("this entry is not a dead letter the bridge wrote; it cannot be sent again")
     if not row.resendable:
         raise ConsoleError("this dead letter's payload was cut at the size limit; sending it again would send a different task")
-    moved = await redis_async.eval(_SEND_AGAIN, 2, keys.BRIDGE_DEAD_LETTERS, settings.bridge_request_queue,
-                                   entry, row.letter.raw)
+    # one step, which keeps the dead letters' byte counter too: sent once however often it is clicked
+    moved = await redis_async.eval(SEND_AGAIN, 3, keys.BRIDGE_DEAD_LETTERS, keys.BRIDGE_DEAD_LETTER_BYTES,
+                                   settings.bridge_request_queue, entry, row.letter.raw)
     if not int(moved):
         raise ConsoleError("that dead letter is no longer in the list (already sent again or forgotten)")
     return f"task {row.letter.task_id or '(no id)'} is back on {settings.bridge_request_queue}"

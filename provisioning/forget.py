@@ -34,6 +34,7 @@ from letta_client import NotFoundError
 from provisioning.naming import viewer_hash
 from provisioning.tier_files import tier_rows
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.dead_letter_list import REMOVE_DEAD_LETTER
 from vtuber_letta.viewer_ids import check_viewer_id
 
 HOLD_WAIT_S = 120  # a turn in flight ends well before this (LETTA_TIMEOUT)
@@ -173,7 +174,7 @@ class Forgetter:
             entry = _json(raw) or {}
             return entry.get("user_id") == viewer_id or _user_of(entry.get("raw") or "") == viewer_id
 
-        for raw in self._remove_from_list(keys.BRIDGE_DEAD_LETTERS, dead_letter_of_viewer):
+        for raw in self._remove_from_list(keys.BRIDGE_DEAD_LETTERS, dead_letter_of_viewer, remove=self._remove_dead_letter):
             report.removed["dead_letters"] += 1
             tasks.update(self._task_of(raw))
 
@@ -190,6 +191,7 @@ class Forgetter:
         if tasks:
             ordered = sorted(tasks)
             report.removed["task_counters"] += r.hdel(keys.BRIDGE_ATTEMPTS, *ordered) + r.hdel(keys.BRIDGE_COUNTED, *ordered)
+            r.hdel(keys.BRIDGE_INTAKE, *ordered)  # the queued tasks' intake stamps
         report.removed["stats"] += r.delete(keys.viewer_stats(viewer_id))
         r.delete(keys.viewer_tasks(viewer_id))
         report.removed["map_entries"] += r.hdel(keys.VIEWER_AGENTS, viewer_id)
@@ -215,11 +217,17 @@ class Forgetter:
             check(batch)
         return found
 
-    def _remove_from_list(self, key: str, matches) -> list[bytes]:
-        """LREM every entry of the list that `matches`, reading it in pages; returns what was removed.
+    def _remove_dead_letter(self, key: str, raw: bytes) -> int:
+        """LREM one dead letter, keeping the list's byte counter (vtuber_letta/dead_letter_list.py)."""
+        return int(self.r.eval(REMOVE_DEAD_LETTER, 2, key, keys.BRIDGE_DEAD_LETTER_BYTES, raw))
+
+    def _remove_from_list(self, key: str, matches, remove=None) -> list[bytes]:
+        """LREM every entry of the list that `matches` (or `remove(key, entry)`), reading it in pages;
+        returns what was removed.
 
         Removing by value is safe beside consumers popping the other end: an entry that moved on
         is simply not removed here (and is found where it went)."""
+        remove = remove or (lambda list_key, raw: self.r.lrem(list_key, 0, raw))
         removed = []
         start = 0
         while True:
@@ -229,7 +237,7 @@ class Forgetter:
             kept = 0
             for raw in page:
                 if matches(raw):
-                    if self.r.lrem(key, 0, raw):
+                    if remove(key, raw):
                         removed.append(raw)
                 else:
                     kept += 1

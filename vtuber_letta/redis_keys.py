@@ -47,8 +47,14 @@ BRIDGE_TRIAGE = f"{PREFIX}:triage"  # list: payloads the route script could not 
 BRIDGE_READY = f"{PREFIX}:ready"  # list of viewer ids with queued work and no worker
 BRIDGE_PENDING = f"{PREFIX}:pending"  # set of viewer ids whose queue may be non-empty
 BRIDGE_DEAD_LETTERS = f"{PREFIX}:dead_letters"  # list of DeadLetter JSON, newest at the LEFT
+# the sum of the dead letters' lengths in bytes, kept by every script that adds or removes one
+# (vtuber_letta/dead_letter_list.py): what bounds the list in bytes
+BRIDGE_DEAD_LETTER_BYTES = f"{PREFIX}:dead_letters:bytes"
 BRIDGE_ATTEMPTS = f"{PREFIX}:attempts"  # hash task_id -> attempts so far (deleted on acknowledge)
 BRIDGE_COUNTED = f"{PREFIX}:counted"  # hash task_id -> 1 once its viewer stats were counted
+# hash task_id -> when ROUTE put it in its viewer queue (Redis TIME, ms; deleted on acknowledge):
+# a chat task's age when its turn comes (VTL_BRIDGE_STALE_CHAT_AFTER)
+BRIDGE_INTAKE = f"{PREFIX}:intake"
 VIEWER_QUEUE_PREFIX = f"{PREFIX}:vq:"
 VIEWER_ACTIVE_PREFIX = f"{PREFIX}:active:"
 TASK_DONE_PREFIX = f"{PREFIX}:done:"
@@ -79,7 +85,8 @@ def viewer_active(viewer_id: str) -> str:
 
 
 def task_done(task_id: str) -> str:
-    """Set (with a TTL) when a task was acknowledged; holds the response JSON."""
+    """Set (with a TTL) when a task was acknowledged; holds only how it ended, one word ("answered",
+    "coalesced", "forwarded", "stale", ...): only its existence is ever read."""
     return f"{TASK_DONE_PREFIX}{task_id}"
 
 

@@ -160,6 +160,14 @@ class Settings(BaseSettings):
     # Loopback by default; 0.0.0.0 inside a container so Prometheus can scrape it.
     bridge_metrics_host: str = Field("127.0.0.1", alias="VTL_BRIDGE_METRICS_HOST")
     bridge_dead_letter_max: int = Field(10000, alias="VTL_BRIDGE_DEAD_LETTER_MAX", ge=1)
+    # ... and at most this many bytes (the oldest go first; the newest is always kept).
+    bridge_dead_letters_max_bytes: int = Field(64 * 1024 * 1024, alias="VTL_BRIDGE_DEAD_LETTERS_MAX_BYTES", ge=1)
+    # A chat task (not a live event) that waited longer than this in its viewer's queue when its turn
+    # comes is not answered late: it ends `stale` (counted, published empty). Seconds; 0 = never.
+    bridge_stale_chat_after: float = Field(120.0, alias="VTL_BRIDGE_STALE_CHAT_AFTER", ge=0)
+    # A viewer queue holding this many tasks takes no more chat (dead-lettered at intake, with the
+    # reason); live events are always queued.
+    bridge_viewer_queue_max: int = Field(50, alias="VTL_BRIDGE_VIEWER_QUEUE_MAX", ge=1)
     # Live events that also get an agent turn (all are always recorded in the viewer's stats).
     bridge_event_turns: set[Literal["super_chat", "gift", "membership", "enter"]] = Field(
         default_factory=lambda: {"super_chat", "gift", "membership", "enter"}, alias="VTL_BRIDGE_EVENT_TURNS"

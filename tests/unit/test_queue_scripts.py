@@ -16,7 +16,7 @@ import redis as redis_sync
 from bridge_harness import scenario
 from redis.exceptions import ResponseError
 
-from bridge.queue import Finished, FinishStatus, Output, ReleaseStatus, ViewerQueues
+from bridge.queue import Finished, FinishStatus, Output, ReleaseStatus, Routed, ViewerQueues
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.viewer_lock import ViewerHold
 
@@ -43,7 +43,7 @@ async def pending(r) -> set[str]:
     return {v.decode() for v in await r.smembers(keys.BRIDGE_PENDING)}
 
 
-async def route_one(r, payload: bytes) -> tuple[int, int]:
+async def route_one(r, payload: bytes) -> Routed:
     await r.lpush("letta_requests", payload)
     return await queues(r).route_all()
 
@@ -70,7 +70,7 @@ ROUTE_CASES = [
 def test_route_places_a_payload_in_its_viewer_queue_or_in_triage(redis_url, tmp_path, payload, routed):
     @scenario
     async def body(r, url, tmp):
-        assert await route_one(r, payload) == ((1, 0) if routed else (0, 1))
+        assert await route_one(r, payload) == (Routed(1, 0) if routed else Routed(0, 1))
         if routed:
             viewer = json.loads(payload)["user_id"]
             assert await queue_of(r, viewer) == [payload]
@@ -89,7 +89,7 @@ async def test_route_keeps_order_staging_first_then_the_request_list(r, url, tmp
     await r.lpush(keys.BRIDGE_STAGING, raw("a1"))  # moved to staging earlier: the oldest
     for task_id in ("a2", "a3", "a4"):
         await r.lpush("letta_requests", raw(task_id))  # LPUSH: the right end is the oldest
-    assert await queues(r).route_all(batch=2) == (4, 0)  # two script calls of two
+    assert await queues(r).route_all(batch=2) == Routed(4, 0)  # two script calls of two
     assert [json.loads(x)["task_id"] for x in await queue_of(r)] == ["a1", "a2", "a3", "a4"]
     assert await ready(r) == [V]  # readied once, not once per task
 
@@ -97,7 +97,7 @@ async def test_route_keeps_order_staging_first_then_the_request_list(r, url, tmp
 @scenario
 async def test_route_does_not_ready_a_viewer_someone_holds(r, url, tmp_path):
     await r.set(keys.viewer_active(V), "token")
-    assert await route_one(r, raw("t1")) == (1, 0)
+    assert await route_one(r, raw("t1")) == Routed(1, 0)
     assert await ready(r) == [] and await pending(r) == {V}  # the holder sees it; the sweeper too
 
 
