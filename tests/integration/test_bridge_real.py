@@ -255,6 +255,48 @@ def test_a_turn_that_outlives_the_deadline_once_is_answered_once_and_run_once(
     assert not dead_letters(r)
 
 
+# --------------------------------------------------------------------------- 3c. stale chat
+
+def test_chat_that_waited_past_the_limit_is_not_answered_late_but_a_gift_is(provisioned, scripted, r, bridges, client):
+    """A slow turn holds the viewer longer than VTL_BRIDGE_STALE_CHAT_AFTER (2 s): the chat queued
+    behind it ends `stale` without reaching the model; the gift queued with it is answered (its
+    support recorded), and a chat sent afterwards is answered."""
+    rid = run_id()
+    viewer, marker = f"it:stale-{rid}", f"slowhead-{rid}"
+    ViewerAgents(provisioned).ensure(viewer)
+    scripted.add_rules({"name": "slow", "when": {"user_contains": marker}, "then": {"reply": "(slow) ok", "delay_ms": 5000}})
+    head = task(viewer, f"{marker} first")
+    stale = [task(viewer, f"old-{rid}-{i}") for i in range(3)]
+    gift = task(viewer, "", task_type="gift", meta={"gift_name": "rose", "count": 1})
+    fresh = task(viewer, f"new-{rid}")
+    recorder = ChannelRecorder(r, keys.LETTA_RESPONSES)
+    try:
+        bridge = bridges(VTL_BRIDGE_STALE_CHAT_AFTER=2)
+        push(r, [head])
+        wait_for(lambda: any(marker in last_user_text(e) for e in scripted.requests()), 60, 0.05,
+                 what="the slow turn to reach the model")
+        push(r, [stale[0], stale[1], gift, stale[2]])  # routed at once, then they wait behind the slow turn
+        wait_for_replies(r, [head["task_id"], gift["task_id"]], 120, bridge)
+        push(r, [fresh])
+        wait_for_replies(r, [fresh["task_id"]], 60, bridge)
+        wait_for(lambda: all(r.exists(keys.task_done(t["task_id"])) for t in stale), 30, what="the stale chats ended")
+        time.sleep(0.5)
+    finally:
+        recorder.close()
+    assert [x["task_id"] for x in tts_replies(r)] == [head["task_id"], gift["task_id"], fresh["task_id"]]
+    model_saw = [last_user_text(e) for e in scripted.requests()]
+    assert {t["content"]: sum(t["content"] in text for text in model_saw) for t in stale} == {t["content"]: 0 for t in stale}
+    assert sum(fresh["content"] in text for text in model_saw) == 1 and scripted.used("slow") == 1
+    assert [r.get(keys.task_done(t["task_id"])) for t in stale] == [b"stale"] * 3
+    records = {m["task_id"]: m for m in recorder.on(keys.LETTA_RESPONSES)}
+    assert [(records[t["task_id"]].get("stale"), records[t["task_id"]]["response_text"]) for t in stale] == [(True, "")] * 3
+    assert bridge.log_text().count("outcome=stale") == 3, bridge.log_tail()
+    [agent] = agents_of(client, viewer)
+    counts = user_otid_counts(client, agent.id)
+    assert [otid_count(counts, t["task_id"]) for t in stale] == [0, 0, 0], history_digest(client, agent.id)
+    assert not dead_letters(r)
+
+
 FAILURES = 24
 
 

@@ -60,9 +60,14 @@ def task(user_id: str, text: str, task_id: str) -> dict:
     return body
 
 
-def done_markers(r, task_ids: list[str]) -> dict[str, dict | None]:
-    """The acknowledged response of each task (its vtl:done marker), None while unanswered."""
-    return {t: (json.loads(v) if v else None) for t, v in zip(task_ids, r.mget([keys.task_done(t) for t in task_ids]))}
+def done_markers(r, task_ids: list[str]) -> dict[str, bytes | None]:
+    """How each task ended (its vtl:done marker, the outcome word), None while unanswered."""
+    return dict(zip(task_ids, r.mget([keys.task_done(t) for t in task_ids])))
+
+
+def records(recorder: ChannelRecorder, task_ids: list[str]) -> dict[str, dict]:
+    """Each task's record on letta_responses (its last one)."""
+    return {m["task_id"]: m for m in recorder.on(keys.LETTA_RESPONSES) if m.get("task_id") in task_ids}
 
 
 # --------------------------------------------------------------------------- streaming
@@ -114,18 +119,25 @@ def test_a_burst_of_ten_becomes_at_most_three_letta_turns_and_every_task_is_answ
                         "then": {"reply": "Hello! One moment.", "delay_ms": 1500}})
     bridge = bridges()
     ids = [f"bu-{rid}-{i}" for i in range(10)]
-    push(r, [task(viewer, f"first {rid}", ids[0])])
-    wait_for(lambda: any(f"first {rid}" in json.dumps(e) for e in scripted.requests(limit=3)), 60, 0.05,
-             what="the first turn to reach the model")
-    push(r, [task(viewer, f"message {i} {rid}", ids[i]) for i in range(1, 10)])  # nine more while it runs
-    wait_for(lambda: all(done_markers(r, ids).values()), 120, what=f"ten answers\n{bridge.log_tail()}")
+    recorder = ChannelRecorder(r, keys.LETTA_RESPONSES)
+    try:
+        push(r, [task(viewer, f"first {rid}", ids[0])])
+        wait_for(lambda: any(f"first {rid}" in json.dumps(e) for e in scripted.requests(limit=3)), 60, 0.05,
+                 what="the first turn to reach the model")
+        push(r, [task(viewer, f"message {i} {rid}", ids[i]) for i in range(1, 10)])  # nine more while it runs
+        wait_for(lambda: all(done_markers(r, ids).values()), 120, what=f"ten answers\n{bridge.log_tail()}")
+        wait_for(lambda: len(records(recorder, ids)) == 10, 10, what="ten records")
+    finally:
+        recorder.close()
 
     [agent] = agents_of(client, viewer)
     runs = user_runs(client, agent.id)
     assert {t: len(runs.get(otid_for(t), [])) for t in ids} == {t: 1 for t in ids}  # each message reached Letta once
     turns = {runs[otid_for(t)][0] for t in ids}
     assert len(turns) <= 3, f"{len(turns)} Letta turns for a burst of 10"
-    done = done_markers(r, ids)
+    done = records(recorder, ids)
+    assert {t for t, word in done_markers(r, ids).items() if word == b"coalesced"} == {
+        t for t in ids if done[t].get("answered_by")}  # the markers hold how each ended, not the reply
     answering = [t for t in ids if not done[t].get("answered_by")]
     assert len(answering) == len(turns)  # one reply per turn...
     for t in ids:  # ...and every other task names the reply that answered it
@@ -144,20 +156,25 @@ def test_sigkill_during_a_coalesced_turn_replays_it_for_every_task(provisioned, 
     scripted.add_rules({"name": "slow", "when": {"user_contains": marker},
                         "then": {"reply": "(slow) I heard: {user}", "delay_ms": 2500}})
     ids = [f"cb-{rid}-{i}" for i in range(4)]
-    push(r, [task(viewer, f"{marker} m{i}", ids[i]) for i in range(4)])  # queued before any bridge runs
-    first = bridges(**CRASH_KNOBS)
-    wait_for(lambda: any(marker in json.dumps(e) for e in scripted.requests(limit=3)), 60, 0.05,
-             what="the first turn to reach the model")
-    first.kill()
-    assert not any(done_markers(r, ids).values())
+    recorder = ChannelRecorder(r, keys.LETTA_RESPONSES)
+    try:
+        push(r, [task(viewer, f"{marker} m{i}", ids[i]) for i in range(4)])  # queued before any bridge runs
+        first = bridges(**CRASH_KNOBS)
+        wait_for(lambda: any(marker in json.dumps(e) for e in scripted.requests(limit=3)), 60, 0.05,
+                 what="the first turn to reach the model")
+        first.kill()
+        assert not any(done_markers(r, ids).values())
 
-    second = bridges(**CRASH_KNOBS)
-    wait_for(lambda: all(done_markers(r, ids).values()), 120, what=f"four answers\n{second.log_tail()}")
+        second = bridges(**CRASH_KNOBS)
+        wait_for(lambda: all(done_markers(r, ids).values()), 120, what=f"four answers\n{second.log_tail()}")
+        wait_for(lambda: len(records(recorder, ids)) == 4, 10, what="four records")
+    finally:
+        recorder.close()
     [agent] = agents_of(client, viewer)
     runs = user_runs(client, agent.id)
     assert {t: len(runs.get(otid_for(t), [])) for t in ids} == {t: 1 for t in ids}, second.log_text()
     assert "outcome=replayed" in second.log_text()
-    done = done_markers(r, ids)
+    done = records(recorder, ids)
     for t in ids:
         answered_by = done[t].get("answered_by")
         if answered_by:  # answered by the reply of the turn that carried it

@@ -112,7 +112,7 @@ async def test_a_full_viewer_queue_refuses_the_next_chat_but_still_queues_live_e
 
 
 @scenario
-async def test_the_bridge_logs_and_counts_a_refused_chat(r, url, tmp_path):
+async def test_the_bridge_counts_a_refused_chat_and_answers_the_rest(r, url, tmp_path):
     settings = make_settings(url, tmp_path, VTL_BRIDGE_VIEWER_QUEUE_MAX=2)
     gateway = FakeGateway(hold=asyncio.Event())  # the first turn waits: the queue fills behind it
     async with serving(settings, gateway) as service:
