@@ -169,9 +169,9 @@ async def test_the_count_bound_holds_with_the_byte_bound(r, url, tmp_path):
     assert await r.lrange(keys.BRIDGE_DEAD_LETTERS, 0, -1) == [b"e3", b"e2"] and await total_bytes(r) == (4, 4)
 
 
-def letter(task_id: str) -> str:
-    return DeadLetter(reason="Letta refused it", raw=json.dumps(task(task_id)), task_id=task_id, user_id="bilibili:1",
-                      stage="letta", replica_id="r1", at=1.0).model_dump_json()
+def letter(task_id: str, viewer: str = "bilibili:1") -> str:
+    return DeadLetter(reason="Letta refused it", raw=json.dumps(task(task_id, user_id=viewer)), task_id=task_id,
+                      user_id=viewer, stage="letta", replica_id="r1", at=1.0).model_dump_json()
 
 
 @scenario
@@ -296,3 +296,32 @@ async def test_no_chat_is_stale_when_the_limit_is_off(r, url, tmp_path):
     async with serving(settings, gateway):
         await wait_for(lambda: r.exists(keys.task_done("z-1")), what="the chat")
     assert gateway.sends_of("z-1") == 1 and await r.get(keys.task_done("z-1")) == b"answered"
+
+
+def test_agent_forget_removes_the_viewers_dead_letters_and_stamps_and_keeps_the_counter(redis_url, tmp_path):
+    from provisioning.forget import Forgetter
+
+    settings = make_settings(redis_url, tmp_path)
+    r = redis_sync.Redis.from_url(redis_url)
+    try:
+        mine, other = letter("mine"), letter("theirs", viewer="bilibili:2")
+        r.lpush(keys.BRIDGE_TRIAGE, b"a", b"b")
+        for raw, entry in ((b"a", mine), (b"b", other)):  # written by the bridge's script, counter and all
+            asyncio.run(_triage_once(redis_url, raw, entry))
+        r.rpush(keys.viewer_queue("bilibili:1"), json.dumps(task("queued")))
+        r.hset(keys.BRIDGE_INTAKE, mapping={"queued": 1, "elsewhere": 2})
+        report = Forgetter(settings, None, r, creation_lock_ttl=5, lock_wait=1).run("bilibili:1", lambda: [], set())
+        assert report.removed["dead_letters"] == 1
+        assert r.lrange(keys.BRIDGE_DEAD_LETTERS, 0, -1) == [other.encode()]
+        assert int(r.get(keys.BRIDGE_DEAD_LETTER_BYTES)) == len(other)
+        assert r.hkeys(keys.BRIDGE_INTAKE) == [b"elsewhere"]  # the queued task's stamp went with it
+    finally:
+        r.close()
+
+
+async def _triage_once(url: str, raw: bytes, entry: str) -> None:
+    r = Redis.from_url(url)
+    try:
+        assert await queues(r).dead_letter_triage(raw, entry)
+    finally:
+        await r.aclose()
