@@ -8,7 +8,7 @@ import json
 from typing import Any, Sequence
 
 from bridge.decisions import Chat
-from bridge.gateway import TurnResult
+from bridge.gateway import AvatarCall, TurnResult
 from bridge.queue import Output
 from bridge.wire import AvatarEvent, DeadLetter, Stage, TaskReply, TaskResponse, TtsRequest, dump
 from vtuber_letta import redis_keys as keys
@@ -25,6 +25,12 @@ def speech_outputs(settings: Settings, task_id: str, text: str) -> list[Output]:
         speech = TtsRequest(message_id=f"letta-{task_id}", task_id=task_id, text=text, response_channel=channel)
         return [Output("lpush", settings.bridge_tts_queue, dump(speech))]
     return [Output("publish", channel, dump(TaskResponse(text=text)))]
+
+
+def avatar_output(settings: Settings, call: AvatarCall, *, task_id: str, user_id: str, now: float) -> Output:
+    """One avatar cue on the avatar channel (at FINISH, or as soon as its call was written: reply_stream.py)."""
+    event = AvatarEvent(tool=call.tool, args=call.args, task_id=task_id, user_id=user_id, timestamp=now)
+    return Output("publish", settings.bridge_avatar_channel, dump(event))
 
 
 def reply_outputs(
@@ -54,9 +60,8 @@ def reply_outputs(
     )
     done_values.append(dump(response))
     outputs.append(Output("publish", s.bridge_response_channel, done_values[-1]))
-    for call in result.avatar_calls:
-        event = AvatarEvent(tool=call.tool, args=call.args, task_id=answering, user_id=viewer, timestamp=now)
-        outputs.append(Output("publish", s.bridge_avatar_channel, dump(event)))
+    for call in result.avatar_calls:  # those not published before the turn ended (bridge/turn.py)
+        outputs.append(avatar_output(s, call, task_id=answering, user_id=viewer, now=now))
     if result.silent and not spoken:
         outputs.append(Output("publish", keys.task_response_channel(answering), dump(TaskResponse(text="", silent=True))))
     elif not spoken:
