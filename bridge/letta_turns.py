@@ -29,8 +29,7 @@ from letta_client import AsyncLetta
 
 from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, LettaRetryable, LettaUnavailable, classify_stop_reason, letta_error
 from bridge.gateway import AvatarCall, CueSink, TextSink, TurnMessage, TurnResult, WordsDoneSink
-from bridge.replies import (AVATAR_TOOLS, SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response,
-                            parse_messages)
+from bridge.replies import AVATAR_TOOLS, SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")

@@ -159,7 +159,7 @@ async def test_cues_without_a_readable_persona_or_a_call_id_go_out_with_finish(r
         gateway = FakeGateway(reply=reply_with(call), hold=asyncio.Event())
         async with Outputs(url) as out, running(config, gateway):
             await push(r, task(f"t-{call.tool}"))
-            await wait_for(lambda: gateway.send_started.is_set(), what="the turn")
+            await wait_for(gateway.send_started.is_set, what="the turn")
             await asyncio.sleep(0.3)
             assert out.on("live2d_events") == []  # nothing early...
             gateway.hold.set()
