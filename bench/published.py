@@ -1,7 +1,8 @@
 """The one listener of the benchmarks: pushes tasks the host's way and records, stamped on
 arrival, what the bridge publishes for them: the reply chunks (`letta_response_chunks`) and the
 final responses (`letta_responses`); with `watch_speech`, also what it hands to speech, taken off
-`tts_requests` the way the host's TTS service takes it (BRPOP).
+`tts_requests` the way the host's TTS service takes it (BRPOP); with `watch_avatar`, the avatar
+cues (`AvatarEvent`s on the avatar channel, default `live2d_events`).
 
 Subscribe (enter the context) before pushing anything. Times are time.perf_counter() of this
 process, so they compare with the push times taken here.
@@ -29,6 +30,7 @@ class Seen:
     final_future: asyncio.Future
     chunks: list[tuple[float, dict]] = field(default_factory=list)
     speech: list[tuple[float, dict]] = field(default_factory=list)  # TTS requests, as taken off the queue
+    avatar: list[tuple[float, dict]] = field(default_factory=list)  # avatar cues, as they arrived
 
     @property
     def final(self) -> tuple[float, dict] | None:
@@ -37,15 +39,19 @@ class Seen:
 
 
 class Published:
-    def __init__(self, settings: Settings, *, watch_speech: bool = False):
+    def __init__(self, settings: Settings, *, watch_speech: bool = False, watch_avatar: bool = False):
         self.settings = settings
         self.redis = async_redis_client(settings, max_connections=REDIS_POOL)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.tasks: dict[str, Seen] = {}
         self._watch_speech = watch_speech
+        self._watch_avatar = watch_avatar
 
     async def __aenter__(self) -> "Published":
-        await self.pubsub.subscribe(self.settings.bridge_response_channel, self.settings.bridge_chunk_channel)
+        channels = [self.settings.bridge_response_channel, self.settings.bridge_chunk_channel]
+        if self._watch_avatar:
+            channels.append(self.settings.bridge_avatar_channel)
+        await self.pubsub.subscribe(*channels)
         self._readers = [asyncio.create_task(self._read())]
         if self._watch_speech:
             self._readers.append(asyncio.create_task(self._take_speech()))
@@ -59,7 +65,7 @@ class Published:
         await self.redis.aclose()
 
     async def _read(self) -> None:
-        chunk_channel = self.settings.bridge_chunk_channel
+        chunk_channel, avatar_channel = self.settings.bridge_chunk_channel, self.settings.bridge_avatar_channel
         async for message in self.pubsub.listen():
             arrived = time.perf_counter()
             try:
@@ -70,8 +76,11 @@ class Published:
             if seen is None:
                 continue
             channel = message["channel"]
-            if (channel.decode() if isinstance(channel, bytes) else channel) == chunk_channel:
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            if channel == chunk_channel:
                 seen.chunks.append((arrived, body))
+            elif channel == avatar_channel:
+                seen.avatar.append((arrived, body))
             elif not seen.final_future.done():
                 seen.final_future.set_result((arrived, body))
 

@@ -5,8 +5,10 @@ The scripted model answers each kind the way a model that writes its reply besid
 does (text and calls in one response); `expression, cue first` is the other common shape (the call
 alone, the words in the next step). Reported per kind: the whole reply handed to speech (LPUSH ->
 its TTS request taken off tts_requests, as the host's TTS service takes it), the turn's end (LPUSH
--> letta_responses: the final record, after the tools ran) and the first sentence (LPUSH -> the
-first chunk on letta_response_chunks), p50/p95; model calls
+-> letta_responses: the final record, after the tools ran), the avatar cue (LPUSH -> its
+AvatarEvent on live2d_events: when the face changes; the bridge publishes it as soon as the model
+has written the call) and the first sentence (LPUSH -> the first chunk on letta_response_chunks),
+p50/p95; model calls
 per turn (counted at the model endpoint); sandbox runs per turn (tool returns in the agent's
 history); Letta's CPU per turn (bench/cpu.py). `--model-latency-ms` and `--tokens-per-second` make
 the scripted model answer like a hosted one (both 0: it answers at once)."""
@@ -61,11 +63,12 @@ async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter):
     full: dict[str, list[float]] = {k: [] for k in KINDS}
     speech: dict[str, list[float]] = {k: [] for k in KINDS}
     first: dict[str, list[float]] = {k: [] for k in KINDS}
+    cue: dict[str, list[float]] = {k: [] for k in KINDS}
     calls: dict[str, list[int]] = {k: [] for k in KINDS}
     cpu: dict[str, list[float]] = {k: [] for k in KINDS}
     unexpected = 0
     kinds = list(KINDS)
-    async with Published(settings, watch_speech=True) as published:
+    async with Published(settings, watch_speech=True, watch_avatar=True) as published:
         for round_no in range(args.warmup + args.rounds):
             timed = round_no >= args.warmup
             # Rotate the order so no kind always follows the same other kind.
@@ -86,13 +89,15 @@ async def measure(settings, args, viewers: dict[str, str], meter: CpuMeter):
                     speech[kind].append(max(t for t, _ in seen.speech) - seen.pushed)
                 if seen.chunks:
                     first[kind].append(seen.chunks[0][0] - seen.pushed)
+                if seen.avatar:  # the first cue: when the face starts to change
+                    cue[kind].append(seen.avatar[0][0] - seen.pushed)
                 calls[kind].append(model_calls(settings) - before_calls)
                 cpu[kind].append(used.get("letta", 0.0))
                 expected_silent = kind == "stay_silent"
                 if bool(body.get("silent")) != expected_silent or (not expected_silent and body.get("response_text") != REPLY):
                     unexpected += 1
                     log(f"unexpected reply for {kind}: {body}")
-    return full, speech, first, calls, cpu, unexpected
+    return full, speech, first, cue, calls, cpu, unexpected
 
 
 def sandbox_runs(settings, agent_id: str) -> int:
@@ -123,7 +128,7 @@ def main() -> None:
             meter = CpuMeter(settings, bridge=bridge.proc.pid)
             log(f"{args.warmup} warm-up + {args.rounds} timed rounds of {len(KINDS)} kinds, interleaved")
             started = time.perf_counter()
-            full, speech, first, calls, cpu, unexpected = asyncio.run(measure(settings, args, viewers, meter))
+            full, speech, first, cue, calls, cpu, unexpected = asyncio.run(measure(settings, args, viewers, meter))
             log(f"measured in {time.perf_counter() - started:.0f}s")
         runs = {kind: sandbox_runs(settings, agents[viewers[kind]]) / (args.rounds + args.warmup) for kind in KINDS}
         plain = {"speech": p50(speech["plain"]), "full": p50(full["plain"]), "first": p50(first["plain"])}
@@ -136,7 +141,8 @@ def main() -> None:
         rows = []
         for kind in KINDS:
             rows.append([kind, len(full[kind]), *cells(speech[kind], plain["speech"], with_p95=True),
-                         *cells(full[kind], plain["full"], with_p95=True), *cells(first[kind], plain["first"]),
+                         *cells(full[kind], plain["full"], with_p95=True),
+                         *cells(cue[kind], plain["full"], with_p95=True), *cells(first[kind], plain["first"]),
                          f"{p50(calls[kind]):.0f} ({max(calls[kind])})", f"{runs[kind]:.1f}",
                          ms(p50(cpu[kind]))])
         latency = (f"model latency {args.model_latency_ms} ms per call, {args.tokens_per_second:g} tokens/s"
@@ -144,7 +150,7 @@ def main() -> None:
         report(f"Tool turns through the bridge ({latency})", settings, args.reuse_stack,
                scripted="each kind: its reply and its tool calls in one response", sections=[
             table(["turn", "n", "reply to speech p50 ms", "p95", "× plain p50", "turn end p50 ms", "p95", "× plain",
-                   "first sentence p50 ms", "× plain", "model calls p50 (max)", "sandbox runs / turn",
+                   "avatar cue p50 ms", "p95", "× plain turn end", "first sentence p50 ms", "× plain", "model calls p50 (max)", "sandbox runs / turn",
                    "Letta CPU / turn ms"], rows),
             f"Replies other than the scripted one: {unexpected}. {bridge.problems()}.",
         ])

@@ -26,10 +26,13 @@ from bridge.viewer_stats import ViewerTotals
 
 @dataclass(frozen=True)
 class AvatarCall:
-    """One avatar tool call the agent made, e.g. AvatarCall("set_expression", {"expression": "happy"})."""
+    """One avatar tool call the agent made, e.g. AvatarCall("set_expression", {"expression": "happy"}).
+    call_id: Letta's tool_call_id (the model's), the same in the stream and in the stored history:
+    what marks a cue published early, so nothing publishes it again."""
 
     tool: str
     args: dict[str, Any]
+    call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ TextSink = Callable[[str], Awaitable[None]]
 # Called once when the reply's words are complete but the turn goes on (the model moved on to tool
 # calls after speaking): the speech can be handed off before the tools have run.
 WordsDoneSink = Callable[[], Awaitable[None]]
+# Called for each avatar tool call as soon as its arguments are complete in the stream, before
+# Letta has run the tool: the cue can be published before the turn ends.
+CueSink = Callable[[AvatarCall], Awaitable[None]]
 
 
 @runtime_checkable
@@ -109,17 +115,19 @@ class LettaGateway(Protocol):
         sender_name: str | None,
         on_text: TextSink | None = None,
         on_words_done: WordsDoneSink | None = None,
+        on_cue: CueSink | None = None,
     ) -> TurnResult:
         """Send one turn (no automatic retries: the bridge owns the retry policy). Each message must be
         findable afterwards by its task id (`find_answered`). With on_text, the reply is streamed:
         on_text gets each new piece of the reply text as it is generated (an exception it raises
         is passed through unchanged); the result still carries the whole reply. on_words_done (only
-        with on_text) is called once when the words are complete while the turn still runs tools."""
+        with on_text) is called once when the words are complete while the turn still runs tools; on_cue
+        (only with on_text) with each avatar call whose arguments are complete, once per call."""
         ...
 
     async def continue_turn(
         self, agent_id: str, task_id: str, so_far: TurnResult, *, on_text: TextSink | None = None,
-        on_words_done: WordsDoneSink | None = None,
+        on_words_done: WordsDoneSink | None = None, on_cue: CueSink | None = None,
     ) -> TurnResult:
         """Finish a turn whose last step called tools without speaking (`so_far.unfinished`, e.g. one
         find_answered found half done after a crash): the agent's next steps, merged into so_far."""

@@ -17,7 +17,7 @@ from typing import Sequence
 from letta_client import AsyncLetta, NotFoundError
 
 from bridge.errors import LettaError, LettaRetryable, LettaUnavailable, letta_error
-from bridge.gateway import TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
+from bridge.gateway import CueSink, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
 from bridge.letta_turns import LettaTurns
 from provisioning.blueprint import ProvisioningError
 from provisioning.viewers import ViewerAgents
@@ -63,10 +63,11 @@ class RealLettaGateway:
         return agent_id is not None
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
-                        on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
+                        on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None,
+                        on_cue: CueSink | None = None) -> TurnResult:
         try:
             return await self._turns.send_turn(agent_id, messages, sender_name=sender_name, on_text=on_text,
-                                               on_words_done=on_words_done)
+                                               on_words_done=on_words_done, on_cue=on_cue)
         except LettaError as exc:
             if not exc.agent_gone:
                 raise
@@ -74,13 +75,14 @@ class RealLettaGateway:
             # never seen these messages, so sending them to it is no second turn.
             fresh = await self._reresolve(agent_id, exc)
             return await self._turns.send_turn(fresh, messages, sender_name=sender_name, on_text=on_text,
-                                               on_words_done=on_words_done)
+                                               on_words_done=on_words_done, on_cue=on_cue)
 
     async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
-                            on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
+                            on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None,
+                            on_cue: CueSink | None = None) -> TurnResult:
         try:
             return await self._turns.continue_turn(agent_id, task_id, so_far, on_text=on_text,
-                                                   on_words_done=on_words_done)
+                                                   on_words_done=on_words_done, on_cue=on_cue)
         except LettaError as exc:
             if not exc.agent_gone:
                 raise

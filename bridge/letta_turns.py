@@ -28,8 +28,8 @@ from typing import Any, AsyncIterator, Sequence
 from letta_client import AsyncLetta
 
 from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, LettaRetryable, LettaUnavailable, classify_stop_reason, letta_error
-from bridge.gateway import TextSink, TurnMessage, TurnResult, WordsDoneSink
-from bridge.replies import SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
+from bridge.gateway import AvatarCall, CueSink, TextSink, TurnMessage, TurnResult, WordsDoneSink
+from bridge.replies import AVATAR_TOOLS, SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
 OTID_NAMESPACE = uuid.UUID("6f1d2b7e-4c1a-5b8e-9a43-2e7d0c5b9f11")
@@ -71,12 +71,19 @@ class _SinkFailed(Exception):
 
 
 class _Sinks:
-    """The caller's callbacks for one turn; on_words_done is called at most once per turn."""
+    """The caller's callbacks for one turn; on_words_done is called at most once per turn, on_cue
+    once per avatar call."""
 
-    def __init__(self, on_text: TextSink | None, on_words_done: WordsDoneSink | None):
+    def __init__(self, on_text: TextSink | None, on_words_done: WordsDoneSink | None, on_cue: CueSink | None = None):
         self.on_text = on_text
         self._on_words_done = on_words_done
+        self._on_cue = on_cue
         self._called = False
+
+    async def cues(self, calls: list[AvatarCall]) -> None:
+        if self._on_cue is not None:
+            for call in calls:
+                await self._on_cue(call)
 
     async def words_done(self) -> None:
         if self._on_words_done is not None and not self._called:
@@ -127,10 +134,12 @@ class LettaTurns:
         sender_name: str | None,
         on_text: TextSink | None = None,
         on_words_done: WordsDoneSink | None = None,
+        on_cue: CueSink | None = None,
     ) -> TurnResult:
         """One turn. With `on_text`, the reply is streamed token by token (Letta's `stream_tokens`)
         and every piece of assistant text is handed to on_text as it arrives; `on_words_done` is
-        called when a tool call starts after the words of a step (see StreamedTurn.words_done).
+        called when a tool call starts after the words of a step (see StreamedTurn.words_done), and
+        `on_cue` with each avatar call once its arguments are complete (StreamedTurn.take_cues).
 
         One model step per request (`max_steps=1`): a step that speaks (with or without tool calls
         in the same response) ends the turn, so an avatar cue or a memory write written beside the
@@ -138,7 +147,7 @@ class LettaTurns:
         (`continue_turn`), up to MAX_STEPS_PER_TURN; stay_silent ends the turn."""
         if not messages:
             raise ValueError("a turn needs at least one message")
-        sinks = _Sinks(on_text, on_words_done)
+        sinks = _Sinks(on_text, on_words_done, on_cue)
         async with self._turn_deadline():
             result = await self._step(agent_id, self.request_messages(messages, sender_name), sinks)
             if result.unfinished:
@@ -153,13 +162,14 @@ class LettaTurns:
         *,
         on_text: TextSink | None = None,
         on_words_done: WordsDoneSink | None = None,
+        on_cue: CueSink | None = None,
     ) -> TurnResult:
         """Ask the agent for its next step after a step that called tools without speaking (also a
         turn found half done in the history after a crash). Each step's request carries one system
         note (Letta refuses an empty request), with an otid derived from the task, so the whole turn
         stays findable from the task's user message."""
         async with self._turn_deadline():
-            return await self._continue(agent_id, task_id, so_far, _Sinks(on_text, on_words_done))
+            return await self._continue(agent_id, task_id, so_far, _Sinks(on_text, on_words_done, on_cue))
 
     async def _continue(self, agent_id: str, task_id: str, so_far: TurnResult, sinks: "_Sinks") -> TurnResult:
         result = so_far
@@ -241,6 +251,7 @@ class LettaTurns:
                             await sinks.on_text(delta)
                         if turn.words_done:
                             await sinks.words_done()
+                        await sinks.cues(turn.take_cues())
                     except Exception as exc:
                         raise _SinkFailed() from exc
             finally:
@@ -311,6 +322,13 @@ class StreamedTurn:
     while Letta still has the calls' arguments to receive and the tools to run (~0.1 s each, a
     memory write more) before the step ends. Text that comes after a tool call anyway still
     arrives through `add`.
+
+    `take_cues` hands over each avatar call (set_expression / play_motion) once its arguments are
+    complete: when what has come of them parses as a JSON object. A call's arguments are one JSON
+    object, so the first piece that makes them parse is their last; Letta runs the tool only after
+    the model's whole response. A call whose arguments never parse is never handed over (Letta
+    gives the tool no arguments then, and the tool refuses). Calls without a tool_call_id neither:
+    nothing could mark them as published.
     """
 
     def __init__(self) -> None:
@@ -322,6 +340,8 @@ class StreamedTurn:
         self._spoke = False
         self.words_done = False
         self._unnamed_after_words: dict[str, Any] | None = None
+        self._cues: list[AvatarCall] = []
+        self._cued: set[str] = set()
 
     def add(self, chunk: Any) -> str:
         kind = field_of(chunk, "message_type")
@@ -337,7 +357,10 @@ class StreamedTurn:
             return out
         if kind == "tool_call_message":
             after_words = self._ends_with_words()
-            call = self._add_tool_call(chunk)
+            touched = self._add_tool_call(chunk)
+            for each in touched:
+                self._check_cue(each)
+            call = touched[0] if touched else None
             if call is not None and (after_words or call is self._unnamed_after_words):
                 # Decided once the call's name is known (it may come in a later piece).
                 self._unnamed_after_words = None if call["name"] else call
@@ -355,6 +378,23 @@ class StreamedTurn:
         elif kind == "error_message":
             self._error = str(field_of(chunk, "message") or field_of(chunk, "error_type") or "error")
         return ""
+
+    def take_cues(self) -> list[AvatarCall]:
+        """The avatar calls completed since the last take, in the order they completed."""
+        cues, self._cues = self._cues, []
+        return cues
+
+    def _check_cue(self, call: dict[str, Any]) -> None:
+        call_id = call["tool_call_id"]
+        if call["name"] not in AVATAR_TOOLS or not call_id or call_id in self._cued:
+            return
+        try:
+            args = json.loads(call["arguments"])
+        except ValueError:
+            return  # not complete yet
+        if isinstance(args, dict):
+            self._cued.add(call_id)
+            self._cues.append(AvatarCall(call["name"], args, call_id))
 
     @property
     def stopped(self) -> bool:
@@ -387,9 +427,9 @@ class StreamedTurn:
             self._messages.append(message)
         return message
 
-    def _add_tool_call(self, chunk: Any) -> dict[str, Any] | None:
-        """Adds the pieces of a tool_call_message chunk; returns the first call it touched."""
-        first = None
+    def _add_tool_call(self, chunk: Any) -> list[dict[str, Any]]:
+        """Adds the pieces of a tool_call_message chunk; returns the calls it touched, in order."""
+        touched: list[dict[str, Any]] = []
         deltas = field_of(chunk, "tool_calls")
         if not isinstance(deltas, list) or not deltas:
             single = field_of(chunk, "tool_call")
@@ -402,8 +442,9 @@ class StreamedTurn:
                 self._messages.append({"message_type": "tool_call_message", "tool_calls": [call]})
             call["name"] = call["name"] or field_of(delta, "name") or ""
             call["arguments"] += field_of(delta, "arguments") or ""
-            first = first or call
-        return first
+            if call not in touched:
+                touched.append(call)
+        return touched
 
 
 async def sse_events(response: Any) -> AsyncIterator[tuple[str | None, str]]:

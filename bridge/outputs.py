@@ -11,7 +11,7 @@ import json
 from typing import Any, Sequence
 
 from bridge.decisions import Chat, Outcome
-from bridge.gateway import TurnResult
+from bridge.gateway import AvatarCall, TurnResult
 from bridge.queue import Output
 from bridge.wire import AvatarEvent, DeadLetter, Stage, TaskReply, TaskRequest, TaskResponse, TtsRequest, dump
 from vtuber_letta import redis_keys as keys
@@ -31,6 +31,12 @@ def done_markers(batch_size: int, outcome: Outcome) -> list[str]:
     """The done marker of each task of a turn that ended with `outcome`: the last task carries the
     turn's reply (its outcome), each earlier one was answered by it (coalesced)."""
     return [Outcome.COALESCED.value] * (batch_size - 1) + [outcome.value]
+
+
+def avatar_output(settings: Settings, call: AvatarCall, *, task_id: str, user_id: str, now: float) -> Output:
+    """One avatar cue on the avatar channel (at FINISH, or as soon as its call was written: reply_stream.py)."""
+    event = AvatarEvent(tool=call.tool, args=call.args, task_id=task_id, user_id=user_id, timestamp=now)
+    return Output("publish", settings.bridge_avatar_channel, dump(event))
 
 
 def reply_outputs(
@@ -57,9 +63,8 @@ def reply_outputs(
         timestamp=now, silent=result.silent, answers=[chat.task_id for chat in batch] if len(batch) > 1 else None,
     )
     outputs.append(Output("publish", s.bridge_response_channel, dump(response)))
-    for call in result.avatar_calls:
-        event = AvatarEvent(tool=call.tool, args=call.args, task_id=answering, user_id=viewer, timestamp=now)
-        outputs.append(Output("publish", s.bridge_avatar_channel, dump(event)))
+    for call in result.avatar_calls:  # those not published before the turn ended (bridge/turn.py)
+        outputs.append(avatar_output(s, call, task_id=answering, user_id=viewer, now=now))
     if result.silent and not spoken:
         outputs.append(Output("publish", keys.task_response_channel(answering), dump(TaskResponse(text="", silent=True))))
     elif not spoken:

@@ -18,9 +18,10 @@ from typing import Any, Iterable
 
 from bridge.errors import Disposition, LettaError, classify_stop_reason
 from bridge.gateway import AvatarCall, TurnResult
+from tools.avatar_cues import AVATAR_TOOL_NAMES
 
 SILENT_TOOL = "stay_silent"
-AVATAR_TOOLS = frozenset({"set_expression", "play_motion"})
+AVATAR_TOOLS = AVATAR_TOOL_NAMES
 # Ours (tools/) and Letta's built-in memory editors.
 MEMORY_TOOLS = frozenset({
     "remember_viewer_fact", "forget_viewer_fact",
@@ -73,7 +74,8 @@ def _tool_returns(message: Any) -> list[tuple[str | None, str, str]]:
     return [(field_of(message, "tool_call_id"), field_of(message, "status") or "success", content_text(field_of(message, "tool_return")))]
 
 
-def _arguments(raw: str) -> dict[str, Any]:
+def arguments_of(raw: str) -> dict[str, Any]:
+    """A call's JSON arguments as a dict ({} when they are not a JSON object)."""
     try:
         value = json.loads(raw) if raw else {}
     except ValueError:
@@ -105,16 +107,17 @@ def parse_messages(messages: Iterable[Any]) -> ParsedTurn:
             for call_id, status, text in _tool_returns(message):
                 if call_id and (status == "error" or text.lstrip().startswith("Error")):
                     failed.add(call_id)
-    ok_calls = [(name, args) for call_id, name, args in calls if call_id is None or call_id not in failed]
+    ok_calls = [(call_id, name, args) for call_id, name, args in calls if call_id is None or call_id not in failed]
     # stay_silent expresses intent even if its return was odd: never speak after it.
     silent_called = any(name == SILENT_TOOL for _, name, _ in calls)
     reply = "\n".join(t.strip() for t in texts if t and t.strip())
     silent = silent_called or not reply
     result = TurnResult(
         reply_text="" if silent else reply,
-        avatar_calls=tuple(AvatarCall(name, _arguments(args)) for name, args in ok_calls if name in AVATAR_TOOLS),
+        avatar_calls=tuple(AvatarCall(name, arguments_of(args), call_id) for call_id, name, args in ok_calls
+                           if name in AVATAR_TOOLS),
         silent=silent,
-        memory_updated=any(name in MEMORY_TOOLS for name, _ in ok_calls),
+        memory_updated=any(name in MEMORY_TOOLS for _, name, _ in ok_calls),
         message_ids=tuple(ids),
         # Tools ran and nothing was said (nor silence chosen): the viewer still waits for words.
         unfinished=bool(calls) and not reply and not silent_called,

@@ -14,20 +14,37 @@ task's spoken marker, while Letta still receives the calls' arguments and runs t
 then publishes the final response, the avatar events and the done marker as usual, but no speech
 again; a retry or a replay of the same task reads the marker and speaks nothing either. Words that
 come after the hand-off anyway (rare: text after a tool call) are spoken sentence by sentence.
+
+The face does not wait for tools either: as soon as the model has written an avatar call
+(set_expression / play_motion) whole, `cue` checks it by the tool's own rule against the
+persona's names (tools/avatar_cues.py) and, if the tool will accept it, publishes its
+`AvatarEvent` in one MULTI with the call's id in the task's cued marker (`vtl:cued:{task}`). FINISH
+publishes only the cues not published so; a retry or a replay reads the marker and publishes none
+of those again. A call the tool would refuse is not published early: the tool returns its error to
+the model, and a call the tool accepted after all (the persona changed since the agent was
+provisioned) still goes out with FINISH.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Callable, Iterable
 
 from redis.asyncio import Redis
 
-from bridge.outputs import speech_outputs
+from agent_templates.files import TemplateError
+from agent_templates.persona import avatar_secrets, load_persona_config
+from bridge.gateway import AvatarCall
+from bridge.outputs import avatar_output, speech_outputs
 from bridge.queue import Output
 from bridge.sentences import SentenceSplitter
 from bridge.wire import ReplyChunk, TtsRequest, dump
+from tools.avatar_cues import AvatarNames, avatar_cue_problem
+from tools.avatar_names import AVATAR_EXPRESSIONS_ENV, AVATAR_MOTIONS_ENV
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.settings import Settings
+
+log = logging.getLogger("vtuber_letta.bridge")
 
 
 async def already_spoken(redis: Redis, task_id: str) -> bool:
@@ -35,9 +52,33 @@ async def already_spoken(redis: Redis, task_id: str) -> bool:
     return bool(await redis.exists(keys.task_spoken(task_id)))
 
 
+async def already_cued(redis: Redis, task_id: str) -> frozenset[str]:
+    """The tool_call_ids of this task's avatar cues an earlier attempt published before its turn ended."""
+    members = await redis.smembers(keys.task_cued(task_id))
+    return frozenset(m.decode() if isinstance(m, bytes) else m for m in members)
+
+
+def persona_avatar_names(settings: Settings) -> AvatarNames | None:
+    """The avatar's names as provisioning gives them to the agents this bridge creates (the persona
+    config, as provisioning/blueprint.py loads it); None (no cue published early) when it cannot be read."""
+    try:
+        secrets = avatar_secrets(load_persona_config(settings.persona_config, fallback_to_sample=True))
+    except TemplateError as exc:
+        log.warning("avatar cues go out when the turn ends: the persona config cannot be read (%s)", exc)
+        return None
+    return AvatarNames.from_secrets(secrets[AVATAR_EXPRESSIONS_ENV], secrets[AVATAR_MOTIONS_ENV])
+
+
+def unpublished(calls: Iterable[AvatarCall], cued: Iterable[str]) -> tuple[AvatarCall, ...]:
+    """The avatar calls whose cue has not gone out yet (FINISH publishes these)."""
+    done = set(cued)
+    return tuple(call for call in calls if call.call_id is None or call.call_id not in done)
+
+
 class ReplyStream:
     def __init__(self, redis: Redis, settings: Settings, *, task_id: str, user_id: str,
-                 clock: Callable[[], float], spoken_before: bool = False):
+                 clock: Callable[[], float], spoken_before: bool = False,
+                 avatar_names: AvatarNames | None = None, cued_before: frozenset[str] = frozenset()):
         self._redis = redis
         self._settings = settings
         self._task_id = task_id
@@ -53,6 +94,8 @@ class ReplyStream:
         # An earlier attempt of this task already went to speech: this one only previews (chunks).
         self._mute = spoken_before
         self.handed_off = spoken_before  # the whole reply went to speech before FINISH
+        self._avatar_names = avatar_names
+        self.cued: set[str] = set(cued_before)  # tool_call_ids of the cues already published
 
     @property
     def spoken(self) -> bool:
@@ -82,6 +125,23 @@ class ReplyStream:
         if self._settings.bridge_tts_handoff and not self._mute:
             # Anything said after this is late: it can only go to speech sentence by sentence.
             self._tts_queue = self._settings.bridge_tts_queue
+
+    async def cue(self, call: AvatarCall) -> None:
+        """An avatar call the model has written whole: publish its cue now if the tool will accept it."""
+        if self._avatar_names is None or call.call_id is None or call.call_id in self.cued:
+            return
+        problem = avatar_cue_problem(call.tool, call.args, self._avatar_names)
+        if problem is not None:  # the tool refuses it too and tells the model why; nothing to show
+            log.info("task=%s avatar cue %s not published early: %r", self._task_id, call.tool, problem[:200])
+            return
+        event = avatar_output(self._settings, call, task_id=self._task_id, user_id=self._user_id, now=self._clock())
+        marker = keys.task_cued(self._task_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.publish(event.key, event.value)
+            pipe.sadd(marker, call.call_id)
+            pipe.expire(marker, self._settings.bridge_done_ttl)
+            await pipe.execute()
+        self.cued.add(call.call_id)
 
     def close(self) -> list[Output]:
         """The last, unterminated sentence as outputs: they go out with the task's FINISH (one round

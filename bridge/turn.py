@@ -26,7 +26,7 @@ from bridge.errors import classify_error, describe_error
 from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
 from bridge.queue import TaskAge, cancel_point
 from bridge.replica import Replica, loggable
-from bridge.reply_stream import ReplyStream, already_spoken
+from bridge.reply_stream import ReplyStream, already_cued, already_spoken, persona_avatar_names, unpublished
 from bridge.retry_policy import Action, Switches, backoff, next_action
 from bridge.turn_text import compose_turn_text
 from bridge.viewer_stats import stats_ops, totals_from_stats
@@ -58,6 +58,8 @@ class LettaTurn:
         self.switches = Switches(fallback=self.settings.letta_fallback_to_memory,
                                  retry_attempts=self.settings.letta_retry_attempts)
         self._letta_down_until = 0.0
+        # What the avatar tools accept: a cue the tool will accept is published as soon as it is written.
+        self.avatar_names = persona_avatar_names(self.settings)
 
     async def decide(self, raw: bytes, request: TaskRequest, *, queued: list[bytes], mid_burst: bool,
                      on_attempt: Callable[[int], None]) -> Decision:
@@ -245,19 +247,23 @@ class LettaTurn:
             await self._timed("settle_runs", self.gateway.settle_runs(agent_id))
             found = await self._timed("find_answered", self.gateway.find_answered(agent_id, task_ids))
             answering = found.answered[-1] if found is not None and found.answered else task_ids[-1]
-            # An earlier attempt may have handed its words to speech before it failed: never again.
+            # An earlier attempt may have handed its words to speech, or published avatar cues, before
+            # it failed: never again.
             spoken_before = await already_spoken(self.redis, answering)
+            cued_before = await already_cued(self.redis, answering)
             if found is not None and not found.unfinished:
                 muted = self._stream(answering, viewer, spoken_before=True) if spoken_before else None
+                found = replace(found, avatar_calls=unpublished(found.avatar_calls, cued_before))
                 return replace(found, memory_updated=found.memory_updated or recorded), Outcome.REPLAYED, muted
             if found is None and stale_unless_sent and not spoken_before:
                 raise _StaleUnsent()
         else:
-            found, answering, spoken_before = None, task_ids[-1], False
+            found, answering, spoken_before, cued_before = None, task_ids[-1], False, frozenset()
         stream = None
         if self.settings.bridge_streaming or spoken_before:
-            stream = self._stream(answering, viewer, spoken_before=spoken_before)
-        sinks = {"on_text": stream.feed, "on_words_done": stream.words_done} if self.settings.bridge_streaming else {}
+            stream = self._stream(answering, viewer, spoken_before=spoken_before, cued_before=cued_before)
+        sinks = ({"on_text": stream.feed, "on_words_done": stream.words_done, "on_cue": stream.cue}
+                 if self.settings.bridge_streaming else {})
         if found is not None:
             # The earlier attempt's tools ran but it died before the agent spoke: finish that turn
             # (its next step), never send the message again. It answers the tasks it carried.
@@ -275,13 +281,16 @@ class LettaTurn:
             result = replace(result, silent=False, reply_text=stream.text)
         if stream is not None and not result.silent:
             stream.tail = stream.close()
+        # FINISH publishes only the cues that did not go out while the turn ran (nor in an earlier attempt).
+        result = replace(result, avatar_calls=unpublished(result.avatar_calls, stream.cued if stream else cued_before))
         outcome = Outcome.SILENT if result.silent else Outcome.ANSWERED
         answered = result.answered if found is not None else ()
         return replace(result, memory_updated=result.memory_updated or recorded, answered=answered), outcome, stream
 
-    def _stream(self, task_id: str, viewer: str, *, spoken_before: bool) -> ReplyStream:
+    def _stream(self, task_id: str, viewer: str, *, spoken_before: bool,
+                cued_before: frozenset[str] = frozenset()) -> ReplyStream:
         return ReplyStream(self.redis, self.settings, task_id=task_id, user_id=viewer, clock=self.replica.clock,
-                           spoken_before=spoken_before)
+                           spoken_before=spoken_before, avatar_names=self.avatar_names, cued_before=cued_before)
 
 
 def _sender_name(request: TaskRequest) -> str:

@@ -103,6 +103,7 @@ def _tool_matches(existing, wanted: dict) -> bool:
         (existing.source_code or "") == wanted["source_code"]
         and sorted(existing.tags or []) == sorted(wanted["tags"])
         and existing.return_char_limit == wanted["return_char_limit"]
+        and bool(existing.enable_parallel_execution) == wanted["enable_parallel_execution"]
     )
 
 

@@ -50,8 +50,10 @@ TOOL_METADATA: dict[str, dict] = {
     "forget_viewer_fact": {"tags": TOOL_TAGS, "return_char_limit": 1200},
     # RECALL_TOP_K facts of at most 200 characters each, plus their categories and dates.
     "recall_viewer_facts": {"tags": TOOL_TAGS, "return_char_limit": 1600},
-    "set_expression": {"tags": TOOL_TAGS, "return_char_limit": 500},
-    "play_motion": {"tags": TOOL_TAGS, "return_char_limit": 500},
+    # Avatar tools touch nothing but their return: when the model writes an expression and a motion
+    # in one response, Letta 0.16.8 may run both at once (letta_agent_v3.py, one sandbox round).
+    "set_expression": {"tags": TOOL_TAGS, "return_char_limit": 500, "enable_parallel_execution": True},
+    "play_motion": {"tags": TOOL_TAGS, "return_char_limit": 500, "enable_parallel_execution": True},
     "stay_silent": {"tags": TOOL_TAGS, "return_char_limit": 200},
 }
 
@@ -122,4 +124,5 @@ def upsert_kwargs(name: str) -> dict:
         "source_code": tool_source(TOOLS[name]),
         "tags": list(meta["tags"]),
         "return_char_limit": meta["return_char_limit"],
+        "enable_parallel_execution": meta.get("enable_parallel_execution", False),
     }

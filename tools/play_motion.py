@@ -1,6 +1,6 @@
 """Tool: play one body motion on the avatar."""
 
-from tools.avatar_names import AVATAR_MOTIONS_ENV, AvatarNameError, pick_avatar_name
+from tools.avatar_names import AVATAR_MOTIONS_ENV, AvatarNameError, configured_avatar_names, motion_cue
 
 
 def play_motion(motion: str) -> str:
@@ -18,7 +18,7 @@ def play_motion(motion: str) -> str:
         str: "Motion played: name" or "Error: ..." listing the valid names.
     """
     try:
-        name = pick_avatar_name(motion, AVATAR_MOTIONS_ENV, "motion")
+        name = motion_cue(motion, configured_avatar_names(AVATAR_MOTIONS_ENV))
     except AvatarNameError as exc:
         return f"Error: {exc}"
     return f"Motion played: {name}"

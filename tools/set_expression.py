@@ -1,6 +1,6 @@
 """Tool: change the avatar's facial expression."""
 
-from tools.avatar_names import AVATAR_EXPRESSIONS_ENV, AvatarNameError, pick_avatar_name
+from tools.avatar_names import AVATAR_EXPRESSIONS_ENV, AvatarNameError, configured_avatar_names, expression_cue
 
 
 def set_expression(expression: str, intensity: float = 0.7) -> str:
@@ -19,18 +19,9 @@ def set_expression(expression: str, intensity: float = 0.7) -> str:
     Returns:
         str: "Expression set: name (intensity)" or "Error: ..." listing the valid names.
     """
-    import math
-
     try:
-        name = pick_avatar_name(expression, AVATAR_EXPRESSIONS_ENV, "expression")
+        name, clamped, strength = expression_cue(expression, intensity, configured_avatar_names(AVATAR_EXPRESSIONS_ENV))
     except AvatarNameError as exc:
         return f"Error: {exc}"
-    try:
-        strength = float(intensity)
-    except (TypeError, ValueError):
-        return f"Error: intensity must be a number from 0.0 to 1.0, got {str(intensity)[:20]!r}."
-    if math.isnan(strength):
-        return "Error: intensity must be a number from 0.0 to 1.0."
-    clamped = min(1.0, max(0.0, strength))
     note = f" (clamped from {strength:g})" if clamped != strength else ""
     return f"Expression set: {name} ({clamped:.2f}){note}"

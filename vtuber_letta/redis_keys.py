@@ -59,6 +59,7 @@ VIEWER_QUEUE_PREFIX = f"{PREFIX}:vq:"
 VIEWER_ACTIVE_PREFIX = f"{PREFIX}:active:"
 TASK_DONE_PREFIX = f"{PREFIX}:done:"
 TASK_SPOKEN_PREFIX = f"{PREFIX}:spoken:"
+TASK_CUED_PREFIX = f"{PREFIX}:cued:"
 BRIDGE_HEARTBEAT_PREFIX = f"{PREFIX}:bridge:"
 VIEWER_STATS_PREFIX = f"{PREFIX}:viewer_stats:"
 VIEWER_TASKS_PREFIX = f"{PREFIX}:viewer_tasks:"
@@ -95,6 +96,13 @@ def task_spoken(task_id: str) -> str:
     its turn ended (the words were complete while tools still ran): a retry or a replay of that turn
     must not speak it again."""
     return f"{TASK_SPOKEN_PREFIX}{task_id}"
+
+
+def task_cued(task_id: str) -> str:
+    """Set (with the done markers' TTL) of the tool_call_ids of a task's avatar cues published before
+    its turn ended (as soon as the model had written each call): FINISH, a retry or a replay of that
+    turn must not publish them again."""
+    return f"{TASK_CUED_PREFIX}{task_id}"
 
 
 def viewer_tasks(viewer_id: str) -> str:

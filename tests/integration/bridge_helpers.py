@@ -279,6 +279,7 @@ class ChannelRecorder:
     def __init__(self, r: redis.Redis, *channels: str):
         self._pubsub = r.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(*channels)
+        self.channels = channels
         self.messages: list[tuple[str, dict]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="channel-recorder", daemon=True)

@@ -26,7 +26,7 @@ EXTRA_ARGS = {"throughput": ["--levels", "1,4", "--window", "4", "--rounds", "1"
 EXPECTED = {
     "overhead": ["| bridge vs direct, streamed |", CLEAN_REPLIES, CLEAN_BRIDGE],
     "throughput": ["| bridge / direct |", "| bridge-mix / bridge |", CLEAN_REPLIES, CLEAN_BRIDGE],
-    "tool_turns": ["| expression + motion |", "| remember + expression |", CLEAN_REPLIES, CLEAN_BRIDGE],
+    "tool_turns": ["| expression + motion |", "| remember + expression |", "avatar cue p50 ms", CLEAN_REPLIES, CLEAN_BRIDGE],
     "first_contact": ["| new viewer (agent created on the way) |", CLEAN_REPLIES, CLEAN_BRIDGE],
     "scale": ["| thread pool |", "| RSS (VmRSS), no tracing | 10000 |"],
     "ttfs": ["| first sentence / whole reply (streaming on, per turn) |", CLEAN_BRIDGE],

@@ -112,7 +112,8 @@ def blocks_of(client, agent_id: str) -> dict:
 def server_snapshot(client) -> dict:
     """Every tool, block and agent on the server, with what provisioning could change about them."""
     return {
-        "tools": sorted((t.id, t.name, t.source_code or "", tuple(sorted(t.tags or [])), t.return_char_limit)
+        "tools": sorted((t.id, t.name, t.source_code or "", tuple(sorted(t.tags or [])), t.return_char_limit,
+                         bool(t.enable_parallel_execution))
                         for t in client.tools.list(limit=1000)),
         "blocks": sorted((b.id, b.label, b.value, b.limit, b.description, bool(b.read_only))
                          for b in client.blocks.list(limit=1000)),

@@ -18,11 +18,14 @@ import uuid
 
 import pytest
 
-from bridge.gateway import AvatarCall, TurnMessage
+from bridge.gateway import TurnMessage
 from bridge.letta_turns import LettaTurns
 from provisioning.blueprint import find_shared_block, load_blueprint
 from provisioning.viewers import ViewerAgents
+from tests.integration.bridge_helpers import ChannelRecorder, push, redis_conn, wait_for
 from tools.human_block import parse_facts
+from vtuber_letta import redis_keys as keys
+from vtuber_letta.commands.say import build_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
@@ -78,7 +81,7 @@ def test_text_and_an_avatar_cue_in_one_response_take_one_model_call(scripted, tu
     result = send(turns, agent, "hello", streamed)
     assert scripted.chat_requests() == 1
     assert result.reply_text == "So happy to see you!" and not result.silent
-    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy"}),)
+    assert [(c.tool, c.args) for c in result.avatar_calls] == [("set_expression", {"expression": "happy"})]
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
@@ -112,13 +115,51 @@ def test_the_words_are_complete_before_letta_runs_the_tools_when_the_model_write
 WORDS_DONE = object()
 
 
+def test_the_face_changes_before_the_turn_ends_once_and_never_for_a_name_she_lacks(
+        stack_settings, scripted, bridges):
+    """Through a real bridge: the cue is on live2d_events before the letta_responses record (the
+    memory write still runs in Letta then), once, and a cue the tool refuses is never published."""
+    s = stack_settings
+    r = redis_conn(s)
+    recorder = ChannelRecorder(r, s.bridge_avatar_channel, s.bridge_response_channel)
+    bridges()
+    try:
+        memory_write = ("remember_viewer_fact", {"fact": "drinks oolong tea", "category": "likes"})
+        shown = face_of_one_turn(scripted, r, recorder, "early", expression(), memory_write)
+        assert shown == [("set_expression", {"expression": "happy"})]
+        shown = face_of_one_turn(scripted, r, recorder, "refused", expression("grumpy"), ("play_motion", {"motion": "wave"}))
+        assert shown == [("play_motion", {"motion": "wave"})]
+        assert scripted.chat_requests() == 1  # the refused cue's turn: words and calls in one model call
+    finally:
+        recorder.close()
+        r.close()
+
+
+def face_of_one_turn(scripted, r, recorder, name, *calls):
+    """One task through the bridge, the model answering words then `calls`; the avatar cues it showed,
+    after checking they came before the turn's record and that FINISH published none of them again."""
+    avatar, responses = recorder.channels
+    scripted.reset()
+    scripted.reply_with_tools(name, "Welcome back! I remember you.", *calls, text_position="before")
+    body = build_task(f"twitch:face-{RUN}-{name}", "hi again", display_name="Face")
+    push(r, [body])
+    task_id = body["task_id"]
+    wait_for(lambda: [m for m in recorder.on(responses) if m["task_id"] == task_id], 90, what=f"the {name} turn's record")
+    time.sleep(0.5)  # anything published after the record has arrived too
+    mine = [(channel, m) for channel, m in list(recorder.messages) if m.get("task_id") == task_id]
+    cues = [m for channel, m in mine if channel == avatar]
+    assert [channel for channel, _ in mine] == [avatar] * len(cues) + [responses], mine
+    assert len(r.smembers(keys.task_cued(task_id))) == len(cues)  # each published early, by its call id
+    return [(m["tool"], m["args"]) for m in cues]
+
+
 def test_a_tool_call_first_then_the_text_is_answered_in_two_model_calls(scripted, turns, agent):
     scripted.add_rules({"name": "after", "when": {"after_tool": "set_expression"}, "then": {"reply": "Hi there!"}})
     scripted.reply_with_tools("cue-only", None, expression("shy"))
     result = send(turns, agent, "you look cute")
     assert scripted.chat_requests() == 2 and scripted.chat_requests("after") == 1
     assert result.reply_text == "Hi there!"
-    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "shy"}),)
+    assert [(c.tool, c.args) for c in result.avatar_calls] == [("set_expression", {"expression": "shy"})]
     # The second step saw the tool's result and the bridge's note, nothing was sent twice.
     last = scripted.requests(1)[0]
     assert [m["role"] for m in last["messages"]].count("user") == 1

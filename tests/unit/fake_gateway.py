@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from bridge.errors import LettaUnavailable
-from bridge.gateway import TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
+from bridge.gateway import AvatarCall, CueSink, TextSink, TurnMessage, TurnResult, VerifiedEvent, WordsDoneSink
 
 
 @dataclass
@@ -35,6 +35,27 @@ def tools_after_words(result: TurnResult) -> bool:
     return bool(result.avatar_calls) or result.memory_updated
 
 
+async def stream_step(result: TurnResult, piece_chars: int, on_text: TextSink | None,
+                      on_words_done: WordsDoneSink | None, on_cue: CueSink | None,
+                      refused: tuple[AvatarCall, ...] = ()) -> int:
+    """Stream one step as the fake's model writes it: the words, then its calls (each avatar call
+    handed to on_cue once written; `refused`: calls it writes that the tool then refuses, so they
+    are not in the result). Returns the pieces of text streamed."""
+    pieces = 0
+    if on_text is None:
+        return pieces
+    if not result.silent:
+        for piece in stream_pieces(result.reply_text, piece_chars):
+            await on_text(piece)
+            pieces += 1
+        if tools_after_words(result) and on_words_done is not None:
+            await on_words_done()
+    for call in refused + result.avatar_calls:
+        if on_cue is not None:
+            await on_cue(call)
+    return pieces
+
+
 def echo_reply(viewer_id: str, message: TurnMessage) -> TurnResult:
     return TurnResult(reply_text=f"echo: {message.text}")
 
@@ -54,6 +75,7 @@ class FakeGateway:
     hold: asyncio.Event | None = None  # when set: sends store the turn, then wait for this event
     piece_chars: int = 3  # a streamed reply is handed to on_text in pieces of this many characters
     continuation: Callable[[TurnResult], TurnResult] = continued_reply
+    refused_calls: tuple[AvatarCall, ...] = ()  # avatar calls the model writes and the tool refuses
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -90,7 +112,8 @@ class FakeGateway:
         return self.agents.pop(viewer_id, None) is not None
 
     async def send_turn(self, agent_id: str, messages: Sequence[TurnMessage], *, sender_name: str | None,
-                        on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
+                        on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None,
+                        on_cue: CueSink | None = None) -> TurnResult:
         self._check_up()
         if self.failures:
             raise self.failures.pop(0)
@@ -107,12 +130,8 @@ class FakeGateway:
             for message in messages:
                 self.history.setdefault(agent_id, {})[message.task_id] = replace(result, answered=carried)
             self.send_started.set()
-            if on_text is not None and not result.silent:
-                for piece in stream_pieces(result.reply_text, self.piece_chars):
-                    await on_text(piece)
-                    self.pieces_streamed += 1
-                if tools_after_words(result) and on_words_done is not None:
-                    await on_words_done()
+            self.pieces_streamed += await stream_step(result, self.piece_chars, on_text, on_words_done, on_cue,
+                                                     self.refused_calls)
             if self.hold is not None:
                 await self.hold.wait()
             low, high = self.delay
@@ -124,16 +143,13 @@ class FakeGateway:
             self._busy.discard(agent_id)
 
     async def continue_turn(self, agent_id: str, task_id: str, so_far: TurnResult, *,
-                            on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None) -> TurnResult:
+                            on_text: TextSink | None = None, on_words_done: WordsDoneSink | None = None,
+                            on_cue: CueSink | None = None) -> TurnResult:
         """The agent's next step after a tool-only one: `continuation` (default: it says "…")."""
         self._check_up()
         self.continued.append((agent_id, task_id))
         step = self.continuation(so_far)
-        if on_text is not None and not step.silent:
-            for piece in stream_pieces(step.reply_text, self.piece_chars):
-                await on_text(piece)
-            if tools_after_words(step) and on_words_done is not None:
-                await on_words_done()
+        await stream_step(step, self.piece_chars, on_text, on_words_done, on_cue)
         self.history.setdefault(agent_id, {})[task_id] = replace(step, answered=so_far.answered or (task_id,))
         return step
 

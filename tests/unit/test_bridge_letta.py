@@ -125,7 +125,7 @@ def test_tool_turn_collects_avatar_calls_and_memory_updates():
         msg("assistant_message", content="猫猫好可爱！"),
     ]))
     assert result.reply_text == "猫猫好可爱！"
-    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy", "intensity": 0.8}),)
+    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy", "intensity": 0.8}, "c1"),)
     assert result.memory_updated is True
 
 
@@ -255,7 +255,7 @@ def test_send_turn_body_and_reply():
 
     result = asyncio.run(scenario())
     assert result.reply_text == "reply to 你好. Bye!"
-    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy"}),)
+    assert result.avatar_calls == (AvatarCall("set_expression", {"expression": "happy"}, "c1"),)
     request = http.requests[0]
     assert request.url.path == "/v1/agents/agent-1/messages"
     assert request.headers["authorization"] == "Bearer secret"
@@ -496,6 +496,76 @@ def test_words_done_is_called_once_as_soon_as_a_tool_call_follows_the_words():
     assert events.count("words done") == 1
     assert "".join(e[5:] for e in events[:events.index("words done")]) == "好呀，我记住啦！"  # every word first
     assert result.reply_text == "好呀，我记住啦！" and result.memory_updated and not result.unfinished
+
+
+def cues_after_each(chunks: list[dict]) -> list[list[tuple[str, str]]]:
+    turn = StreamedTurn()
+    seen = []
+    for chunk in chunks:
+        turn.add(chunk)
+        seen.append([(cue.call_id, cue.tool) for cue in turn.take_cues()])
+    return seen
+
+
+def test_an_avatar_call_is_handed_over_once_the_last_piece_of_its_arguments_has_come():
+    reply = [msg("assistant_message", id="m-1", content="Hi!"),
+             msg("tool_call_message", tool_call={"name": "set_expression", "tool_call_id": "c1",
+                                                 "arguments": '{"expression": "happy", "intensity": 0.9}'})]
+    chunks = token_chunks(reply)
+    seen = cues_after_each(chunks)
+    last_piece = max(i for i, c in enumerate(chunks) if c["message_type"] == "tool_call_message")
+    assert [i for i, cues in enumerate(seen) if cues] == [last_piece]  # not a piece earlier, nor at the stop
+    assert seen[last_piece] == [("c1", "set_expression")]
+
+
+@pytest.mark.parametrize("chunks, expected", [
+    # several calls in one response: each as soon as it is whole
+    ([WORDS, call_piece("set_expression", "c1", '{"expression": "happy"}'), call_piece("play_motion", "c2", '{"motion":'),
+      call_piece(None, "c2", ' "wave"}')], [[], [("c1", "set_expression")], [], [("c2", "play_motion")]]),
+    # a call first, then the words
+    ([call_piece("play_motion", "c1", '{"motion": "wave"}'), WORDS], [[("c1", "play_motion")], []]),
+    # the name in a later piece than the arguments
+    ([call_piece(None, "c1", '{"motion": "wave"}'), call_piece("play_motion", "c1")], [[], [("c1", "play_motion")]]),
+    # not avatar calls, or arguments that never make a JSON object, or no id to mark it by
+    ([call_piece("remember_viewer_fact", "c1", '{"fact": "x"}'), call_piece("set_expression", "c2", '{"expr'),
+      WORDS, call_piece("set_expression", "", '{"expression": "happy"}')], [[], [], [], []]),
+    # pieces after the arguments are whole hand nothing over twice
+    ([call_piece("play_motion", "c1", '{"motion": "wave"}'), call_piece(None, "c1", ""),
+      {"message_type": "stop_reason", "stop_reason": "end_turn"}], [[("c1", "play_motion")], [], []]),
+])
+def test_avatar_calls_are_handed_over_as_each_is_complete(chunks, expected):
+    assert cues_after_each(chunks) == expected
+
+
+def test_cues_are_handed_to_on_cue_while_the_step_streams_a_call_first_then_the_words():
+    class CallFirst(FakeLettaHttp):  # a model that moves first and talks after
+        def __call__(self, request):
+            self.requests.append(request)
+            reply = [
+                msg("tool_call_message", tool_call={"name": "play_motion", "arguments": '{"motion": "wave"}', "tool_call_id": "c1"}),
+                msg("tool_call_message", tool_call={"name": "set_expression", "arguments": '{"expression": "happy"}', "tool_call_id": "c2"}),
+                msg("assistant_message", id="m-1", content="Hello!"),
+                msg("tool_return_message", tool_call_id="c1", status="success", tool_return="Motion played: wave"),
+                msg("tool_return_message", tool_call_id="c2", status="success", tool_return="Expression set: happy"),
+            ]
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(token_chunks(reply)))
+
+    events: list[str] = []
+
+    async def on_text(delta: str) -> None:
+        events.append("text")
+
+    async def on_cue(call) -> None:
+        events.append(f"cue:{call.tool}:{call.call_id}")
+
+    async def scenario():
+        return await turns_with(CallFirst()).send_turn("agent-1", [TurnMessage("t-1", "hi")], sender_name=None,
+                                                        on_text=on_text, on_cue=on_cue)
+
+    result = asyncio.run(scenario())
+    assert [e for e in events if e != "text"] == ["cue:play_motion:c1", "cue:set_expression:c2"]
+    assert events.index("cue:set_expression:c2") < events.index("text")  # both before the words
+    assert [c.call_id for c in result.avatar_calls] == ["c1", "c2"]  # the ids FINISH compares with
 
 
 def test_find_answered_tells_which_tasks_a_coalesced_turn_carried():

@@ -663,7 +663,9 @@ def test_metadata_and_upsert_kwargs():
     assert set(tools.TOOL_METADATA) == set(tools.TOOLS)
     for name in tools.TOOLS:
         kwargs = tools.upsert_kwargs(name)
-        assert set(kwargs) == {"source_code", "tags", "return_char_limit"}
+        assert set(kwargs) == {"source_code", "tags", "return_char_limit", "enable_parallel_execution"}
+        # Only the avatar tools may run beside another call: they touch nothing but their return.
+        assert kwargs["enable_parallel_execution"] is (name in ("set_expression", "play_motion"))
         assert "vtuber-letta" in kwargs["tags"]
         assert 100 <= kwargs["return_char_limit"] <= 50_000
         assert letta_tool_name(kwargs["source_code"]) == name
