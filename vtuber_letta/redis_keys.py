@@ -49,6 +49,9 @@ BRIDGE_PENDING = f"{PREFIX}:pending"  # set of viewer ids whose queue may be non
 BRIDGE_DEAD_LETTERS = f"{PREFIX}:dead_letters"  # list of DeadLetter JSON, newest at the LEFT
 BRIDGE_ATTEMPTS = f"{PREFIX}:attempts"  # hash task_id -> attempts so far (deleted on acknowledge)
 BRIDGE_COUNTED = f"{PREFIX}:counted"  # hash task_id -> 1 once its viewer stats were counted
+# list of the newest task outcomes (bridge/outcome_log.py: ids, outcome, seconds; no text), newest at
+# the LEFT, capped; the console's Live page shows it and `agent forget` removes the viewer's entries.
+BRIDGE_OUTCOMES = f"{PREFIX}:outcomes"
 VIEWER_QUEUE_PREFIX = f"{PREFIX}:vq:"
 VIEWER_ACTIVE_PREFIX = f"{PREFIX}:active:"
 TASK_DONE_PREFIX = f"{PREFIX}:done:"
