@@ -9,7 +9,7 @@ rows show live in each agent's memory and are asked of Letta for those rows only
 Search matches the viewer id or the display name (case-blind substring). The name is the one the
 platform last sent with a task, in its search form (bridge/viewer_stats.py `name_key`, kept in the
 viewer's stats hash by the bridge), matched by the same script, inside Redis: a search over 10,000
-viewers moves their ids and one flag each to Python, never their names. A viewer the bridge has not seen since names were
+viewers sends back only the ids that match, never a name. A viewer the bridge has not seen since names were
 kept there is found by id until their next message.
 """
 
@@ -48,32 +48,38 @@ class DirectoryPage:
 
 
 # KEYS: the viewer->agent map; ARGV: stats key prefix, sort field ('' = none, 'support' = the sum
-# of the support:* fields), the name field, a name search in name_key form ('' = none). Returns
-# {id, value, matched, ...} for every viewer in the map, matched = '1' when their name holds the
-# search (the id is matched in Python: Lua cannot casefold non-ASCII text). Read inside Redis
-# because 10,000 pipelined HGETs cost ~200 ms of client-side encoding and parsing, and this loop a
-# few ms of server time; the names themselves never leave Redis.
+# of the support:* fields), the name field, a search in name_key form ('' = none). Returns {id,
+# value, ...} for every viewer in the map; with a search {id, value, sure, ...} for the viewers
+# that may match: sure = '1' when their name or their (ASCII) id holds it, '0' for an id with
+# non-ASCII bytes, which Python checks (Lua cannot casefold it). Read inside Redis, and only the
+# matches sent back, because parsing the reply is most of the cost in Python (10,000 pipelined
+# HGETs cost ~200 ms of client-side work, this loop a few ms of server time); names never leave Redis.
 _SORT_VALUES = """
 local ids = redis.call('HKEYS', KEYS[1])
 local wanted, out = ARGV[4], {}
 for i = 1, #ids do
-  local key, matched = ARGV[1] .. ids[i], '0'
+  local key, sure = ARGV[1] .. ids[i], '1'
   if wanted ~= '' then
     local name = redis.call('HGET', key, ARGV[3])
-    if name and string.find(name, wanted, 1, true) then matched = '1' end
-  end
-  local value = 0
-  if ARGV[2] == 'support' then
-    local fields = redis.call('HGETALL', key)
-    for j = 1, #fields, 2 do
-      if string.sub(fields[j], 1, 8) == 'support:' then value = value + (tonumber(fields[j + 1]) or 0) end
+    if not (name and string.find(name, wanted, 1, true)) then
+      if string.find(ids[i], '[\\128-\\255]') then sure = '0'
+      elseif not string.find(string.lower(ids[i]), wanted, 1, true) then sure = nil end
     end
-  elseif ARGV[2] ~= '' then
-    value = tonumber(redis.call('HGET', key, ARGV[2])) or 0
   end
-  out[#out + 1] = ids[i]
-  out[#out + 1] = tostring(value)
-  out[#out + 1] = matched
+  if sure then
+    local value = 0
+    if ARGV[2] == 'support' then
+      local fields = redis.call('HGETALL', key)
+      for j = 1, #fields, 2 do
+        if string.sub(fields[j], 1, 8) == 'support:' then value = value + (tonumber(fields[j + 1]) or 0) end
+      end
+    elseif ARGV[2] ~= '' then
+      value = tonumber(redis.call('HGET', key, ARGV[2])) or 0
+    end
+    out[#out + 1] = ids[i]
+    out[#out + 1] = tostring(value)
+    if wanted ~= '' then out[#out + 1] = sure end
+  end
 end
 return out
 """
@@ -90,10 +96,11 @@ def viewer_page(redis_conn, *, query: str = "", sort: str = "last_seen", descend
     else:
         flat = redis_conn.register_script(_SORT_VALUES)(
             keys=[keys.VIEWER_AGENTS], args=[keys.VIEWER_STATS_PREFIX, "" if sort == "id" else sort, NAME_FIELD, wanted])
-        ids = flat[0::3]
-        values = {viewer: float(value) for viewer, value in zip(ids, flat[1::3])}
+        step = 3 if wanted else 2
+        ids = flat[0::step]
+        values = {viewer: float(value) for viewer, value in zip(ids, flat[1::step])}
         if wanted:
-            ids = [viewer for viewer, by_name in zip(ids, flat[2::3]) if by_name == "1" or wanted in viewer.casefold()]
+            ids = [viewer for viewer, sure in zip(ids, flat[2::3]) if sure == "1" or wanted in viewer.casefold()]
     # by id first, so ties (and the never-counted) keep one order from one request to the next
     ids.sort(reverse=descending and sort == "id")
     if sort != "id":

@@ -178,6 +178,7 @@ def test_the_list_finds_viewers_by_display_name_case_blind_and_escapes_the_searc
     add_viewer(r, memory, "bilibili:3", "Bob", last_seen=1_767_000_003.0)
     add_viewer(r, memory, "bilibili:4", "call 13812345678", last_seen=1_767_000_004.0)
     add_viewer(r, memory, "twitch:alice", "Carol", last_seen=1_767_000_005.0)  # found by id
+    add_viewer(r, memory, "weibo:Straße", "Hans", last_seen=1_767_000_006.0)  # a non-ASCII id: casefolded in Python
     r.hdel(keys.viewer_stats("bilibili:3"), NAME_FIELD)  # not seen by the bridge since names were kept
     login(app_client)
 
@@ -192,6 +193,7 @@ def test_the_list_finds_viewers_by_display_name_case_blind_and_escapes_the_searc
     assert found("bob")[0] == [] and found("bilibili:3")[0] == ["bilibili%3A3"]  # no name kept: found by id
     assert found("13812345678")[0] == []  # the phone number was never kept
     assert found("a\u200blic")[0] == found("alic")[0]
+    assert found("STRASSE")[0] == ["weibo%3AStra%C3%9Fe"] and found("hans")[0] == ["weibo%3AStra%C3%9Fe"]
     ids, page = found('"><script>alert(1)</script>')
     assert ids == [] and "<script>" not in page and "&#34;&gt;&lt;script&gt;" in page and "No viewer matches" in page
 
