@@ -3,7 +3,7 @@ from the stack's own console process (login once, then GET /viewers ... on one k
 connection), for 10,000 viewers by default.
 
 The viewers: `--agents` real agents (created from the template, each with a fact), and the rest
-map-only (an entry in `vtl:viewer_agents` and a stats hash, as the bridge leaves them), so the
+map-only (an entry in `vtl:viewer_agents` and a stats hash with a display name, as the bridge leaves them), so the
 list is as big as a busy channel's without creating 10,000 agents. The real agents are the most
 recently seen, so the default page (last seen, newest first) shows them and asks Letta for their
 cards; a deep page shows map-only viewers (Letta answers with nothing to add). Target: < 300 ms a page.
@@ -16,6 +16,7 @@ import time
 from urllib.parse import urlencode
 
 from bench.common import bench_stack, ensure_agents, log, ms, p50, p95, parse, parser, report, run_id, table
+from bridge.viewer_stats import NAME_FIELD, searchable_name
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.redis_api import redis_client
 
@@ -37,7 +38,8 @@ def fill_viewers(settings, prefix: str, count: int, agent_ids: dict[str, str]) -
                 for n, viewer in enumerate(chunk, start):
                     pipe.hset(keys.viewer_stats(viewer), mapping={
                         "first_seen": repr(now - 86400 * 30), "last_seen": repr(now - 3600 - n), "visits": str(n % 50),
-                        "messages": str(n % 300), "support:CNY": repr(float(n % 97))})
+                        "messages": str(n % 300), "support:CNY": repr(float(n % 97)),
+                        NAME_FIELD: searchable_name(f"Viewer Nº{n} {'小明' if n % 2 else 'Zoë'}")})
                 pipe.execute()
         with r.pipeline(transaction=False) as pipe:
             for n, viewer in enumerate(agent_ids):
@@ -106,6 +108,7 @@ def main() -> None:
                 ("page 1, total support (every viewer's stats read)", "/viewers?sort=support&order=desc"),
                 ("page 1, viewer id ascending", "/viewers?sort=id&order=asc"),
                 ("search '-v0' (substring over every id)", "/viewers?q=-v0"),
+                ("search 'ZOË' (substring over every display name)", "/viewers?q=ZO%C3%8B"),
             ]
             rows = []
             for name, path in kinds:

@@ -1,5 +1,5 @@
 """What every part of one bridge replica shares: its settings, its queues, its metrics, its clock,
-its name, the stop signal, and how many turns are in flight. The service (bridge/service.py)
+its name, the stop signal, how many turns are in flight, and its writer of recent outcomes. The service (bridge/service.py)
 makes one; its workers and its Letta turn read it."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bridge.metrics import BridgeMetrics
+from bridge.outcome_log import OutcomeLog
 from bridge.queue import ViewerQueues
 from bridge.wire import TaskRequest
 from vtuber_letta.settings import Settings
@@ -32,6 +33,7 @@ class Replica:
     clock: Callable[[], float] = time.time
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0  # tasks being handled right now (the heartbeat reports it)
+    outcome_log: OutcomeLog = field(default_factory=OutcomeLog)  # the console's recent outcomes
 
     def __post_init__(self) -> None:
         self._routing = {**DEFAULT_ROUTING, **self.settings.letta_memory_type_routing}

@@ -31,6 +31,7 @@ from typing import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge import outcome_log
 from bridge.decisions import Outcome
 from bridge.errors import describe_error
 from bridge.gateway import LettaGateway
@@ -132,6 +133,7 @@ class BridgeService:
             _, stuck = await asyncio.wait(everything, timeout=5)
             if stuck:
                 log.error("bridge %s: %d task(s) did not stop when cancelled", self.replica_id, len(stuck))
+            await self.replica.outcome_log.drain()  # the last outcomes, written by the tasks just ended
             if graceful:
                 with suppress(RedisError, OSError):
                     await self.redis.delete(keys.bridge_heartbeat(self.replica_id))
@@ -251,6 +253,7 @@ class BridgeService:
                                       max_bytes=self.settings.bridge_max_payload_bytes)
             if await self.queues.dead_letter_triage(raw, entry):
                 self.metrics.outcomes.labels("dead_letter").inc()
+                outcome_log.record(self.replica, None, task_id, "dead_letter", 0.0)
                 log.warning(
                     "task=%s viewer=- type=- route=- attempt=0 outcome=dead_letter duration_ms=0 reason=%s",
                     task_id or "-", loggable(reason),

@@ -6,20 +6,27 @@ it in the round trip before a turn), `totals_from_stats` reads the hash back as 
 and `as_block_fields` writes those into the human block's `## Verified by the platform` section.
 `provisioning/backup.py` copies the hash as it is, field for field.
 
+The hash also keeps the viewer's display name as the console searches it (`NAME_FIELD`, written by
+`stats_ops` from the task's meta.display_name, made by `name_key`): the list's search runs inside
+Redis over that field (console/directory.py), so no name is asked of Letta to find a viewer.
+
 Amounts read the same everywhere: `amount_text` (30, 4.99, no trailing zeros), `money` in the
 agent's event lines ('¥30'), `format_support` in the block ('30 CNY + 5 USD').
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tools.contact_details import redact_contact_details
 from tools.human_block import block_time
 
 if TYPE_CHECKING:
     from bridge.wire import TaskRequest
 
+NAME_FIELD = "name_key"  # the display name the platform last sent, in its search form (name_key)
 CURRENCY_SYMBOLS = {"CNY": "¥", "RMB": "¥", "JPY": "¥", "USD": "$", "EUR": "€", "GBP": "£", "KRW": "₩"}
 
 
@@ -68,7 +75,23 @@ def stats_ops(request: TaskRequest, now: float) -> list[tuple[str, str, str]]:
         ops.append(("incr", "memberships", "1"))
     if kind in ("super_chat", "gift", "membership") and meta.amount:
         ops.append(("incrf", f"support:{meta.currency or ''}", repr(float(meta.amount))))
+    if meta.display_name:
+        ops.append(("set", NAME_FIELD, searchable_name(meta.display_name)))
     return ops
+
+
+def searchable_name(display_name: str) -> str:
+    """What NAME_FIELD keeps of a display name: its name_key, contact details hidden first as in
+    the human block (a phone number in a name is not kept, not even to search by)."""
+    return name_key(redact_contact_details(display_name))
+
+
+def name_key(text: str) -> str:
+    """A name (or a search for one) as the console's search compares them: NFKC, case-blind,
+    without invisible characters (zero-width, bidi controls: "A\u200blice" is found as "alice"),
+    one space between words."""
+    visible = "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf"))
+    return " ".join(unicodedata.normalize("NFKC", visible).casefold().split())
 
 
 def totals_from_stats(stats: dict[str, str], now: float) -> ViewerTotals:

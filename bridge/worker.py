@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from bridge import outcome_log
 from bridge.decisions import Abandoned, Answered, Chat, DeadLetter, Decision, FallBack, Outcome, Stale
 from bridge.errors import describe_error
 from bridge.lease import LeaseLost, ViewerLease
@@ -149,6 +150,7 @@ class ViewerWorker:
             self.replica.in_flight -= 1
             metrics.in_flight.dec()
             metrics.outcomes.labels(outcome.value).inc()
+            outcome_log.record(self.replica, state.viewer, state.task_id, outcome.value, time.monotonic() - state.started)
             level = logging.WARNING if outcome in _WARNINGS else logging.INFO
             log.log(
                 level,
@@ -212,6 +214,7 @@ class ViewerWorker:
         for chat in batch[1:]:
             outcome = turn_outcome if chat.task_id == answering else Outcome.COALESCED
             self.replica.metrics.outcomes.labels(outcome.value).inc()
+            outcome_log.record(self.replica, state.viewer, chat.task_id, outcome.value, time.monotonic() - state.started)
             log.info(
                 "task=%s viewer=%s type=%s route=letta attempt=%d outcome=%s duration_ms=%d %s",
                 chat.task_id, loggable(state.viewer), chat.request.type, state.attempt, outcome.value,

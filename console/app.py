@@ -77,10 +77,18 @@ def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(float(epoch), tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _when_s(epoch: float | None) -> str:
+    """To the second: a live stream's tasks come seconds apart."""
+    if not epoch:
+        return "—"
+    return datetime.fromtimestamp(float(epoch), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["when"] = _when
+    env.filters["when_s"] = _when_s
     env.globals["query"] = lambda **params: urlencode({k: v for k, v in params.items() if v not in (None, "")})
     return env
 
@@ -231,10 +239,10 @@ def build_app(console: Console) -> Starlette:
                                                {"fact": form.get("fact", ""), "category": form.get("category", "")})
             elif action == "delete":
                 text = await run_in_threadpool(gate, "forget", memory.agent_id, {"fact": form.get("fact", "")})
-            else:
-                text = await run_in_threadpool(_edit_fact, gate, memory.agent_id, form.get("old", ""),
-                                               form.get("old_category", ""), form.get("fact", ""),
-                                               form.get("category", ""))
+            else:  # one read-modify-write in the gate: the fact keeps its place, or stays as it was
+                text = await run_in_threadpool(gate, "edit", memory.agent_id,
+                                               {"old": form.get("old", ""), "fact": form.get("fact", ""),
+                                                "category": form.get("category", "")})
         except ConsoleError as exc:
             return back(viewer_url(viewer_id), session, "error", f"not saved: {exc}")
         log.info("console: fact %s for viewer agent %s", action, memory.agent_id)
@@ -333,13 +341,3 @@ def unavailable(exc: BaseException) -> Response:
 def plain_refusal(status: int, text: str) -> Response:
     return Response(text + "\n", status_code=status, media_type="text/plain; charset=utf-8", headers=SECURITY_HEADERS)
 
-
-def _edit_fact(gate, agent_id: str, old: str, old_category: str, fact: str, category: str) -> str:
-    """Replace one fact: forget the old one, remember the new one; put the old one back if the new
-    one is refused, so a refused edit changes nothing."""
-    gate("forget", agent_id, {"fact": old})
-    try:
-        return gate("remember", agent_id, {"fact": fact, "category": category})
-    except ConsoleError:
-        gate("remember", agent_id, {"fact": old, "category": old_category})
-        raise

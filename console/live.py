@@ -2,9 +2,10 @@
 
 Read from Redis, where every replica leaves it: heartbeats (`vtl:bridge:{replica}`, with the
 turns each has in flight), the queue depths (bridge.queue.ViewerQueues.depths, the same numbers as
-the bridge's metrics), the dead letters (bridge.wire.DeadLetter, newest first). Outcome counters
-(answered, fallback, dead_letter, ...) exist only in a replica's Prometheus endpoint, so they are
-read from the one at VTL_BRIDGE_METRICS_HOST:PORT when it answers.
+the bridge's metrics), the dead letters (bridge.wire.DeadLetter, newest first), the newest task
+outcomes of every replica (bridge/outcome_log.py: when, viewer, task, outcome, seconds). Outcome
+counters (answered, fallback, dead_letter, ...) exist only in a replica's Prometheus endpoint, so
+they are read from the one at VTL_BRIDGE_METRICS_HOST:PORT when it answers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from bridge import outcome_log
+from bridge.outcome_log import TaskOutcome
 from bridge.queue import ViewerQueues
 from bridge.wire import DeadLetter
 from console.errors import ConsoleError
@@ -52,6 +55,7 @@ class LiveState:
     depths: dict[str, int]
     outcomes: dict[str, int] | None  # None: no metrics endpoint answered
     dead_letters: list[DeadLetterRow]
+    recent: list[TaskOutcome]  # newest first
 
     @property
     def in_flight(self) -> int:
@@ -76,7 +80,8 @@ async def live_state(redis_async, settings) -> LiveState:
                                 beat.get("started")))
     replicas.sort(key=lambda r: r.replica_id)
     entries = await redis_async.lrange(keys.BRIDGE_DEAD_LETTERS, 0, DEAD_LETTERS_SHOWN - 1)
-    return LiveState(replicas, depths, bridge_outcomes(settings), [dead_letter_row(e) for e in entries])
+    recent = await outcome_log.recent(redis_async)
+    return LiveState(replicas, depths, bridge_outcomes(settings), [dead_letter_row(e) for e in entries], recent)
 
 
 def dead_letter_row(entry: bytes | str) -> DeadLetterRow:

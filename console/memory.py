@@ -103,7 +103,7 @@ class ConsoleMemory(Protocol):
         """The viewer's human block and recent conversation; None when they have no agent."""
 
     def gate(self, operation: str, agent_id: str, fields: dict[str, str]) -> str:
-        """Ask the memory gate (remember / forget) for this agent: its message; ConsoleError when refused."""
+        """Ask the memory gate (remember / forget / edit) for this agent: its message; ConsoleError when refused."""
 
     def forget_viewer(self, viewer_id: str) -> str:
         """Everything kept about the viewer, as `agent forget` does: its report."""

@@ -10,8 +10,9 @@ In Redis: the map entry, the viewer's stats, the done markers of the viewer's ta
 the index FINISH keeps, `vtl:viewer_tasks:{viewer}`, and, for markers written before that index
 existed, by their `user_id`), the viewer's queued tasks wherever they are (request list, staging,
 triage, the viewer queue, memory-python's list), replies still waiting for speech, the viewer's
-dead letters, and their attempt / counted entries. The viewer's hash (not the id) goes into
-`vtl:forgotten`, which backups carry and a restore applies (provisioning/backup.py).
+dead letters and recent outcomes (the console's Live list), and their attempt / counted entries.
+The viewer's hash (not the id) goes into `vtl:forgotten`, which backups carry and a restore
+applies (provisioning/backup.py).
 
 Safe while bridges run: it holds the bridge's own worker lock of the viewer (`ViewerHold`, waiting
 for a turn in flight to end) and the agent-creation lock, so no turn or creation happens meanwhile;
@@ -46,7 +47,7 @@ KINDS = (
     ("map_entries", "map entry", "map entries"), ("stats", "stats hash", "stats hashes"),
     ("done_markers", "done marker", "done markers"), ("queued_tasks", "queued task", "queued tasks"),
     ("speech", "reply waiting for speech", "replies waiting for speech"),
-    ("dead_letters", "dead letter", "dead letters"),
+    ("dead_letters", "dead letter", "dead letters"), ("outcomes", "recent outcome", "recent outcomes"),
     ("task_counters", "attempt/counted entry", "attempt/counted entries"),
 )
 
@@ -177,6 +178,9 @@ class Forgetter:
         for raw in self._remove_from_list(keys.BRIDGE_DEAD_LETTERS, dead_letter_of_viewer, remove=self._remove_dead_letter):
             report.removed["dead_letters"] += 1
             tasks.update(self._task_of(raw))
+        # The console's recent outcomes (bridge/outcome_log.py): ids only, but the viewer's id is one.
+        report.removed["outcomes"] += len(self._remove_from_list(
+            keys.BRIDGE_OUTCOMES, lambda raw: (_json(raw) or {}).get("user_id") == viewer_id))
 
         def speech_of_viewer(raw: bytes) -> bool:
             entry = _json(raw) or {}

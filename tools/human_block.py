@@ -437,3 +437,42 @@ def remove_fact(text, old_fact):
         slug: [item for item in values if not (slug == name and item == value)] for slug, values in facts.items()
     }
     return replace_facts(text, remaining), f"Forgot ({name}): {value}"
+
+
+def edit_fact(text, old_fact, new_fact, new_category, limit):
+    """Return (new_text, message) after rewording one stored fact in one step.
+
+    The new wording takes the old one's place: same category, same position (a different
+    new_category moves it to the end of that category instead; an empty one keeps the old). The
+    same rules as add_fact apply to the new wording; HumanBlockError (the block left as it was)
+    when the old fact is not stored exactly, the new one is refused, it repeats another stored
+    fact, or the block would go over its limit.
+    """
+    facts = parse_facts(text)
+    match = find_fact(facts, fact_key(re.sub(r"^(?:[-*•·]\s+)+", "", collapse_spaces(old_fact))))
+    if match is None:
+        raise HumanBlockError(
+            f"no stored fact is exactly '{quoted(old_fact)}', so nothing was changed. Stored: {describe_facts(facts)}."
+        )
+    old_category, old_value = match
+    value = normalize_fact(new_fact)
+    slug = normalize_category(new_category) if collapse_spaces(new_category) else old_category
+    others = {name: [item for item in values if (name, item) != match] for name, values in facts.items()}
+    repeated = find_fact(others, fact_key(value))
+    if repeated is not None:
+        raise HumanBlockError(
+            f"'{quoted(value)}' is already stored ({repeated[0]}: {repeated[1]}). Forget one of the two instead."
+        )
+    if slug == old_category:
+        facts[slug][facts[slug].index(old_value)] = value
+    else:
+        facts = others
+        facts.setdefault(slug, []).append(value)
+    new_text = replace_facts(text, facts)
+    limit = int(limit) if limit else DEFAULT_HUMAN_LIMIT
+    if len(new_text) > limit:
+        raise HumanBlockError(
+            f"the viewer's memory is full ({len(text)}/{limit} characters; the new wording is "
+            f"{len(new_text) - limit} over the limit). Nothing was changed: store a shorter wording."
+        )
+    return new_text, f"Changed ({slug}): {old_value} → {value}"

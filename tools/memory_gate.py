@@ -18,7 +18,8 @@ without `letta` and without `agent_state`, and ask this service over loopback HT
    recall_viewer_facts by searching that agent's passages only.
 
 Routes: POST /v1/remember {"agent_id", "token", "fact", "category"}, POST /v1/forget {"agent_id",
-"token", "fact"}, POST /v1/recall {"agent_id", "token", "query"}, POST /v1/episode {"agent_id",
+"token", "fact"}, POST /v1/edit {"agent_id", "token", "old", "fact", "category"} (the console's edit
+in place, never a tool), POST /v1/recall {"agent_id", "token", "query"}, POST /v1/episode {"agent_id",
 "token", "date", "summary"} (stream end, provisioning/episodes.py; never a tool), GET /health. Answers: 200 {"message": ...} when done or already so, 200
 {"error": ...} for what the model should act on (the tool prefixes "Error: "), 400/403/404/413 with
 {"error"} for bad requests, 503 {"error"} when Letta cannot be reached.
@@ -42,6 +43,7 @@ from tools.human_block import (
     HumanBlockError,
     add_fact,
     collapse_spaces,
+    edit_fact,
     fact_key,
     find_fact,
     normalize_fact,
@@ -146,6 +148,7 @@ class Outcome:
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "remember": ("fact", "category"),
     "forget": ("fact",),
+    "edit": ("old", "fact", "category"),
     "recall": ("query",),
     "episode": ("date", "summary"),
 }
@@ -232,6 +235,12 @@ class MemoryGate:
             plan = plan_remember(block.value, fields["fact"], told_again[0].category, block.limit, from_tier=True)
         self._move_out(agent_id, plan.moved)
         return Outcome(plan.text, plan.message, tuple(item.passage_id for item in told_again))
+
+    def _edit(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
+        # The console's "edit" (no tool asks it): one read-modify-write, so a refused wording leaves
+        # the old fact where it was. Facts in the core block only: that is what the console lists.
+        refuse_contact_details(fields["fact"], fields["category"])
+        return Outcome(*edit_fact(block.value, fields["old"], fields["fact"], fields["category"], block.limit))
 
     def _forget(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
         request = fields["fact"]

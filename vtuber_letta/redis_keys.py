@@ -55,6 +55,9 @@ BRIDGE_COUNTED = f"{PREFIX}:counted"  # hash task_id -> 1 once its viewer stats 
 # hash task_id -> when ROUTE put it in its viewer queue (Redis TIME, ms; deleted on acknowledge):
 # a chat task's age when its turn comes (VTL_BRIDGE_STALE_CHAT_AFTER)
 BRIDGE_INTAKE = f"{PREFIX}:intake"
+# list of the newest task outcomes (bridge/outcome_log.py: ids, outcome, seconds; no text), newest at
+# the LEFT, capped; the console's Live page shows it and `agent forget` removes the viewer's entries.
+BRIDGE_OUTCOMES = f"{PREFIX}:outcomes"
 VIEWER_QUEUE_PREFIX = f"{PREFIX}:vq:"
 VIEWER_ACTIVE_PREFIX = f"{PREFIX}:active:"
 TASK_DONE_PREFIX = f"{PREFIX}:done:"

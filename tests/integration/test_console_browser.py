@@ -1,10 +1,10 @@
 """The console in a real headless Chromium, end to end on the real stack (the stack's own console
 process, a real bridge, Letta, the memory gate, the scripted model recording every request).
 
-One streamer's session, in order: log in; find the viewer the bridge created; see the fact the
-agent remembered; export the Agent File (no secret in it); delete the fact; edit her persona and
+One streamer's session, in order: log in; find the viewer the bridge created (by display name,
+case-blind, then by id); see the fact the agent remembered; export the Agent File (no secret in it); delete the fact; edit her persona and
 the stream; see the agent's next model request without the fact and with the new persona and
-stream; send a dead letter again and see the bridge answer it; forget the viewer;
+stream, and that task's outcome (answered) in the Live page's recent tasks; send a dead letter again and see the bridge answer it; forget the viewer;
 and a viewer whose display name is hostile markup shows as text, with no script run.
 Screenshots of each page go to $VTL_CONSOLE_SCREENSHOTS (docs/console/ holds the committed ones),
 else to the test's tmp folder.
@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
 
 RUN = uuid.uuid4().hex[:6]
 VIEWER = f"bilibili:console-{RUN}"
+ALICE = f"Alice Stargazer {RUN}"  # her display name: unique, as the session stack is shared
 # One viewer per string of the hostile corpus, the string as their display name (the platform's
 # word, kept raw in the agent's metadata, shown in the list).
 HOSTILE = {f"twitch:hostile-{RUN}-{i:02d}": text for i, text in enumerate(HOSTILE_TEXT)}
@@ -59,7 +60,7 @@ def browser():
 
 
 def _say(settings, text, **options):
-    result = asyncio.run(say(settings, VIEWER, text, display_name="Alice", timeout=120, **options))
+    result = asyncio.run(say(settings, VIEWER, text, display_name=ALICE, timeout=120, **options))
     assert result.response is not None, f"the bridge did not answer {text!r}"
     return result
 
@@ -144,7 +145,7 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     # ---- the viewer the bridge created, with the fact the agent remembered
     rows = browser.js("[...document.querySelectorAll('#viewers tbody tr')].map(tr => [...tr.cells].map(td => td.innerText))")
     alice = [row for row in rows if row[0] == VIEWER]
-    assert alice and alice[0][1] == "Alice" and alice[0][2] == "bilibili" and alice[0][7] == "1", rows
+    assert alice and alice[0][1] == ALICE and alice[0][2] == "bilibili" and alice[0][7] == "1", rows
     assert all(len(row) == 8 for row in rows), "a row lost or gained cells"
     browser.screenshot(shots / "viewers.png")
 
@@ -167,6 +168,11 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     assert browser.js("document.querySelectorAll('#viewers thead th').length") == 8
     browser.screenshot(shots / "viewers-hostile.png")
     browser.screenshot(shots / "viewers.png")
+    # by display name (as the bridge last saw it), case-blind, part of it
+    browser.fill("#q", f"STARGAZER {RUN}".upper())
+    browser.click_and_wait("form.search button")
+    assert [row[0] for row in browser.js(
+        "[...document.querySelectorAll('#viewers tbody tr')].map(tr => [...tr.cells].map(td => td.innerText))")] == [VIEWER]
     browser.fill("#q", f"console-{RUN}")
     browser.click_and_wait("form.search button")
     assert [row[0] for row in browser.js(
@@ -207,7 +213,7 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
 
     # ---- her next model request: without the deleted fact, with the new persona
     before = scripted.chat_requests()
-    _say(settings, "Do you remember my name?")
+    asked = _say(settings, "Do you remember my name?")
     assert scripted.chat_requests() > before
     # her memory is in the system prompt (the history still has the old tool call, as it should)
     [system] = [m["content"] for m in scripted.requests(1)[0]["messages"] if m.get("role") == "system"]
@@ -216,12 +222,18 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     assert "their name is Alice" not in system
 
     # ---- a dead letter, sent again from the live page, is answered by the bridge
-    task = build_task(VIEWER, "Are you still there?", display_name="Alice")
+    task = build_task(VIEWER, "Are you still there?", display_name=ALICE)
     r.lpush(keys.BRIDGE_DEAD_LETTERS, dump(DeadLetter(
         reason="letta: the model endpoint answered 503 (kept failing)", raw=json.dumps(task), task_id=task["task_id"],
         user_id=VIEWER, stage="letta", attempts=4, replica_id="earlier-replica", at=time.time())))
+    wait_for(lambda: asked.task_id.encode() in b"".join(r.lrange(keys.BRIDGE_OUTCOMES, 0, -1)), 30,
+             what="the bridge's outcome entry of the answered task")
     browser.open(f"{base}/live")
     assert "kept failing" in browser.text("#dead-letters") and "No bridge replica" not in browser.text("#replicas")
+    recent = browser.js("[...document.querySelectorAll('#recent-outcomes tbody tr')].map(tr => [...tr.cells].map(td => td.innerText))")
+    answered = [row for row in recent if row[2] == asked.task_id]
+    assert answered and answered[0][1] == VIEWER and answered[0][3] == "answered" and float(answered[0][4]) > 0, recent
+    assert "Do you remember" not in browser.text("#recent-outcomes")  # ids and outcomes, never the text
     browser.screenshot(shots / "live.png")
     browser.click_and_wait("#dead-letters button.send-again")
     assert "is back on" in browser.text("#flash")
@@ -249,4 +261,5 @@ def test_a_streamer_session_in_a_real_browser(provisioned, stack, scripted, brid
     browser.click_and_wait("#confirm-forget")
     assert "forgot" in browser.text("#flash") and "1 agent" in browser.text("#flash")
     assert r.hget(keys.VIEWER_AGENTS, VIEWER) is None and not r.exists(keys.viewer_stats(VIEWER))
+    assert VIEWER.encode() not in b"".join(r.lrange(keys.BRIDGE_OUTCOMES, 0, -1))  # nor in the recent tasks
     assert ViewerAgents(settings).find(VIEWER) is None

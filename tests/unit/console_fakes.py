@@ -34,6 +34,7 @@ class _Blocks:
         return None if agent is None else HumanBlock(f"block-{agent_id}", agent.block, 4000)
 
     def write(self, block, value):
+        self.owner.writes += 1
         self.owner.by_agent[block.block_id.removeprefix("block-")].block = value
 
 
@@ -46,6 +47,7 @@ class FakeMemory:
         self.template = {"persona": "You are Luna.\nYou love stars.", "stream": "Title: Chill"}
         self.stream_fields = {"title": "Chill", "topic": "", "game": "", "language": "en", "schedule": ""}
         self.card_calls: list[list[str]] = []
+        self.writes = 0  # human-block writes the gate made
         self._gate = MemoryGate(_Blocks(self), SECRET)
 
     def add(self, viewer_id: str, display_name: str, platform: str = "bilibili", facts=None) -> FakeAgent:

@@ -13,6 +13,8 @@ import redis.asyncio as aioredis
 from markupsafe import escape
 from starlette.testclient import TestClient
 
+from bridge.outcome_log import TaskOutcome
+from bridge.viewer_stats import NAME_FIELD, searchable_name
 from bridge.wire import DeadLetter, dump
 from console.app import Console, build_app
 from console.auth import COOKIE, Sessions
@@ -74,7 +76,8 @@ def seen(client, response):
 def add_viewer(r, memory, viewer_id, name, *, visits=1, last_seen=1_767_000_000.0, support=None, facts=None):
     agent = memory.add(viewer_id, name, facts=facts)
     r.hset(keys.VIEWER_AGENTS, viewer_id, agent.agent_id)
-    stats = {"first_seen": repr(last_seen - 86400), "last_seen": repr(last_seen), "visits": str(visits)}
+    stats = {"first_seen": repr(last_seen - 86400), "last_seen": repr(last_seen), "visits": str(visits),
+             NAME_FIELD: searchable_name(name)}  # as the bridge's stats_ops keeps it
     for currency, amount in (support or {}).items():
         stats[f"support:{currency}"] = repr(amount)
     r.hset(keys.viewer_stats(viewer_id), mapping=stats)
@@ -169,6 +172,32 @@ def test_the_list_sorts_searches_and_pages_and_asks_letta_only_for_the_page(app_
     assert "page 3 of 3" in app_client.get("/viewers?page=99").text  # clamped, not an error
 
 
+def test_the_list_finds_viewers_by_display_name_case_blind_and_escapes_the_search(app_client, r, memory):
+    add_viewer(r, memory, "bilibili:1", "Alice Wonder", last_seen=1_767_000_001.0)
+    add_viewer(r, memory, "bilibili:2", "a\u200bLICE 小明", last_seen=1_767_000_002.0)  # zero-width inside
+    add_viewer(r, memory, "bilibili:3", "Bob", last_seen=1_767_000_003.0)
+    add_viewer(r, memory, "bilibili:4", "call 13812345678", last_seen=1_767_000_004.0)
+    add_viewer(r, memory, "twitch:alice", "Carol", last_seen=1_767_000_005.0)  # found by id
+    add_viewer(r, memory, "weibo:Straße", "Hans", last_seen=1_767_000_006.0)  # a non-ASCII id: casefolded in Python
+    r.hdel(keys.viewer_stats("bilibili:3"), NAME_FIELD)  # not seen by the bridge since names were kept
+    login(app_client)
+
+    def found(q, **params):
+        page = app_client.get("/viewers", params={"q": q, **params}).text
+        return re.findall(r'href="/viewer\?id=([^"]+)"', page), page
+
+    ids, page = found("ALICE")
+    assert ids == ["twitch%3Aalice", "bilibili%3A2", "bilibili%3A1"] and "3</span>" in page  # last seen first
+    assert found("alice", sort="id", order="asc")[0] == ["bilibili%3A1", "bilibili%3A2", "twitch%3Aalice"]
+    assert found("小明")[0] == ["bilibili%3A2"] and found("wonder")[0] == ["bilibili%3A1"]
+    assert found("bob")[0] == [] and found("bilibili:3")[0] == ["bilibili%3A3"]  # no name kept: found by id
+    assert found("13812345678")[0] == []  # the phone number was never kept
+    assert found("a\u200blic")[0] == found("alic")[0]
+    assert found("STRASSE")[0] == ["weibo%3AStra%C3%9Fe"] and found("hans")[0] == ["weibo%3AStra%C3%9Fe"]
+    ids, page = found('"><script>alert(1)</script>')
+    assert ids == [] and "<script>" not in page and "&#34;&gt;&lt;script&gt;" in page and "No viewer matches" in page
+
+
 def test_the_list_still_answers_when_letta_does_not(app_client, r, memory, monkeypatch):
     add_viewer(r, memory, "bilibili:1", "Alice")
     login(app_client)
@@ -220,15 +249,49 @@ def test_facts_are_changed_through_the_memory_gates_rules(app_client, r, memory)
     assert "not saved" in refused and "phone" in refused and "13812345678" not in memory.agents["bilibili:1"].block
     assert "not saved" in change("add", fact="donated 500 yuan", category="other")  # support claims stay the bridge's
     assert "not saved" in change("add", fact="x" * 201, category="other")
-    assert "Remembered (about): has a cat named Mochi" in change("edit", old="cats", old_category="likes",
-                                                              fact="has a cat named Mochi", category="about")
-    failed_edit = change("edit", old="dogs", old_category="likes", fact="<b>dogs</b>", category="likes")
-    assert "not saved" in failed_edit
     block = memory.agents["bilibili:1"].block
-    assert "- dogs" in block and "- cats" not in block and "Mochi" in block  # the refused edit kept the old fact
+    assert "- dogs" in block and "Mochi" not in block
     assert "Forgot (likes): dogs" in change("delete", fact="dogs")
     assert "not saved" in change("delete", fact="dogs")
     assert app_client.post("/viewer/fact/other", data={"csrf": csrf, "id": "bilibili:1"}).status_code == 404
+
+
+def test_an_edit_rewords_a_fact_in_place_in_one_write_or_leaves_it(app_client, r, memory):
+    add_viewer(r, memory, "bilibili:1", "Alice", facts={"likes": ["cats", "dogs", "原神"], "name": ["goes by Ali"]})
+    csrf = login(app_client)
+
+    def edit(old, fact, category="likes"):
+        return seen(app_client, app_client.post("/viewer/fact/edit", data={"csrf": csrf, "id": "bilibili:1", "old": old,
+                                                                            "fact": fact, "category": category})).text
+
+    def facts():
+        return memory.viewer("bilibili:1").facts
+
+    writes = memory.writes
+    assert "Changed (likes): dogs → big dogs" in edit("dogs", "big dogs")
+    assert facts() == {"likes": ["cats", "big dogs", "原神"], "name": ["goes by Ali"]}  # same place, same category
+    assert memory.writes == writes + 1  # one read-modify-write, not a forget and a remember
+    before, writes = memory.agents["bilibili:1"].block, memory.writes
+    for old, fact, why in [("cats", "<b>cats</b>", "markup"), ("cats", "call me at 13812345678", "phone"),
+                           ("cats", "x" * 201, "characters"), ("cats", "原神", "already stored"),
+                           ("parrots", "big parrots", "no stored fact"), ("cats", "donated 500 yuan", "support")]:
+        refused = edit(old, fact)
+        assert "not saved" in refused and why in refused, (fact, refused[-400:])
+    assert memory.agents["bilibili:1"].block == before and memory.writes == writes  # the old facts stand
+    assert "Changed (likes): cats → Cats" in edit("cats", "Cats")  # a new spelling is not "already stored"
+    assert "Changed (about): 原神 → plays 原神" in edit("原神", "plays 原神", category="about")  # moved on purpose
+    assert facts() == {"likes": ["Cats", "big dogs"], "name": ["goes by Ali"], "about": ["plays 原神"]}
+
+
+def test_an_edit_that_would_overflow_the_block_changes_nothing(app_client, r, memory):
+    agent = add_viewer(r, memory, "bilibili:1", "Alice", facts={"likes": ["cats"]})
+    agent.block = agent.block.replace("- cats", "- cats\n" + "\n".join(f"- fact number {n} " + "y" * 150 for n in range(22)))
+    assert 3800 < len(agent.block) < 4000
+    csrf = login(app_client)
+    before = agent.block
+    refused = seen(app_client, app_client.post("/viewer/fact/edit", data={
+        "csrf": csrf, "id": "bilibili:1", "old": "cats", "fact": "cats " + "z" * 190, "category": "likes"})).text
+    assert "not saved" in refused and "full" in refused and agent.block == before
 
 
 def test_forgetting_needs_the_typed_viewer_id(app_client, r, memory):
@@ -287,6 +350,25 @@ def test_the_live_page_shows_replicas_queues_and_dead_letters(app_client, r):
     assert "invalid user_id" in page and "Send again" in page and "No bridge metrics endpoint answered" in page
     r.delete(keys.bridge_heartbeat("host-1-ab"))
     assert "No bridge replica is heartbeating" in app_client.get("/live").text
+
+
+def test_the_live_page_lists_the_newest_task_outcomes(app_client, r):
+    def outcome(n, result, user_id="bilibili:1", seconds=1.25):
+        return TaskOutcome(at=1_767_000_000.0 + n, outcome=result, seconds=seconds, task_id=f"t-{n}", user_id=user_id,
+                           replica_id="r1").model_dump_json()
+
+    login(app_client)
+    assert re.search(r'id="recent-outcomes">.*?No task yet', app_client.get("/live").text, re.S)
+    r.lpush(keys.BRIDGE_OUTCOMES, outcome(1, "answered"), outcome(2, "dead_letter", user_id=None, seconds=0.0),
+            "not an outcome", outcome(3, "replayed", seconds=12.5))
+    page = app_client.get("/live").text
+    section = page[page.index('id="recent-outcomes"'):page.index('id="dead-letters"')]
+    rows = re.findall(r"<tr class=\"outcome-(\w+)\">(.*?)</tr>", section, re.S)
+    assert [name for name, _ in rows] == ["replayed", "dead_letter", "answered"]  # newest first, the foreign one skipped
+    replayed, dead, answered = (cells for _, cells in rows)
+    assert "2025-12-29 09:20:03 UTC" in replayed and ">t-3<" in replayed and "12.50" in replayed
+    assert 'href="/viewer?id=bilibili%3A1"' in answered and "1.25" in answered
+    assert "—" in dead and "dead letter" in dead and "href" not in dead
 
 
 def test_send_again_puts_the_payload_back_once(app_client, r):
@@ -366,6 +448,8 @@ def test_hostile_text_is_shown_as_text_and_leaves_the_layout_alone(app_client, r
         agent.block = _hand_edited_block("bilibili:1", viewer_text)
         agent.messages = [ChatLine("viewer", viewer_text, "")]
         r.lpush(keys.BRIDGE_DEAD_LETTERS, _dead_letter(viewer_text, "{}", reason=viewer_text, user_id=viewer_text))
+        r.lpush(keys.BRIDGE_OUTCOMES, TaskOutcome(at=1.0, outcome="answered", seconds=1.0, task_id=viewer_text,
+                                                  user_id=viewer_text, replica_id="r1").model_dump_json())
         return [app_client.get(p).text for p in ("/viewers", "/viewer?id=bilibili:1", "/live")]
 
     login(app_client)

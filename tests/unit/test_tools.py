@@ -678,3 +678,18 @@ def test_metadata_and_upsert_kwargs():
     assert len("Error: " + str(info.value)) <= limit
     with pytest.raises(KeyError):
         tools.upsert_kwargs("memory_replace")
+
+
+def test_the_gates_edit_rewords_in_place_with_the_token_and_verified_section_kept():
+    store = MemoryStore()
+    text, limit = profile(facts={"likes": ["cats", "dogs"]})
+    store.blocks[AGENT] = HumanBlock("block-1", text, limit)
+    gate_obj = MemoryGate(store, SECRET)
+    stolen = {"agent_id": AGENT, "token": memory_token(SECRET, "agent-other"), "old": "cats", "fact": "birds", "category": ""}
+    assert gate_obj.handle("edit", stolen)[0] == 403 and store.writes == []
+    code, answer = gate_obj.handle("edit", {"agent_id": AGENT, "token": memory_token(SECRET, AGENT), "old": "- cats",
+                                            "fact": "has two cats", "category": ""})  # empty: keep the category
+    assert code == 200 and answer == {"message": "Changed (likes): cats → has two cats"}
+    after = store.blocks[AGENT].value
+    assert parse_facts(after) == {"likes": ["has two cats", "dogs"]} and len(store.writes) == 1
+    assert after.split(VERIFIED_HEADING)[1] == text.split(VERIFIED_HEADING)[1]  # byte for byte
