@@ -208,6 +208,7 @@ class BridgeService:
         routed = await self.queues.route_all()
         for task_id, viewer in routed.refused:
             self.metrics.outcomes.labels(Outcome.DEAD_LETTER.value).inc()
+            outcome_log.record(self.replica, viewer, task_id, Outcome.DEAD_LETTER.value, 0.0)
             log.warning(
                 "task=%s viewer=%s type=- route=- attempt=0 outcome=dead_letter duration_ms=0 reason=intake: %s",
                 task_id or "-", loggable(viewer), viewer_queue_full(self.settings.bridge_viewer_queue_max),
