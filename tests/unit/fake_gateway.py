@@ -54,6 +54,7 @@ class FakeGateway:
     hold: asyncio.Event | None = None  # when set: sends store the turn, then wait for this event
     piece_chars: int = 3  # a streamed reply is handed to on_text in pieces of this many characters
     continuation: Callable[[TurnResult], TurnResult] = continued_reply
+    database_down: bool = False  # `serves` says no (the failures above are then Letta's database)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -71,6 +72,7 @@ class FakeGateway:
         self._busy: set[str] = set()
         self.send_started = asyncio.Event()
         self.pieces_streamed = 0
+        self.probes = 0  # `serves` calls
 
     def _check_up(self) -> None:
         if self.down:
@@ -150,6 +152,10 @@ class FakeGateway:
         if found is None:
             return None
         return replace(found, answered=tuple(t for t in task_ids if t in found.answered))
+
+    async def serves(self) -> bool:
+        self.probes += 1
+        return not self.down and not self.database_down
 
     async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
         self._check_up()
