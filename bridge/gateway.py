@@ -144,6 +144,12 @@ class LettaGateway(Protocol):
         `answered` lists which of task_ids that turn carried."""
         ...
 
+    async def serves(self) -> bool:
+        """Whether Letta answers a plain read of its database now (one cheap call, never raises).
+        Asked after a turn failed in a way a live server can (a 500): if even this fails, Letta
+        cannot answer now (its database is down), whatever this task holds."""
+        ...
+
     async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
         """Write the viewer's verified totals into their memory (idempotent: absolute values)."""
         ...

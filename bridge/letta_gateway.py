@@ -106,6 +106,14 @@ class RealLettaGateway:
                 return None  # a deleted agent has answered nothing
             raise
 
+    async def serves(self) -> bool:
+        try:
+            # Once, at once: the SDK's own retries would let the database come back mid-probe.
+            await self._client.with_options(max_retries=0).agents.list(limit=1)
+        except Exception:  # noqa: BLE001 - any failure of a plain read means "not now"
+            return False
+        return True
+
     async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
         try:
             await self._record(agent_id, event)

@@ -287,9 +287,9 @@ class BridgeService:
 
     async def _serve_ready_viewer(self, viewer: str) -> None:
         s = self.settings
+        token = secrets.token_hex(16)
+        ttl_ms = int(s.bridge_lock_ttl * 1000)
         try:
-            token = secrets.token_hex(16)
-            ttl_ms = int(s.bridge_lock_ttl * 1000)
             peek = s.bridge_coalesce_max  # how much of a viewer's queue is read at once
             queued = await self.queues.claim(viewer, token, ttl_ms, peek=peek)
             if queued is not None:  # None: another worker holds the viewer and will see its new task
@@ -297,10 +297,26 @@ class BridgeService:
                 await ViewerWorker(self.replica, self.turn, lease).serve(queued)
         except (RedisError, OSError) as exc:
             log.warning("bridge %s: viewer %s: %s", self.replica_id, loggable(viewer), describe_error(exc))
-            await self.replica.pause(1.0)  # keeps the slot a moment: Redis is in trouble
+            await self._hand_back(viewer, token, ttl_ms / 1000)
         except Exception:  # a bug: logged, and the viewer's lock expires for the sweeper to hand on
             log.exception("bridge %s: error serving viewer %s", self.replica_id, loggable(viewer))
             await self.replica.pause(1.0)
+
+    async def _hand_back(self, viewer: str, token: str, ttl: float) -> None:
+        """Redis failed mid-turn (e.g. restarted: the lock came back from its append-only file):
+        once it answers again, hand the viewer back to the ready list with our token, so their
+        task (still at the head) is taken up at once, not after the lock TTL. Bounded by the TTL,
+        after which the sweeper does the same. Keeps the slot meanwhile: Redis is in trouble."""
+        until = time.monotonic() + ttl
+        while True:
+            if await self.replica.pause(1.0):
+                return
+            try:
+                await self.queues.release(viewer, token, yield_turn=True)
+                return
+            except (RedisError, OSError):
+                if time.monotonic() >= until:
+                    return
 
 
 async def run_bridge(

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bridge.decisions import Abandoned, Answered, Chat, DeadLetter, Decision, FallBack, Outcome, Stale
-from bridge.errors import classify_error, describe_error
+from bridge.errors import Disposition, classify_error, describe_error
 from bridge.gateway import LettaGateway, TurnMessage, TurnResult, VerifiedEvent
 from bridge.queue import TaskAge, cancel_point
 from bridge.replica import Replica, loggable
@@ -75,6 +75,7 @@ class LettaTurn:
         if not head.text:  # e.g. content of control characters only: nothing to send, and no agent made for it
             return DeadLetter([raw], EMPTY_TEXT, "validate", attempt=0)
         coalesce = True
+        unavailable_at = 0  # the last attempt that found Letta unable to answer
         while True:
             cancel_point()
             # Stale chat: measured when the turn is decided, and again before each retry (an
@@ -109,7 +110,16 @@ class LettaTurn:
             except Exception as exc:  # every Letta failure is classified; none is swallowed silently
                 cause = classify_error(exc)
                 reason = describe_error(exc)
-                action = next_action(cause, attempt=attempt, batch_size=len(batch), switches=self.switches,
+                if cause is Disposition.RETRY and not await self.gateway.serves():
+                    # Letta 0.16.8 answers a database outage with a bare 500 ("An unknown error
+                    # occurred"), like a refusal of this task: a failed plain read tells them apart.
+                    cause, reason = Disposition.UNAVAILABLE, f"{reason} (and Letta cannot read its database)"
+                if cause is Disposition.UNAVAILABLE:
+                    unavailable_at = attempt
+                # LETTA_RETRY_ATTEMPTS counts refusals by a Letta that serves: a 500 just after an
+                # outage (the failed call may have met the outage, the probe the recovery) starts afresh.
+                counted = attempt - unavailable_at if cause is Disposition.RETRY else attempt
+                action = next_action(cause, attempt=counted, batch_size=len(batch), switches=self.switches,
                                      letta_down=letta_down)
                 raws = [chat.raw for chat in batch]
                 if action is Action.SPLIT:

@@ -104,6 +104,11 @@ class LettaServer:
     def stop(self) -> bool:
         return self.process.stop(timeout=30)
 
+    def kill(self) -> bool:
+        """SIGKILL the server and its workers mid-whatever (a crash, for fault tests): the runs they
+        were working on stay `running` in the database."""
+        return self.process.kill()
+
     def _up_or_dead(self) -> bool:
         if self.process.pid() is None:
             raise StackError(f"letta server exited during start:\n{self.process.log_tail(30)}")

@@ -82,11 +82,26 @@ class ManagedProcess:
         if not wait_until(lambda: not _alive(pid), timeout):
             _signal_group(pid, signal.SIGKILL)
             wait_until(lambda: not _alive(pid), 5.0)
+        self._forget(pid)
+        return True
+
+    def kill(self) -> bool:
+        """SIGKILL the whole group at once, the crash case (fault tests): nothing gets to clean up.
+        Returns True if a process of ours was killed."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        _signal_group(pid, signal.SIGKILL)
+        wait_until(lambda: not _alive(pid), 10.0)
+        self._forget(pid)
+        return True
+
+    def _forget(self, pid: int) -> None:
+        """After it ended: reap it and remove its pid file."""
         started = _STARTED.pop(pid, None)
         if started is not None:
             started.poll()
         self.pid_file.unlink(missing_ok=True)
-        return True
 
     def log_tail(self, lines: int = 20) -> str:
         try:

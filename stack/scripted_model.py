@@ -13,7 +13,7 @@ reset, requests (the request log, ?limit=N) and stats (request counts since the 
 Rules are evaluated in list order and the first match wins; POST /_script/rules PREPENDS,
 so the newest rule wins. A rule (exact shape, all `when` keys optional):
 
-    {"name": "greet", "times": 1,
+    {"name": "greet", "times": 1, "for_ms": 60000,
      "when": {"user_contains": "hi", "user_regex": "my name is (?P<who>\\\\w+)",
               "system_contains": "VTuber", "after_tool": "save_fact" | "*",
               "tools_offered": "save_fact"},
@@ -52,7 +52,8 @@ body {"error": {"message", "type", "param", "code"}}; message/type/code default 
 may be overridden (e.g. "code": "context_length_exceeded"); the message is a template.
 "cut_after_chunks": N on a streamed request sends at most N SSE chunks (never the finish chunk,
 the usage chunk or [DONE]) and hangs up mid-body; on a plain request it hangs up without an
-answer. "times" limits faults like any other rule. Clients retry some faults by themselves (the
+answer. "times" limits faults like any other rule; "for_ms" ends a rule that long after it was
+set (an endpoint down for a while, whatever the clients retry). Clients retry some faults by themselves (the
 openai SDK retries 408/409/429/5xx and broken connections twice by default), so count requests
 in the log or /_script/stats, not turns.
 
@@ -137,6 +138,7 @@ def _is_count(value: object) -> bool:
 FIELD_CHECKS = {f"when.{key}": (_is_text, "a non-empty string") for key in WHEN_KEYS} | {
     "name": (_is_text, "a non-empty string"),
     "times": (_is_count, "a non-negative integer"),
+    "for_ms": (_is_count, "a non-negative integer (milliseconds after the rule was set)"),
     "then.reply": (lambda v: isinstance(v, str), "a string"),
     "then.call_tool": (_is_text, "a non-empty string"),
     "then.reply_from_block": (_is_text, "a non-empty string (a block label)"),
@@ -199,7 +201,7 @@ def _validate_rule(rule: object, where: str) -> None:
     if len(actions) != 1 and set(actions) not in ACTION_PAIRS:
         fail("then", f"needs exactly one of {sorted(ACTION_KEYS)} (tool_calls may also go with reply or reply_from_block)")
     label = "+".join(actions)
-    allowed = {"name", "times"} | {f"when.{key}" for key in WHEN_KEYS}
+    allowed = {"name", "times", "for_ms"} | {f"when.{key}" for key in WHEN_KEYS}
     pacing = FAIL_PACING_KEYS if "fail" in actions else PACING_KEYS
     allowed |= {f"then.{key}" for action in actions for key in (action, *ACTION_KEYS[action])}
     allowed |= {f"then.{key}" for key in pacing}
@@ -462,7 +464,7 @@ class ScriptState:
     def __init__(self, rules: list[dict]):
         self._lock = threading.Lock()
         self._initial = validate_rules(rules)
-        self._rules: list[list] = []  # [rule, times_used]
+        self._rules: list[list] = []  # [rule, times_used, monotonic time it was set]
         self._log: collections.deque = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self._counters = {"request": 0, "call": 0}
         self._stats: dict = {}
@@ -474,32 +476,36 @@ class ScriptState:
     def reset(self) -> None:
         # Tool-call ids keep counting for the same reason as call_prefix.
         with self._lock:
-            self._rules = [[rule, 0] for rule in json.loads(json.dumps(self._initial))]
+            now = time.monotonic()
+            self._rules = [[rule, 0, now] for rule in json.loads(json.dumps(self._initial))]
             self._log.clear()
             self._stats = {"chat_requests": 0, "streamed": 0, "by_rule": collections.Counter(),
                            "by_fault": collections.Counter()}
 
     def rules(self) -> dict:
         with self._lock:
-            return {"rules": [rule for rule, _ in self._rules], "used": [used for _, used in self._rules]}
+            return {"rules": [rule for rule, _, _ in self._rules], "used": [used for _, used, _ in self._rules]}
 
     def replace(self, rules: object) -> int:
         checked = validate_rules(rules)
         with self._lock:
-            self._rules = [[rule, 0] for rule in checked]
+            self._rules = [[rule, 0, time.monotonic()] for rule in checked]
             return len(self._rules)
 
     def prepend(self, rules: object) -> int:
         checked = validate_rules([rules] if isinstance(rules, dict) and "name" in rules else rules)
         with self._lock:
-            self._rules[:0] = [[rule, 0] for rule in checked]
+            self._rules[:0] = [[rule, 0, time.monotonic()] for rule in checked]
             return len(self._rules)
 
     def choose(self, convo: Conversation) -> Answer:
         with self._lock:
+            now = time.monotonic()
             for entry in self._rules:
-                rule, used = entry
+                rule, used, set_at = entry
                 if rule.get("times") is not None and used >= rule["times"]:
+                    continue
+                if rule.get("for_ms") is not None and (now - set_at) * 1000 >= rule["for_ms"]:
                     continue
                 variables = rule_variables(rule, convo)
                 if variables is not None:

@@ -27,6 +27,7 @@ from bridge.letta_turns import otid_for
 from provisioning.naming import viewer_tag
 from stack.private import child_env
 from vtuber_letta import redis_keys as keys
+from vtuber_letta.commands.say import build_task
 from vtuber_letta.settings import Settings
 
 PYTHON = sys.executable
@@ -186,6 +187,25 @@ class BridgeProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- tasks and what the model saw
+
+def task(user_id: str, text: str, task_id: str | None = None, **options) -> dict:
+    """A text task as `vtuber-letta say` builds it, with a chosen task id if given."""
+    body = build_task(user_id, text, **options)
+    if task_id:
+        body["task_id"] = task_id
+    return body
+
+
+def last_user_text(entry: dict) -> str:
+    """The newest user message of one request the scripted model received."""
+    for message in reversed(entry["messages"]):
+        if message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    return ""
 
 
 # --------------------------------------------------------------------------- Redis

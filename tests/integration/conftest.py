@@ -15,7 +15,7 @@ import pytest
 from provisioning.provision import provision
 from stack.manager import Stack
 from stack.private import private_data_dir, private_stack_settings
-from tests.integration.bridge_helpers import BridgeProcess
+from tests.integration.bridge_helpers import BridgeProcess, clear_bridge_state, redis_conn
 from tests.integration.scripted import ScriptedModel
 from vtuber_letta.letta_api import letta_client
 from vtuber_letta.settings import Settings
@@ -88,6 +88,24 @@ def client(provisioned):
     client = letta_client(provisioned)
     yield client
     client.close()
+
+
+@pytest.fixture
+def r(stack, stack_settings):
+    """A plain (bytes) client of the stack's Redis (a module may define its own)."""
+    conn = redis_conn(stack_settings)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def clean_bridge(r, scripted):
+    """Empty host lists and bridge keys and the scripted model's defaults, before and after a test."""
+    clear_bridge_state(r)
+    scripted.reset()
+    yield
+    clear_bridge_state(r)
+    scripted.reset()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@
     model.reply_with_tools("greet", "Hi {who}!", ("remember_viewer_fact", {"fact": "name is {who}"}),
                            when={"user_regex": "I am (?P<who>\\w+)"}, times=1)
     model.fail("down", 503)                # the next chat request gets HTTP 503 (times=1)
+    model.fail("out", 500, times=None, for_ms=60_000)   # every chat request, for the next 60 s
     model.cut_stream("cut", 3, {"reply": "never finished"})   # 3 SSE chunks, then the socket closes
     model.stats()["chat_requests"]         # model calls since the last reset; model.chat_requests("greet")
 
@@ -83,9 +84,14 @@ class ScriptedModel:
                                               text_position=text_position, **then))
 
     def fail(self, name: str, status: int, message: str | None = None, *, when: dict | None = None,
-             times: int | None = 1, stall_ms: int | None = None, **error: str | None) -> int:
-        """Prepend a rule answering HTTP `status` with an OpenAI-style error (see fail_rule); once by default."""
-        return self.add_rules(fail_rule(name, status, message, when=when, times=times, stall_ms=stall_ms, **error))
+             times: int | None = 1, stall_ms: int | None = None, for_ms: int | None = None,
+             **error: str | None) -> int:
+        """Prepend a rule answering HTTP `status` with an OpenAI-style error (see fail_rule); once by
+        default, or (times=None, for_ms=N) every time for N ms from now."""
+        rule = fail_rule(name, status, message, when=when, times=times, stall_ms=stall_ms, **error)
+        if for_ms is not None:
+            rule["for_ms"] = for_ms
+        return self.add_rules(rule)
 
     def cut_stream(self, name: str, after_chunks: int, then: dict, *, when: dict | None = None,
                    times: int | None = 1) -> int:

@@ -17,15 +17,15 @@ from tests.integration.bridge_helpers import (
     ChannelRecorder,
     agents_of,
     bridge_leftovers,
-    clear_bridge_state,
     dead_letters,
     encode,
     history_digest,
+    last_user_text,
     memory_queue,
     otid_count,
     push,
-    redis_conn,
     run_id,
+    task,
     tts_replies,
     user_otid_counts,
     wait_for,
@@ -34,35 +34,15 @@ from tests.integration.bridge_helpers import (
 from tests.integration.scripted import request_text
 from vtuber_letta import redis_keys as keys
 from vtuber_letta.commands.demo import DEMO_RULES
-from vtuber_letta.commands.say import build_task
 
 pytestmark = pytest.mark.integration
 
 DEFAULT_REPLY = "(scripted) I heard: {}"
 # --------------------------------------------------------------------------- fixtures
 
-@pytest.fixture
-def r(stack, stack_settings):
-    conn = redis_conn(stack_settings)
-    yield conn
-    conn.close()
-
-
 @pytest.fixture(autouse=True)
-def clean_state(r, scripted):
+def clean_state(clean_bridge):
     """Every test starts with empty host lists and bridge keys, and the scripted model's defaults."""
-    clear_bridge_state(r)
-    scripted.reset()
-    yield
-    clear_bridge_state(r)
-    scripted.reset()
-
-
-def task(user_id: str, text: str, task_id: str | None = None, **options) -> dict:
-    body = build_task(user_id, text, **options)
-    if task_id:
-        body["task_id"] = task_id
-    return body
 
 
 def by_task(replies: list[dict]) -> dict[str, list[dict]]:
@@ -70,15 +50,6 @@ def by_task(replies: list[dict]) -> dict[str, list[dict]]:
     for reply in replies:
         out.setdefault(reply["task_id"], []).append(reply)
     return out
-
-
-def last_user_text(entry: dict) -> str:
-    """The newest user message of one request the scripted model received."""
-    for message in reversed(entry["messages"]):
-        if message.get("role") == "user":
-            content = message.get("content")
-            return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
-    return ""
 
 
 # --------------------------------------------------------------------------- 1. memory survives restarts

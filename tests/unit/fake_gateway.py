@@ -76,6 +76,7 @@ class FakeGateway:
     piece_chars: int = 3  # a streamed reply is handed to on_text in pieces of this many characters
     continuation: Callable[[TurnResult], TurnResult] = continued_reply
     refused_calls: tuple[AvatarCall, ...] = ()  # avatar calls the model writes and the tool refuses
+    database_down: bool = False  # `serves` says no (the failures above are then Letta's database)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -93,6 +94,7 @@ class FakeGateway:
         self._busy: set[str] = set()
         self.send_started = asyncio.Event()
         self.pieces_streamed = 0
+        self.probes = 0  # `serves` calls
 
     def _check_up(self) -> None:
         if self.down:
@@ -166,6 +168,10 @@ class FakeGateway:
         if found is None:
             return None
         return replace(found, answered=tuple(t for t in task_ids if t in found.answered))
+
+    async def serves(self) -> bool:
+        self.probes += 1
+        return not self.down and not self.database_down
 
     async def record_verified_event(self, agent_id: str, event: VerifiedEvent) -> None:
         self._check_up()

@@ -11,10 +11,12 @@ import pytest
 from bridge_harness import Outputs, _not, dead_letters, llen_is, make_settings, push, running, scenario, task, wait_for
 from fake_gateway import FakeGateway
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bridge import check_bridge, run_bridge
 from bridge.errors import LettaPermanentError, LettaRetryable, LettaUnavailable
 from bridge.gateway import AvatarCall, TurnMessage, TurnResult
+from bridge.queue import ViewerQueues
 from bridge.service import BridgeService
 from vtuber_letta import redis_keys as keys
 
@@ -334,6 +336,70 @@ async def test_retry_exhausted_without_fallback_is_dead_lettered(r, url, tmp_pat
         await wait_for(lambda: r.llen(keys.BRIDGE_DEAD_LETTERS), what="dead letter")
     (entry,) = await dead_letters(r)
     assert entry["reason"].startswith("gave up after 2 attempts") and entry["attempts"] == 2 and entry["stage"] == "letta"
+
+
+@scenario
+async def test_a_500_while_letta_cannot_read_its_database_is_waited_out_not_dead_lettered(r, url, tmp_path):
+    """Letta 0.16.8 answers a database outage with a bare 500, like a refusal: the failed plain read
+    (`serves`) makes it "Letta cannot answer now", so with fallback off the task waits, past
+    LETTA_RETRY_ATTEMPTS, and is answered once when the database is back."""
+    settings = make_settings(url, tmp_path, LETTA_FALLBACK_TO_MEMORY=False, LETTA_RETRY_ATTEMPTS=1)
+    gateway = FakeGateway(failures=[LettaRetryable("HTTP 500")] * 4, database_down=True)
+    async with Outputs(url) as out, running(settings, gateway):
+        await push(r, task("t-1"))
+        await wait_for(lambda: len(gateway.failures) == 0, what="four failed attempts")
+        gateway.database_down = False
+        await wait_for(out.responses, what="answer")
+    assert [x["task_id"] for x in out.responses()] == ["t-1"] and gateway.sends_of("t-1") == 1
+    assert not await dead_letters(r) and gateway.probes >= 4
+
+
+@scenario
+async def test_a_finish_lost_to_redis_hands_the_viewer_back_without_waiting_for_the_lock_ttl(r, url, tmp_path):
+    """Redis fails as the turn is acknowledged (restarted: the lock comes back from its append-only
+    file): once it answers, the worker hands the viewer back with its token, so the task (still
+    at the head) is replayed from the history within seconds, not after VTL_BRIDGE_LOCK_TTL."""
+    settings = make_settings(url, tmp_path, VTL_BRIDGE_LOCK_TTL=60)
+    gateway = FakeGateway()
+    real_finish, real_release = ViewerQueues.finish, ViewerQueues.release
+    failed: list[str] = []  # the calls that met Redis away: the FINISH and the worker's own release
+
+    async def finish_once_lost(self, viewer, *args, **kwargs):
+        if not failed:
+            failed.append("finish")
+            raise RedisConnectionError("Connection closed by server.")
+        return await real_finish(self, viewer, *args, **kwargs)
+
+    async def release_once_lost(self, viewer, *args, **kwargs):
+        if failed == ["finish"]:
+            failed.append("release")
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1.")
+        return await real_release(self, viewer, *args, **kwargs)
+
+    ViewerQueues.finish, ViewerQueues.release = finish_once_lost, release_once_lost  # type: ignore[method-assign]
+    try:
+        async with Outputs(url) as out, running(settings, gateway):
+            await push(r, task("t-1"), task("t-2"))
+            started = time.monotonic()
+            await wait_for(lambda: len(out.responses()) == 2, timeout=10, what="both answers")
+    finally:
+        ViewerQueues.finish, ViewerQueues.release = real_finish, real_release  # type: ignore[method-assign]
+    assert failed == ["finish", "release"]
+    assert time.monotonic() - started < 10  # well within the lock TTL of 60 s
+    assert [x["task_id"] for x in out.responses()] == ["t-1", "t-2"]
+    assert gateway.sends_of("t-1") == 1 and gateway.sends_of("t-2") == 1  # t-1 replayed, not sent again
+
+
+@scenario
+async def test_a_500_right_after_an_outage_gets_its_own_retries(r, url, tmp_path):
+    """The call met the outage's end, the probe the recovery: LETTA_RETRY_ATTEMPTS counts refusals
+    by a Letta that serves, so the attempts spent waiting for it do not use them up."""
+    settings = make_settings(url, tmp_path, LETTA_FALLBACK_TO_MEMORY=False, LETTA_RETRY_ATTEMPTS=1)
+    gateway = FakeGateway(failures=[LettaUnavailable("connection refused")] * 2 + [LettaRetryable("HTTP 500")])
+    async with Outputs(url) as out, running(settings, gateway):
+        await push(r, task("t-1"))
+        await wait_for(out.responses, what="answer")
+    assert gateway.sends_of("t-1") == 1 and not await dead_letters(r)
 
 
 @scenario

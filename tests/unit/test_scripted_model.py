@@ -324,6 +324,15 @@ def test_times_limits_rule_use(base):
     assert call(base, "GET", "/_script/rules")[1]["used"] == [1]
 
 
+def test_for_ms_ends_a_rule_that_long_after_it_was_set(base):
+    put_rules(base, [{"name": "down", "for_ms": 400, "when": {}, "then": {"fail": {"status": 500}}}])
+    status, _ = call(base, "POST", "/v1/chat/completions", {"model": SCRIPTED_MODEL_ID, "messages": [user("a")]})
+    assert status == 500  # within the window: the fault, however often it is asked
+    time.sleep(0.5)
+    assert reply_text(chat(base, [user("b")])) == "(scripted) I heard: b"
+    assert call(base, "GET", "/_script/rules")[1]["used"] == [1]
+
+
 def test_control_api_replace_append_reset(base):
     assert reply_text(chat(base, [user("ping")])) == "pong"  # the rule loaded at start
     put_rules(base, [{"name": "old", "when": {}, "then": {"reply": "old"}}])
