@@ -29,6 +29,7 @@ from letta_client import AsyncLetta
 
 from bridge.errors import MODEL_UNAVAILABLE_TYPES, Disposition, LettaRetryable, LettaUnavailable, classify_stop_reason, letta_error
 from bridge.gateway import AvatarCall, CueSink, TextSink, TurnMessage, TurnResult, WordsDoneSink
+from bridge.recall_prefetch import RecallPrefetch
 from bridge.replies import AVATAR_TOOLS, SILENT_TOOL, content_text, field_of, merge_steps, parse_letta_response, parse_messages
 
 # Fixed forever: changing it would make every earlier task unfindable in agent histories.
@@ -94,10 +95,12 @@ class _Sinks:
 class LettaTurns:
     """send_turn / find_answered against a real Letta server."""
 
-    def __init__(self, client: AsyncLetta, *, timeout: float, history_scan: int = 200):
+    def __init__(self, client: AsyncLetta, *, timeout: float, history_scan: int = 200,
+                 recall: RecallPrefetch | None = None):
         # with_options copies the client (sharing its HTTP pool): whatever the caller built,
         # message calls never retry by themselves.
         self._client = client.with_options(max_retries=0, timeout=timeout)
+        self._recall = recall  # long-term memory searched before the turn (None: off)
         self._deadline = timeout  # the whole turn, every step and the stream's keep-alives included
         self._history_scan = history_scan
         self._draining: set[asyncio.Task] = set()  # streamed responses being read to their end
@@ -112,13 +115,18 @@ class LettaTurns:
 
         # Each turn in flight holds a connection, and so does each response still being drained.
         client = async_letta_client(settings, for_messages=True, connections=2 * settings.bridge_concurrency)
-        return cls(client, timeout=settings.letta_timeout)
+        return cls(client, timeout=settings.letta_timeout, recall=RecallPrefetch.from_settings(settings))
 
     @staticmethod
-    def request_messages(messages: Sequence[TurnMessage], sender_name: str | None) -> list[dict[str, Any]]:
-        """The `messages=[...]` body of one turn (one user message per task, each with its otid)."""
+    def request_messages(messages: Sequence[TurnMessage], sender_name: str | None,
+                         recalled: str | None = None) -> list[dict[str, Any]]:
+        """The `messages=[...]` body of one turn (one user message per task, each with its otid),
+        after the note of what long-term memory holds about them (`recalled`, a system message of
+        its own otid: older than the turn's user messages, so never read as part of the reply)."""
         name = safe_sender_name(sender_name)
-        body = []
+        body: list[dict[str, Any]] = []
+        if recalled:
+            body.append({"role": "system", "content": recalled, "otid": otid_for(f"{messages[0].task_id}#recalled")})
         for message in messages:
             item: dict[str, Any] = {"role": "user", "content": message.text, "otid": otid_for(message.task_id)}
             if name:
@@ -149,9 +157,15 @@ class LettaTurns:
             raise ValueError("a turn needs at least one message")
         sinks = _Sinks(on_text, on_words_done, on_cue)
         async with self._turn_deadline():
-            result = await self._step(agent_id, self.request_messages(messages, sender_name), sinks)
+            recalled = await self._recall.note_for(agent_id, [m.text for m in messages]) if self._recall else None
+            result = await self._step(agent_id, self.request_messages(messages, sender_name, recalled), sinks)
             if result.unfinished:
                 result = await self._continue(agent_id, messages[-1].task_id, result, sinks)
+        if self._recall is not None:
+            if recalled:
+                self._recall.delivered(agent_id, recalled)
+            if result.memory_updated:
+                self._recall.memory_changed(agent_id)
         return result
 
     async def continue_turn(

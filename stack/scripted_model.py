@@ -15,7 +15,7 @@ so the newest rule wins. A rule (exact shape, all `when` keys optional):
 
     {"name": "greet", "times": 1, "for_ms": 60000,
      "when": {"user_contains": "hi", "user_regex": "my name is (?P<who>\\\\w+)",
-              "system_contains": "VTuber", "after_tool": "save_fact" | "*",
+              "system_contains": "VTuber", "turn_contains": "[note]", "after_tool": "save_fact" | "*",
               "tools_offered": "save_fact"},
      "then": {"reply": "Hello {who}! You said {user}"}
           or {"call_tool": "save_fact", "arguments": {"fact": "{who}"}}
@@ -57,6 +57,10 @@ set (an endpoint down for a while, whatever the clients retry). Clients retry so
 openai SDK retries 408/409/429/5xx and broken connections twice by default), so count requests
 in the log or /_script/stats, not turns.
 
+`system_contains` looks at every system message of the request (the system prompt and any note
+in the history); `turn_contains` only at what is new in it: the messages after the last assistant
+message, whatever their role (e.g. a system note sent with this turn's user message).
+
 A rule without `after_tool` never matches right after a tool result, so a scripted tool call
 cannot loop. Templates replace {user}, {name}, {tool_result}, named regex groups and, for
 reply_from_block (its template and the arguments of tool_calls going with it), {block}, {line}
@@ -97,7 +101,7 @@ REQUEST_LOG_SIZE = 500
 DEFAULT_EMBEDDING_DIM = 1536
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
-WHEN_KEYS = {"user_contains", "user_regex", "system_contains", "after_tool", "tools_offered"}
+WHEN_KEYS = {"user_contains", "user_regex", "system_contains", "turn_contains", "after_tool", "tools_offered"}
 # What a rule answers with -> the keys that only make sense together with it.
 ACTION_KEYS = {"reply": (), "call_tool": ("arguments",), "reply_from_block": ("line_regex", "template"),
                "tool_calls": ("text_position",), "fail": ()}
@@ -240,6 +244,7 @@ class Conversation:
 
     messages: list
     system: str = ""
+    turn: str = ""  # every message after the last assistant message: what this request adds
     user: str = ""
     name: str = ""
     after_tool: str | None = None  # tool name when the last message is a tool result, else None
@@ -282,6 +287,10 @@ def read_conversation(body: dict) -> Conversation:
     convo = Conversation(messages, tools=[f["name"] for f in offered if isinstance(f, dict) and _is_text(f.get("name"))])
     # "developer" is what Letta sends instead of "system" for some OpenAI model families.
     convo.system = "\n\n".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    # The system prompt leads every request: never "new" (Letta puts the memory blocks there).
+    first = 1 if messages[0].get("role") in ("system", "developer") else 0
+    start = max((i + 1 for i, m in enumerate(messages) if m.get("role") == "assistant"), default=first)
+    convo.turn = "\n\n".join(content_text(m.get("content")) for m in messages[start:])
     for message in reversed(messages):
         if message.get("role") != "user":
             continue
@@ -346,6 +355,8 @@ def rule_variables(rule: dict, convo: Conversation) -> dict | None:
     if when.get("user_contains", "").lower() not in convo.user.lower():
         return None
     if when.get("system_contains", "") not in convo.system:
+        return None
+    if when.get("turn_contains", "") not in convo.turn:
         return None
     if "tools_offered" in when and when["tools_offered"] not in convo.tools:
         return None

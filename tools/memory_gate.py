@@ -32,6 +32,7 @@ import hmac
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,6 +62,7 @@ from tools.memory_tiers import (
     after_tier_forget,
     clean_query,
     describe_candidates,
+    format_prefetch,
     format_recall,
     plan_episode,
     plan_remember,
@@ -150,6 +152,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "forget": ("fact",),
     "edit": ("old", "fact", "category"),
     "recall": ("query",),
+    "prefetch": ("query",),
     "episode": ("date", "summary"),
 }
 
@@ -168,6 +171,7 @@ class MemoryGate:
         self._secret = secret
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gate-search")  # prefetch searches
 
     def handle(self, operation: str, body: Any) -> tuple[int, dict]:
         """(HTTP status, JSON answer) for one request."""
@@ -202,6 +206,8 @@ class MemoryGate:
             if not isinstance(value, str):
                 raise GateRefusal(400, f"{name} must be a string")
             fields[name] = value[:MAX_TEXT_CHARS]
+        if operation == "prefetch":
+            return self._prefetch(agent_id, fields, expect_tier=body.get("expect_tier") is True)
         with self._lock_for(agent_id):
             block = self._store.read(agent_id)
             if block is None:
@@ -263,11 +269,46 @@ class MemoryGate:
 
     def _recall(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
         query = clean_query(fields["query"])
-        stored = stored_count(block.value)
-        # Nothing was ever moved out and no episode written: no search (saves a Letta call per recall).
-        searchable = stored or LAST_STREAM_FIELD in parse_fields(block.value, "viewer")
-        results = self._tier.search(agent_id, query, RECALL_TOP_K) if self._tier is not None and searchable else []
-        return Outcome(block.value, format_recall(query, results, stored))
+        results = self._search(agent_id, block, query)
+        return Outcome(block.value, format_recall(query, results, stored_count(block.value)))
+
+    def _prefetch(self, agent_id: str, fields: dict, *, expect_tier: bool) -> dict:
+        """What the bridge sends beside a viewer's message before the turn (bridge/recall_prefetch.py):
+        the passages closest to it ("" when none), and whether this viewer has a tier at all, so
+        the bridge can stop asking for viewers who have none. Outside the agent's lock: it only
+        reads. On the speech path: when the bridge saw a tier for this agent before
+        (`expect_tier`), the block read and the search (most of the cost: an embedding and a
+        query) run at once; otherwise the search waits for the block to say there is a tier, so a
+        viewer without one costs no search."""
+        try:
+            query = clean_query(fields["query"])
+        except HumanBlockError as exc:
+            return {"error": str(exc)}
+        if self._tier is None:
+            return {"message": "", "searchable": False}
+        if not expect_tier:
+            block = self._store.read(agent_id)
+            if block is None or not self._searchable(block):
+                return {"message": "", "searchable": False}
+            return {"message": format_prefetch(self._tier.search(agent_id, query, RECALL_TOP_K)), "searchable": True}
+        search = self._pool.submit(self._tier.search, agent_id, query, RECALL_TOP_K)
+        try:
+            block = self._store.read(agent_id)
+        except BaseException:
+            search.cancel()  # one already running ends in its thread, unread
+            raise
+        if block is None or not self._searchable(block):
+            search.cancel()
+            return {"message": "", "searchable": False}
+        return {"message": format_prefetch(search.result()), "searchable": True}
+
+    def _searchable(self, block: HumanBlock) -> bool:
+        # Nothing was ever moved out and no episode written: nothing to search.
+        return self._tier is not None and bool(
+            stored_count(block.value) or LAST_STREAM_FIELD in parse_fields(block.value, "viewer"))
+
+    def _search(self, agent_id: str, block: HumanBlock, query: str) -> list:
+        return self._tier.search(agent_id, query, RECALL_TOP_K) if self._searchable(block) else []
 
     def _episode(self, agent_id: str, block: HumanBlock, fields: dict) -> Outcome:
         if self._tier is None:

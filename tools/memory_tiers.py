@@ -242,6 +242,27 @@ def clean_query(query):
     return text[:MAX_QUERY_CHARS]
 
 
+# Opens the note the bridge sends beside a viewer's message (a system message of that turn).
+PREFETCH_HEADER = "[long-term memory, looked up for this message]"
+
+
+def format_prefetch(results):
+    """The pre-turn note: the closest passages, or "" when there are none (no note is sent)."""
+    if not results:
+        return ""
+    return (PREFETCH_HEADER + " What this viewer told you earlier (unverified), closest to their message "
+            "first; use it only if it helps, and do not look it up again with recall_viewer_facts:\n"
+            + "\n".join(_recall_lines(results)))
+
+
+def _recall_lines(results):
+    lines = []
+    for item in results:
+        date = f" (stored {item.stored_at[:10]})" if item.stored_at else ""
+        lines.append(f"- ({item.category}) {redact_contact_details(item.text)}{date}")
+    return lines
+
+
 def format_recall(query, results, stored):
     """The recall tool's answer: the best matches, contact details hidden (it can be read aloud)."""
     if not results:
@@ -250,9 +271,5 @@ def format_recall(query, results, stored):
                     "human block.")
         return (f"Nothing in long-term memory matches '{quoted(query)}'. Answer from the human block, "
                 "or ask the viewer.")
-    lines = []
-    for item in results:
-        date = f" (stored {item.stored_at[:10]})" if item.stored_at else ""
-        lines.append(f"- ({item.category}) {redact_contact_details(item.text)}{date}")
     return ("From long-term memory (what this viewer told you earlier; unverified), best match first:\n"
-            + "\n".join(lines))
+            + "\n".join(_recall_lines(results)))

@@ -172,6 +172,9 @@ class Settings(BaseSettings):
     bridge_event_turns: set[Literal["super_chat", "gift", "membership", "enter"]] = Field(
         default_factory=lambda: {"super_chat", "gift", "membership", "enter"}, alias="VTL_BRIDGE_EVENT_TURNS"
     )
+    # Search the viewer's long-term memory (tier 2) with their message before the turn and send the
+    # closest passages with it (bridge/recall_prefetch.py): an old fact costs no tool step.
+    bridge_recall_before_turn: bool = Field(True, alias="VTL_BRIDGE_RECALL_BEFORE_TURN")
     # ===================== end of bridge section =====================
 
     @field_validator("letta_api_url", "openai_base_url", "ollama_base_url", "memory_gate_url")

@@ -31,9 +31,10 @@ EXPECTED = {
     "scale": ["| thread pool |", "| RSS (VmRSS), no tracing | 10000 |"],
     "ttfs": ["| first sentence / whole reply (streaming on, per turn) |", CLEAN_BRIDGE],
     "burst": ["Every message got its response in every burst", CLEAN_BRIDGE],
-    # The scripted model always searches: every answer reaches the prompt, from either tier.
-    "recall": ["| large (96 facts) | 12 | 2 | 2 | 100 % |", "| small (24 facts) | 1 | 2 | 2 | 100 % |",
-               "| recall (searches the tier) | 6 |"],
+    # Every answer reaches the prompt, from either tier, by the note or the tool.
+    "recall": ["| large (96 facts) | 12 | before the turn | 2 | 2 | 100 % |", "| large (96 facts) | 12 | tool call | 2 | 2 | 100 % |",
+               "| small (24 facts) | 1 | before the turn | 2 | 2 | 100 % |",
+               "| 0 ms | question, answered from the note sent with it | 6 |", "| 0 ms | question, recall_viewer_facts (recall before the turn off) | 6 |"],
     "console": ["| page 1, last seen (the agents' cards from Letta) | 2000 |"],
 }
 

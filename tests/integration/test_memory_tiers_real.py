@@ -25,11 +25,13 @@ from letta_client import NotFoundError
 
 from provisioning.tier_files import tier_path
 from provisioning.viewers import ViewerAgents
+from tests.integration.bridge_helpers import push, redis_conn, wait_for_replies
 from tests.integration.scripted import request_text
 from tests.integration.tier_helpers import fill_until_moved
 from tools.gate_client import GateClient, recalled_facts
 from tools.human_block import parse_facts, set_fields, stored_count
-from tools.memory_tiers import FACT_TAG
+from tools.memory_tiers import FACT_TAG, PREFETCH_HEADER
+from vtuber_letta.commands.say import build_task
 from vtuber_letta.letta_api import letta_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_rules")]
@@ -194,6 +196,47 @@ def test_real_turns_recall_and_remember_through_the_sandbox(regular, client, scr
     assert returns and returns[0].startswith("Remembered (pets): adopted a hedgehog called Pip"), returns
     after = client.agents.blocks.retrieve("human", agent_id=agent_id)
     assert "adopted a hedgehog called Pip" in after.value and len(after.value) <= after.limit
+
+
+def test_through_the_bridge_an_old_fact_is_answered_in_one_model_call_from_the_note(
+        regular, client, scripted, stack_settings, bridges):
+    """Recall before the turn (bridge/recall_prefetch.py): the bridge searches the viewer's tier with
+    the message and sends the closest passages with it, so the model answers in the same step —
+    counted at the model: one request for the turn, no recall_viewer_facts call. A viewer without
+    a tier gets no note."""
+    agent_id, told, _ = regular
+    block = client.agents.blocks.retrieve("human", agent_id=agent_id).value
+    core = {value for values in parse_facts(block).values() for value in values}
+    archived = next(fact for fact in reversed(told) if fact not in core)
+    scripted.add_rules(
+        {"name": "tool-path", "when": {"user_contains": "still know"},
+         "then": {"tool_calls": [{"name": "recall_viewer_facts", "arguments": {"query": "{user}"}}]}},
+        {"name": "noted", "when": {"user_contains": "still know", "turn_contains": PREFETCH_HEADER},
+         "then": {"reply": "I remember, from my notes!"}},
+    )
+    r = redis_conn(stack_settings)
+    try:
+        newcomer = f"twitch:newcomer-{RUN}"
+        tasks = [build_task(f"twitch:regular-{RUN}", f"do you still know that I {archived}?"),
+                 build_task(newcomer, "do you still know my name?")]
+        bridge = bridges()
+        seen = scripted.stats()["chat_requests"]
+        push(r, tasks)
+        replies = {x["task_id"]: x for x in wait_for_replies(r, [t["task_id"] for t in tasks], 120, bridge)}
+    finally:
+        r.close()
+    assert replies[tasks[0]["task_id"]]["text"] == "I remember, from my notes!", bridge.log_tail()
+    assert scripted.used("noted") == 1
+    requests = scripted.requests(limit=scripted.stats()["chat_requests"] - seen)
+    regular_requests = [e for e in requests if archived in request_text(e) and "still know" in request_text(e)]
+    assert len([e for e in regular_requests if e["rule"] == "noted"]) == 1
+    noted = next(e for e in regular_requests if e["rule"] == "noted")
+    notes = [m for m in noted["messages"] if m.get("role") == "system" and PREFETCH_HEADER in json.dumps(m, ensure_ascii=False)]
+    assert len(notes) == 1 and archived in json.dumps(notes[0], ensure_ascii=False)
+    # The newcomer has nothing in a tier: no note; the model took the tool path (and then its default).
+    assert scripted.used("tool-path") == 1
+    assert not any(PREFETCH_HEADER in json.dumps(e["messages"][1:], ensure_ascii=False)
+                   for e in requests if "my name?" in request_text(e))
 
 
 def test_export_carries_the_tier_and_forget_removes_every_passage(regular, viewers, client, tmp_path):

@@ -370,3 +370,30 @@ def test_an_episode_on_a_full_block_moves_facts_instead_of_overflowing(world):
     call("episode", date="2026-12-02", summary="We talked about " + "puzzle boxes and their hidden drawers " * 3)
     assert len(blocks.blocks["agent-a"].value) <= 1200
     assert len(tier.texts("agent-a")) > before + 1  # the episode and at least one moved fact
+
+
+def test_prefetch_answers_the_closest_passages_of_the_caller_and_says_whether_there_is_a_tier(world):
+    from tools.memory_tiers import PREFETCH_HEADER
+
+    blocks, tier, call = world
+
+    def prefetch(agent="agent-a", query="pet turtle number 0", expect_tier=False):
+        code, answer = call.gate.handle("prefetch", {"agent_id": agent, "token": memory_token(SECRET, agent),
+                                                     "query": query, "expect_tier": expect_tier})
+        assert code == 200, answer
+        return answer
+
+    assert prefetch() == {"message": "", "searchable": False}  # nothing moved out: no search, no note
+    for i in range(40):
+        call("remember", fact=f"has a pet turtle number {i}", category="pets")
+    answer = prefetch()
+    assert answer["searchable"] is True
+    assert answer["message"].startswith(PREFETCH_HEADER) and "- (pets) has a pet turtle number 0" in answer["message"]
+    assert len(answer["message"].splitlines()) <= 1 + 5  # the per-turn budget: RECALL_TOP_K passages
+    assert prefetch(expect_tier=True) == answer  # the block read and the search at once: the same answer
+    assert prefetch(agent="agent-b") == {"message": "", "searchable": False}  # never another viewer's
+    assert prefetch(agent="agent-b", expect_tier=True) == {"message": "", "searchable": False}
+    assert prefetch(query="  ")["error"].startswith("say what to look for")
+    code, refused = call.gate.handle("prefetch", {"agent_id": "agent-b", "token": memory_token(SECRET, "agent-a"),
+                                                  "query": "turtle"})
+    assert code == 403 and "error" in refused

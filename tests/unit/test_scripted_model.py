@@ -207,6 +207,15 @@ def test_system_contains_and_tools_offered_conditions(base):
     assert reply_text(chat(base, [system("You are Bob."), user("x")])) == "(scripted) I heard: x"
 
 
+def test_turn_contains_sees_only_what_the_request_adds_after_the_last_assistant_message(base):
+    put_rules(base, [{"name": "noted", "when": {"turn_contains": "[note]"}, "then": {"reply": "saw the note"}}])
+    assert reply_text(chat(base, [system("[note] in the system prompt"), user("x")])) == "(scripted) I heard: x"
+    assert reply_text(chat(base, [system(), {"role": "system", "content": "[note] a"}, user("x")])) == "saw the note"
+    old_note = [system(), {"role": "system", "content": "[note] old"}, user("x"), {"role": "assistant", "content": "ok"}]
+    assert reply_text(chat(base, [*old_note, user("y")])) == "(scripted) I heard: y"
+    assert reply_text(chat(base, [*old_note, {"role": "system", "content": "[note] new"}, user("y")])) == "saw the note"
+
+
 # ---------------------------------------------------------------- tool calls
 
 CALL_RULE = {"name": "save", "when": {"user_regex": r"remember (?P<fact>.+)"},
