@@ -51,7 +51,7 @@ from bridge.gateway import TurnMessage
 from bridge.letta_turns import LettaTurns
 from bridge.recall_prefetch import RecallPrefetch
 from tools.gate_client import GateClient
-from tools.memory_tiers import PREFETCH_HEADER
+from tools.memory_tiers import PREFETCH_HEADER, PREFETCH_MAX_CHARS
 from vtuber_letta.letta_api import async_letta_client
 
 FULL = {"streams": 50, "facts_per_stream": 10, "small_streams": 5, "ages": "1,10,50", "per_age": 10,
@@ -149,7 +149,7 @@ def main() -> None:
         real = settings.uses_real_model
         with asyncio.Runner() as runner:
             # One per latency: what one delivered is not held back from the other's turns.
-            recalls = {delay: RecallPrefetch(settings.memory_gate_url, settings.memory_gate_secret) for delay in delays}
+            recalls = {delay: NoteSizes(settings.memory_gate_url, settings.memory_gate_secret) for delay in delays}
             turns = {delay: runner.run(_turns(settings, recalls[delay])) for delay in delays}
             for size, streams in sizes.items():
                 agent = agents[viewers[size]]
@@ -182,8 +182,8 @@ def main() -> None:
                                     asked[kind] += 1
                                     where = result.reply_text if real else " ".join(last_prompts(settings, 2))
                                     hits[kind] += answer in where
-                                elif kind not in asked and not real:
-                                    prompt.setdefault((size, kind), len(last_prompts(settings, 1)[-1]))
+                                elif kind == "plain" and not real:
+                                    prompt.setdefault(size, len(last_prompts(settings, 1)[-1]))
                     for kind, label in (("note", "before the turn"), ("tool", "tool call")):
                         rate = f"{hits[kind] / asked[kind] * 100:.0f} %" if asked[kind] else "n/a"
                         rows.append([f"{size} ({streams * args.facts_per_stream} facts)", age, label, asked[kind],
@@ -191,14 +191,18 @@ def main() -> None:
             for recall in recalls.values():
                 runner.run(recall.aclose())
         scored = "her reply" if real else "the prompt (core block, note or tool result)"
-        prompt_rows = [[f"{size} ({sizes[size] * args.facts_per_stream} facts)", prompt.get((size, "plain")) or "n/a",
-                        prompt.get((size, "plain+recall")) or "n/a"] for size in sizes]
+        prompt_rows = [[f"{size} ({sizes[size] * args.facts_per_stream} facts)", prompt.get(size) or "n/a"]
+                       for size in sizes]
+        notes = [n for recall in recalls.values() for n in recall.sizes]
         report("Long-term recall by the age of a fact", settings, args.reuse_stack,
                scripted="with a note from recall-before-turn, an answer; without, recall_viewer_facts with the "
                         "question's words, then the tool's answer", sections=[
             table(["viewer", "told streams ago", "recalled by", "asked", "recalled", "rate"], rows),
             f"Recalled = the answer was in {scored}.",
-            table(["viewer", "prompt of a plain turn (characters)", "with recall before the turn"], prompt_rows),
+            table(["viewer", "prompt of a plain turn (characters)"], prompt_rows),
+            f"Notes sent by recall before the turn: {sum(1 for n in notes if n)} of {len(notes)} turns carried one; "
+            f"characters per note: p50 {p50([n for n in notes if n] or [0]):.0f}, max {max(notes or [0])} "
+            f"(the budget: {PREFETCH_MAX_CHARS}).",
             table(["model latency", "turn", "n", "p50 ms", "p95 ms", "× plain p50", "model calls per turn"], [
                 [f"{delay} ms", TURN_KINDS[kind], len(times[(delay, kind)]), ms(p50(times[(delay, kind)])),
                  ms(p95(times[(delay, kind)])), ratio(p50(times[(delay, kind)]), p50(times[(delay, "plain")])),
@@ -217,6 +221,19 @@ TURN_KINDS = {
     "note": "question, answered from the note sent with it",
     "tool": "question, recall_viewer_facts (recall before the turn off)",
 }
+
+
+class NoteSizes(RecallPrefetch):
+    """RecallPrefetch that keeps the size of every note it hands to a turn (characters)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sizes: list[int] = []
+
+    async def note_for(self, agent_id, texts):
+        note = await super().note_for(agent_id, texts)
+        self.sizes.append(len(note) if note else 0)
+        return note
 
 
 async def _turns(settings, recall: RecallPrefetch) -> dict[str, LettaTurns]:

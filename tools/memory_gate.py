@@ -58,6 +58,7 @@ from tools.memory_tiers import (
     EPISODE_CATEGORY,
     EPISODE_TAG,
     LAST_STREAM_FIELD,
+    PREFETCH_TOP_K,
     RECALL_TOP_K,
     after_tier_forget,
     clean_query,
@@ -290,8 +291,8 @@ class MemoryGate:
             block = self._store.read(agent_id)
             if block is None or not self._searchable(block):
                 return {"message": "", "searchable": False}
-            return {"message": format_prefetch(self._tier.search(agent_id, query, RECALL_TOP_K)), "searchable": True}
-        search = self._pool.submit(self._tier.search, agent_id, query, RECALL_TOP_K)
+            return {"message": format_prefetch(self._tier.search(agent_id, query, PREFETCH_TOP_K)), "searchable": True}
+        search = self._pool.submit(self._tier.search, agent_id, query, PREFETCH_TOP_K)
         try:
             block = self._store.read(agent_id)
         except BaseException:

@@ -60,6 +60,10 @@ EPISODE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 CATEGORY_TAG_PREFIX = "category:"
 ESSENTIAL_CATEGORIES = ("name", "pronouns", "language")
 RECALL_TOP_K = 5  # passages per recall: the per-turn prompt budget of tier 2 (docs/RELIABILITY.md)
+# The note sent before every turn of a viewer with a tier (bridge/recall_prefetch.py) is smaller:
+# it goes with every turn, not only the few that ask, and stays in the agent's history.
+PREFETCH_TOP_K = 3
+PREFETCH_MAX_CHARS = 800
 MAX_QUERY_CHARS = 200
 
 
@@ -247,12 +251,16 @@ PREFETCH_HEADER = "[long-term memory, looked up for this message]"
 
 
 def format_prefetch(results):
-    """The pre-turn note: the closest passages, or "" when there are none (no note is sent)."""
-    if not results:
-        return ""
-    return (PREFETCH_HEADER + " What this viewer told you earlier (unverified), closest to their message "
-            "first; use it only if it helps, and do not look it up again with recall_viewer_facts:\n"
-            + "\n".join(_recall_lines(results)))
+    """The pre-turn note: the closest passages that fit in PREFETCH_MAX_CHARS, or "" when there are
+    none (no note is sent)."""
+    note = (PREFETCH_HEADER + " What this viewer told you earlier (unverified), closest first; use it "
+            "only if it helps, no need to look it up with recall_viewer_facts:")
+    kept: list[str] = []
+    for line in _recall_lines(results[:PREFETCH_TOP_K]):
+        if len(note) + sum(len(k) + 1 for k in kept) + len(line) + 1 > PREFETCH_MAX_CHARS:
+            break
+        kept.append(line)
+    return "\n".join([note, *kept]) if kept else ""
 
 
 def _recall_lines(results):

@@ -372,6 +372,16 @@ def test_an_episode_on_a_full_block_moves_facts_instead_of_overflowing(world):
     assert len(tier.texts("agent-a")) > before + 1  # the episode and at least one moved fact
 
 
+def test_the_prefetch_note_keeps_to_its_budget():
+    from tools.memory_tiers import PREFETCH_HEADER, format_prefetch
+
+    long = [StoredFact(f"p{i}", "about", f"fact {i} " + "x" * 190, "2026-01-02T03:04:05") for i in range(5)]
+    note = format_prefetch(long)
+    assert note.startswith(PREFETCH_HEADER) and len(note) <= 800
+    assert note.count("\n- (about) fact") == 2  # the third of 200 characters would pass 800
+    assert format_prefetch([]) == "" and format_prefetch(long[:1]).count("\n- ") == 1
+
+
 def test_prefetch_answers_the_closest_passages_of_the_caller_and_says_whether_there_is_a_tier(world):
     from tools.memory_tiers import PREFETCH_HEADER
 
@@ -389,7 +399,7 @@ def test_prefetch_answers_the_closest_passages_of_the_caller_and_says_whether_th
     answer = prefetch()
     assert answer["searchable"] is True
     assert answer["message"].startswith(PREFETCH_HEADER) and "- (pets) has a pet turtle number 0" in answer["message"]
-    assert len(answer["message"].splitlines()) <= 1 + 5  # the per-turn budget: RECALL_TOP_K passages
+    assert len(answer["message"].splitlines()) <= 1 + 3 and len(answer["message"]) <= 800  # the per-turn budget
     assert prefetch(expect_tier=True) == answer  # the block read and the search at once: the same answer
     assert prefetch(agent="agent-b") == {"message": "", "searchable": False}  # never another viewer's
     assert prefetch(agent="agent-b", expect_tier=True) == {"message": "", "searchable": False}
