@@ -84,9 +84,11 @@ class OutcomeLog:
 
 
 def record(replica: Any, viewer: str | None, task_id: str | None, outcome: str, seconds: float) -> None:
-    """Put one outcome on the list, in the background. Never raises: a failure here is the console's
-    loss, never the turn's. replica: the bridge.replica.Replica that handled the task."""
+    """Count one task's outcome (the `vtl_bridge_tasks_total` counter) and put it on the list, in the
+    background. Never raises: a failure of the list is the console's loss, never the turn's.
+    replica: the bridge.replica.Replica that handled the task."""
     try:
+        replica.metrics.outcomes.labels(outcome).inc()
         entry = TaskOutcome(at=replica.clock(), outcome=outcome, seconds=round(max(0.0, seconds), 3),
                             task_id=task_id, user_id=viewer, replica_id=replica.replica_id)
         replica.outcome_log.note(replica.queues.redis, entry)

@@ -58,9 +58,9 @@ class RecallPrefetch:
         self._clock = clock
         # No proxy: the gate is this deployment's own service and the body carries a token.
         self._http = httpx.AsyncClient(timeout=PREFETCH_TIMEOUT_S, trust_env=False, transport=transport)
-        self._not_searchable: OrderedDict[str, float] = OrderedDict()  # agent id -> until when not to ask
+        # agent id -> what the gate said last: True (has a tier) or, for none, until when not to ask again
+        self._tier: OrderedDict[str, bool | float] = OrderedDict()
         self._sent: OrderedDict[str, deque[str]] = OrderedDict()  # agent id -> passage lines sent lately
-        self._tiered: OrderedDict[str, bool] = OrderedDict()  # agents the gate said have a tier
 
     @classmethod
     def from_settings(cls, settings) -> "RecallPrefetch | None":
@@ -71,10 +71,11 @@ class RecallPrefetch:
     async def note_for(self, agent_id: str, texts: Sequence[str]) -> str | None:
         """The note to send beside these messages, or None (nothing found, no tier, gate unavailable)."""
         query = search_words(texts)
-        if not query or self._not_searchable.get(agent_id, 0.0) > self._clock():
+        known = self._tier.get(agent_id)
+        if not query or (known is not True and known is not None and known > self._clock()):
             return None
         body = {"agent_id": agent_id, "token": memory_token(self._secret, agent_id), "query": query,
-                "expect_tier": agent_id in self._tiered}
+                "expect_tier": known is True}
         try:
             response = await self._http.post(self._url, json=body)
             answer = response.json()
@@ -86,10 +87,9 @@ class RecallPrefetch:
                      response.status_code)
             return None
         if answer.get("searchable") is False:
-            _put(self._not_searchable, agent_id, self._clock() + NOT_SEARCHABLE_TTL_S)
-            self._tiered.pop(agent_id, None)
+            _put(self._tier, agent_id, self._clock() + NOT_SEARCHABLE_TTL_S)
         elif answer.get("searchable") is True:
-            _put(self._tiered, agent_id, True)  # the gate may search at once next time
+            _put(self._tier, agent_id, True)  # the gate may search at once next time
         note = answer.get("message")
         return self._unsent(agent_id, note) if isinstance(note, str) and note else None
 
@@ -109,7 +109,8 @@ class RecallPrefetch:
 
     def memory_changed(self, agent_id: str) -> None:
         """A turn of this agent wrote memory: it may have a tier now."""
-        self._not_searchable.pop(agent_id, None)
+        if self._tier.get(agent_id) is not True:
+            self._tier.pop(agent_id, None)
 
     async def aclose(self) -> None:
         await self._http.aclose()

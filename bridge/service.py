@@ -207,7 +207,6 @@ class BridgeService:
         """Route what is staged; count and log the chat tasks refused for a full viewer queue."""
         routed = await self.queues.route_all()
         for task_id, viewer in routed.refused:
-            self.metrics.outcomes.labels(Outcome.DEAD_LETTER.value).inc()
             outcome_log.record(self.replica, viewer, task_id, Outcome.DEAD_LETTER.value, 0.0)
             log.warning(
                 "task=%s viewer=%s type=- route=- attempt=0 outcome=dead_letter duration_ms=0 reason=intake: %s",
@@ -253,8 +252,7 @@ class BridgeService:
                                       replica_id=self.replica_id, at=self.clock(),
                                       max_bytes=self.settings.bridge_max_payload_bytes)
             if await self.queues.dead_letter_triage(raw, entry):
-                self.metrics.outcomes.labels("dead_letter").inc()
-                outcome_log.record(self.replica, None, task_id, "dead_letter", 0.0)
+                outcome_log.record(self.replica, None, task_id, Outcome.DEAD_LETTER.value, 0.0)
                 log.warning(
                     "task=%s viewer=- type=- route=- attempt=0 outcome=dead_letter duration_ms=0 reason=%s",
                     task_id or "-", loggable(reason),

@@ -149,7 +149,6 @@ class ViewerWorker:
         finally:
             self.replica.in_flight -= 1
             metrics.in_flight.dec()
-            metrics.outcomes.labels(outcome.value).inc()
             outcome_log.record(self.replica, state.viewer, state.task_id, outcome.value, time.monotonic() - state.started)
             level = logging.WARNING if outcome in _WARNINGS else logging.INFO
             log.log(
@@ -213,7 +212,6 @@ class ViewerWorker:
         answering = batch[-1].task_id
         for chat in batch[1:]:
             outcome = turn_outcome if chat.task_id == answering else Outcome.COALESCED
-            self.replica.metrics.outcomes.labels(outcome.value).inc()
             outcome_log.record(self.replica, state.viewer, chat.task_id, outcome.value, time.monotonic() - state.started)
             log.info(
                 "task=%s viewer=%s type=%s route=letta attempt=%d outcome=%s duration_ms=%d %s",

@@ -16,6 +16,7 @@ from fake_gateway import FakeGateway
 from redis.asyncio import Redis
 
 from bridge import outcome_log
+from bridge.metrics import BridgeMetrics
 from bridge.outcome_log import KEPT, OutcomeLog, TaskOutcome
 from bridge.viewer_stats import NAME_FIELD, name_key, searchable_name
 from provisioning.forget import ForgetReport, Forgetter
@@ -55,7 +56,7 @@ async def test_the_bridge_lists_each_outcome_with_ids_and_seconds_and_no_text(r,
 
 def _replica(client, clock=lambda: 1_767_000_000.0):
     return SimpleNamespace(clock=clock, replica_id="r-test", queues=SimpleNamespace(redis=client),
-                           outcome_log=OutcomeLog())
+                           outcome_log=OutcomeLog(), metrics=BridgeMetrics())
 
 
 @scenario
