@@ -34,7 +34,7 @@ EXPECTED = {
     # Every answer reaches the prompt, from either tier, by the note or the tool.
     "recall": ["| large (96 facts) | 12 | before the turn | 2 | 2 | 100 % |", "| large (96 facts) | 12 | tool call | 2 | 2 | 100 % |",
                "| small (24 facts) | 1 | before the turn | 2 | 2 | 100 % |",
-               "| 0 ms | question, answered from the note sent with it | 6 |", "| 0 ms | question, recall_viewer_facts (recall before the turn off) | 6 |"],
+               "| 0 ms | question, answered from the note sent with it | 4 |", "| 0 ms | question, recall_viewer_facts (recall before the turn off) | 4 |"],
     "console": ["| page 1, last seen (the agents' cards from Letta) | 2000 |"],
 }
 

@@ -208,11 +208,12 @@ def test_through_the_bridge_an_old_fact_is_answered_in_one_model_call_from_the_n
     block = client.agents.blocks.retrieve("human", agent_id=agent_id).value
     core = {value for values in parse_facts(block).values() for value in values}
     archived = next(fact for fact in reversed(told) if fact not in core)
+    # First match wins, in the order given: the note's rule before the tool's.
     scripted.add_rules(
-        {"name": "tool-path", "when": {"user_contains": "still know"},
-         "then": {"tool_calls": [{"name": "recall_viewer_facts", "arguments": {"query": "{user}"}}]}},
         {"name": "noted", "when": {"user_contains": "still know", "turn_contains": PREFETCH_HEADER},
          "then": {"reply": "I remember, from my notes!"}},
+        {"name": "tool-path", "when": {"user_contains": "still know"},
+         "then": {"tool_calls": [{"name": "recall_viewer_facts", "arguments": {"query": "{user}"}}]}},
     )
     r = redis_conn(stack_settings)
     try:
@@ -225,7 +226,9 @@ def test_through_the_bridge_an_old_fact_is_answered_in_one_model_call_from_the_n
         replies = {x["task_id"]: x for x in wait_for_replies(r, [t["task_id"] for t in tasks], 120, bridge)}
     finally:
         r.close()
-    assert replies[tasks[0]["task_id"]]["text"] == "I remember, from my notes!", bridge.log_tail()
+    assert replies[tasks[0]["task_id"]]["text"] == "I remember, from my notes!", (
+        bridge.log_tail(), [(e["rule"], json.dumps(e["messages"][-4:], ensure_ascii=False)[:1500])
+                            for e in scripted.requests(limit=4)])
     assert scripted.used("noted") == 1
     requests = scripted.requests(limit=scripted.stats()["chat_requests"] - seen)
     regular_requests = [e for e in requests if archived in request_text(e) and "still know" in request_text(e)]
