@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from tools.contact_details import redact_contact_details
 from tools.human_block import block_time
+from vtuber_letta.redis_keys import STATS_LAST_SEEN
 
 if TYPE_CHECKING:
     from bridge.wire import TaskRequest
@@ -60,7 +61,7 @@ class ViewerTotals:
 def stats_ops(request: TaskRequest, now: float) -> list[tuple[str, str, str]]:
     """The viewer-stats updates (op, field, value) one permanent task implies."""
     stamp = repr(now)
-    ops = [("setnx", "first_seen", stamp), ("set", "last_seen", stamp)]
+    ops = [("setnx", "first_seen", stamp), ("set", STATS_LAST_SEEN, stamp)]
     meta = request.meta
     kind = request.type
     if kind in ("text", "audio"):
@@ -112,7 +113,7 @@ def totals_from_stats(stats: dict[str, str], now: float) -> ViewerTotals:
                 continue
     return ViewerTotals(
         first_seen=float(stats.get("first_seen", now)),
-        last_seen=float(stats.get("last_seen", now)),
+        last_seen=float(stats.get(STATS_LAST_SEEN, now)),
         visits=number("visits"),
         messages=number("messages"),
         support=support,

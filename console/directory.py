@@ -120,7 +120,8 @@ def _rows(redis_conn, viewers: list[str]) -> list[ViewerRow]:
             pipe.hgetall(keys.viewer_stats(viewer))
         agent_ids, *stats = pipe.execute()
     now = time.time()
-    return [ViewerRow(viewer, agent_id or "", totals_from_stats(counters, now) if counters else None)
+    # A hash without last_seen was never counted by the bridge (it may hold just an episode mark).
+    return [ViewerRow(viewer, agent_id or "", totals_from_stats(counters, now) if keys.STATS_LAST_SEEN in counters else None)
             for viewer, agent_id, counters in zip(viewers, agent_ids, stats)]
 
 

@@ -120,5 +120,17 @@ def bridge_heartbeat(replica_id: str) -> str:
 
 
 def viewer_stats(viewer_id: str) -> str:
-    """Hash of platform-verified counters of one viewer (first/last seen, visits, support), never expires."""
+    """Hash of platform-verified counters of one viewer (first/last seen, visits, support), never expires.
+
+    One field is not the bridge's: STATS_EPISODE_THROUGH, written by provisioning/episodes.py. It
+    lives here so that `agent forget` removes it and a backup carries it with the viewer's stats.
+    """
     return f"{VIEWER_STATS_PREFIX}{viewer_id}"
+
+
+# Fields of the viewer stats hash read outside the bridge (epoch seconds, as repr(float)):
+STATS_LAST_SEEN = "last_seen"  # the viewer's last task as the bridge counted it (bridge/viewer_stats.py)
+STATS_EPISODE_THROUGH = "episode_through"  # their chat up to here is in an episode (provisioning/episodes.py)
+# Held while episodes are written (`stream end`, `stream sweep`): one run at a time, so two never
+# summarise the same conversation.
+EPISODES_LOCK = f"{PREFIX}:lock:episodes"

@@ -88,8 +88,11 @@ class Settings(BaseSettings):
 
     # ======================= bridge (bridge/; owned by the bridge) =======================
     # Stream-end episodes (provisioning/episodes.py): one model call per viewer who spoke, run by
-    # `vtuber-letta stream end`, never by the bridge. Off: stream end summarises nobody.
+    # `vtuber-letta stream end` and `stream sweep`, never by the bridge. Off: both summarise nobody.
     episodes_enabled: bool = Field(True, alias="VTL_EPISODES")
+    # `stream sweep`: a viewer whose last turn is this many hours old has ended their stream (one
+    # episode of what they said since their last one).
+    episode_after_silence_hours: float = Field(3.0, alias="VTL_EPISODE_AFTER_SILENCE_HOURS", gt=0, le=24 * 30)
     # Switches named after the host's plan (letta.enabled, letta.fallback_to_memory,
     # letta.memory_type_routing). A task without meta.memory_type counts as
     # VTL_BRIDGE_DEFAULT_MEMORY_TYPE (permanent: a viewer's words are remembered unless

@@ -114,11 +114,30 @@ def _stream_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
         print(end_stream(settings, since_hours=args.since_hours).render())
         return 0
+    if args.action == "sweep":
+        return _sweep(args, settings)
     from provisioning.stream import set_stream
 
     print(set_stream(settings, {"title": args.title, "topic": args.topic, "game": args.game,
                                 "language": args.language, "schedule": args.schedule}))
     return 0
+
+
+def _sweep(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from provisioning.episodes import sweep_silent
+
+    while True:
+        try:
+            print(sweep_silent(settings, since_hours=args.since_hours).render(), flush=True)
+        except Exception as exc:  # noqa: BLE001 - a loop outlives one failed round (Letta or Redis down); said, not swallowed
+            if not args.every:
+                raise
+            print(f"error: sweep failed ({type(exc).__name__}: {exc}); next try in {args.every:g} min", file=sys.stderr, flush=True)
+        if not args.every:
+            return 0
+        time.sleep(args.every * 60)
 
 
 def _bridge_cmd(args: argparse.Namespace, settings: Settings) -> int:
@@ -219,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     stream_end = stream_sub.add_parser(
         "end", help="one dated summary per viewer who spoke (one model call each; VTL_EPISODES=false: none)")
     stream_end.add_argument("--since-hours", type=float, default=6.0, help="who spoke in the last N hours (default 6)")
+    sweep = stream_sub.add_parser(
+        "sweep", help="stream end per viewer: one dated summary per viewer silent for VTL_EPISODE_AFTER_SILENCE_HOURS "
+                      "(default 3) with chat since their last one (one model call each; VTL_EPISODES=false: none)")
+    sweep.add_argument("--since-hours", type=float, default=6.0,
+                       help="summarise at most the N hours before their last turn (default 6)")
+    sweep.add_argument("--every", type=float, metavar="MINUTES", help="keep running: sweep again every MINUTES")
     stream_cmd.set_defaults(handler=_stream_cmd)
 
     bridge = sub.add_parser("bridge", help="run the Redis bridge (letta_requests -> Letta -> replies)")
