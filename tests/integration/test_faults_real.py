@@ -79,31 +79,53 @@ def slow_reply(text: str) -> str:
 
 # --------------------------------------------------------------------------- Letta SIGKILLed mid-turn
 
-def test_letta_sigkilled_mid_turn_resends_only_the_killed_message_once_its_run_is_an_orphan(
+def test_letta_sigkilled_mid_turn_resends_only_the_killed_message_and_a_killed_tool_turn_ends_with_words(
         stack, provisioned, scripted, r, bridges, client):
-    """The server dies while the model works on a turn; its run stays `running` forever in the
-    database. The user message is stored only at the end of the first step, so the killed turn left
-    nothing: once the orphan is old enough (max(60 s, 2 x LETTA_TIMEOUT)) the bridge sends that
-    message again. The model sees it twice (the first answer died with the server), every other
-    message once; each task is answered once, in order, its otid once in the history."""
+    """The server dies with two turns in flight (one kill, one orphan wait for both):
+
+    - viewer A's turn while the model works on it: its run stays `running` forever in the database.
+      The user message is stored only at the end of the first step, so the killed turn left
+      nothing: once the orphan is old enough (max(60 s, 2 x LETTA_TIMEOUT)) the bridge sends that
+      message again. The model sees it twice (the first answer died with the server), A's next
+      message once;
+    - viewer T's turn after the model called remember_viewer_fact, while it writes the words that
+      follow: the tool step (and the user message) are stored, the run is orphaned; the bridge must
+      ask for the words, not replay the turn as silence, nor send the message again;
+    - viewer B, who writes after the restart, is answered at once: an orphan holds only its viewer.
+    Each task is answered once, in order, its otid once in the history."""
     rid = run_id()
-    viewer, other = f"it:lk-{rid}", f"it:lk2-{rid}"
-    for v in (viewer, other):
+    viewer, tooled, other = f"it:lk-{rid}", f"it:tool-{rid}", f"it:lk2-{rid}"
+    for v in (viewer, tooled, other):
         ViewerAgents(provisioned).ensure(v)
-    marker = f"lk-{rid}"
-    scripted.add_rules(slow_rule(marker, 4000))
-    sent = [task(viewer, f"{marker} a-one"), task(other, f"{marker} b-one"), task(viewer, f"{marker} a-two")]
-    bridge = bridges(**WAITING, VTL_BRIDGE_CONCURRENCY=1)  # one turn in flight: the killed one
+    marker, tool_marker = f"lk-{rid}", f"tool-{rid}"
+    scripted.add_rules(slow_rule(marker, 8000))
+    scripted.reply_with_tools("remember", None, ("remember_viewer_fact", {"fact": f"likes {rid} tea"}),
+                              when={"user_contains": tool_marker}, times=1)
+    scripted.add_rules({"name": "words", "times": 1, "when": {"after_tool": "remember_viewer_fact"},
+                        "then": {"reply": "(words) noted, tea it is", "delay_ms": 4000}},
+                       {"name": "words-again", "when": {"after_tool": "*"}, "then": {"reply": "(words) noted, tea it is"}})
+    tool_task = task(tooled, f"{tool_marker} I like tea")
+    sent = [task(viewer, f"{marker} a-one"), tool_task, task(viewer, f"{marker} a-two")]
+    late = task(other, f"{marker} b-one")
+    bridge = bridges(**WAITING)
     try:
         push(r, sent)
-        wait_for(lambda: at_the_model(scripted, sent[0]["content"]), 30, 0.05, what="the first turn at the model")
+        wait_for(lambda: at_the_model(scripted, sent[0]["content"]) and scripted.used("words"), 30, 0.05,
+                 what="A's first turn and T's words after its tool step at the model")
         assert stack.letta.kill()
         stack.letta.start(lambda _msg: None)
-        assert_answered_once_in_order(r, client, sent, slow_reply, bridge)
+        push(r, [late])
+        wait_for_replies(r, [late["task_id"]], 30, bridge)  # long before A's orphan is old enough
+        replies = assert_answered_once_in_order(
+            r, client, sent + [late], lambda text: "(words) noted, tea it is" if tool_marker in text else slow_reply(text),
+            bridge)
     finally:
         if not stack.letta.healthy():
             stack.letta.start(lambda _msg: None)
-    assert [at_the_model(scripted, t["content"]) for t in sent] == [2, 1, 1]
+    assert [at_the_model(scripted, t["content"]) for t in (sent[0], sent[2], late)] == [2, 1, 1]
+    assert not next(x for x in replies if x["task_id"] == tool_task["task_id"]).get("silent"), replies
+    assert scripted.used("remember") == 1, "the message was sent again after its tool step"
+    assert scripted.used("words-again") == 1
 
 
 # --------------------------------------------------------------------------- Redis restarted
@@ -185,36 +207,6 @@ def test_a_stream_cut_on_the_real_stack_ends_with_the_real_answer(provisioned, s
     replies = assert_answered_once_in_order(r, client, sent, lambda text: f"(whole) I heard: {text}", bridge)
     assert not any(x.get("silent") for x in replies)
     assert scripted.used("cut") == 1 and scripted.used("whole") == 2  # the cut answer, once more, then the next
-
-
-def test_a_run_interrupted_after_its_tool_step_ends_with_words_not_silence(
-        stack, provisioned, scripted, r, bridges, client):
-    """The model called remember_viewer_fact; Letta is SIGKILLed while the model writes the words
-    that follow. The tool step (and the user message) are stored, the run is orphaned: the bridge
-    must ask for the words, not replay the turn as silence, nor send the message again."""
-    rid = run_id()
-    viewer = f"it:tool-{rid}"
-    ViewerAgents(provisioned).ensure(viewer)
-    marker = f"tool-{rid}"
-    scripted.reply_with_tools("remember", None, ("remember_viewer_fact", {"fact": f"likes {rid} tea"}),
-                              when={"user_contains": marker}, times=1)
-    scripted.add_rules({"name": "words", "times": 1, "when": {"after_tool": "remember_viewer_fact"},
-                        "then": {"reply": "(words) noted, tea it is", "delay_ms": 4000}},
-                       {"name": "words-again", "when": {"after_tool": "*"}, "then": {"reply": "(words) noted, tea it is"}})
-    sent = [task(viewer, f"{marker} I like tea")]
-    bridge = bridges(**WAITING)
-    try:
-        push(r, sent)
-        wait_for(lambda: scripted.used("words"), 60, 0.05, what="the words after the tool step at the model")
-        assert stack.letta.kill()
-        stack.letta.start(lambda _msg: None)
-        replies = assert_answered_once_in_order(r, client, sent, lambda _text: "(words) noted, tea it is", bridge)
-    finally:
-        if not stack.letta.healthy():
-            stack.letta.start(lambda _msg: None)
-    assert not replies[0].get("silent"), replies
-    assert scripted.used("remember") == 1, "the message was sent again after its tool step"
-    assert scripted.used("words-again") == 1
 
 
 # --------------------------------------------------------------------------- the model endpoint down for 60 s

@@ -19,6 +19,7 @@ import itertools
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from letta_client import NotFoundError
@@ -120,33 +121,44 @@ def test_five_hundred_facts_no_cliff_and_none_lost(regular, client, gate):
 
 
 def test_twenty_viewers_search_a_thousand_times_and_never_see_each_other(viewers, gate, client, regular):
-    own_facts: dict[str, list[str]] = {}
-    agents: dict[str, str] = {}
-    for marker in MARKERS:
+    # The viewers run side by side (4 at a time), as on a stream: the gate serialises per agent
+    # only, so this is also what concurrent tool calls of different viewers do to the tier.
+    def fill(marker: str) -> tuple[str, list[str]]:
         agent_id = viewers.ensure(f"youtube:{marker}-{RUN}", marker.title(), "youtube").agent_id
         facts = [f"{marker} told me about the {adjective} {colour} {noun} seen on the long walk home after "
                  f"school, and still thinks about them whenever it rains in the {marker} valley"
                  for adjective, colour, noun in itertools.islice(itertools.product(ADJECTIVES, COLOURS, NOUNS), 28)]
         fill_until_moved(gate, agent_id, [(fact, "about") for fact in facts])
         assert stored_count(client.agents.blocks.retrieve("human", agent_id=agent_id).value) > 0, marker
-        agents[marker], own_facts[marker] = agent_id, facts
+        return agent_id, facts
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        filled = dict(zip(MARKERS, pool.map(fill, MARKERS)))
+    agents = {marker: agent_id for marker, (agent_id, _) in filled.items()}
+    own_facts = {marker: facts for marker, (_, facts) in filled.items()}
     _, regular_told, _ = regular
     others_queries = {marker: [fact for other, facts in own_facts.items() if other != marker for fact in facts]
                       + regular_told[100:150] for marker in MARKERS}
-    searches = results = own_found = 0
-    crossed = []
-    for round_no in range(50):
-        for number, marker in enumerate(MARKERS):
+
+    def searches_of(number: int, marker: str) -> list[tuple[str, list[str]]]:
+        """This viewer's 50 searches, in order: (query, what came back)."""
+        done = []
+        for round_no in range(50):
             if round_no % 10 == 0:
                 query = own_facts[marker][round_no // 10]  # its own oldest facts are in its tier
             else:
                 pool = others_queries[marker]
                 query = pool[(round_no * 37 + number * 11) % len(pool)]
-            found = recalled_facts(gate.recall(agents[marker], query))
-            searches += 1
-            results += len(found)
-            own_found += query in found
-            crossed += [(marker, text) for text in found if marker not in text]
+            done.append((query, recalled_facts(gate.recall(agents[marker], query))))
+        return done
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        per_viewer = dict(zip(MARKERS, pool.map(searches_of, range(len(MARKERS)), MARKERS)))
+    searches = sum(len(done) for done in per_viewer.values())
+    results = sum(len(found) for done in per_viewer.values() for _, found in done)
+    own_found = sum(query in found for done in per_viewer.values() for query, found in done)
+    crossed = [(marker, text) for marker, done in per_viewer.items() for _, found in done
+               for text in found if marker not in text]
     print(f"{searches} searches over {len(MARKERS)} viewers: {results} results, {len(crossed)} from another viewer")
     assert searches == 1000 and crossed == []
     assert own_found == 5 * len(MARKERS), "each viewer finds its own moved facts"
