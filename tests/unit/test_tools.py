@@ -465,6 +465,106 @@ def test_memory_tools_when_the_gate_is_down(run_tool):
     assert result.startswith("Error: the memory service could not be reached") and writes == []
 
 
+def test_a_memory_tool_process_asks_the_gate_without_urllib(gate, tmp_path):
+    """The sandboxed call imports no HTTP library (urllib.request drags in http.client, email and ssl:
+    ~25 ms of every memory tool process) and still gets the gate's answer."""
+    store, url = gate
+    text, limit = profile()
+    store.blocks.clear()
+    store.blocks[AGENT] = HumanBlock("block-human", text, limit)
+    script = tmp_path / "probe.py"
+    script.write_text(tools.tool_source(tools.TOOLS["remember_viewer_fact"]) + textwrap.dedent("""
+        import sys
+        print(remember_viewer_fact(fact="likes cats", category="likes"))
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("urllib", "http", "email", "ssl")))
+    """), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-I", "-S", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": os.environ.get("PATH", ""), **gate_env(url)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["Remembered (likes): likes cats", "[]"]
+    assert parse_facts(store.blocks[AGENT].value) == {"likes": ["likes cats"]}
+
+
+class CannedGate:
+    """A loopback server that answers every request with fixed bytes, sent in small pieces (as a
+    proxy or a busy kernel may), and keeps the request it got."""
+
+    def __init__(self, answer: bytes, family=socket.AF_INET, host="127.0.0.1"):
+        self.answer, self.requests = answer, []
+        self.sock = socket.socket(family)
+        self.sock.bind((host, 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(4096)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += conn.recv(4096)
+                    self.requests.append((head.decode(), json.loads(body)))
+                    for i in range(0, len(self.answer), 7):
+                        conn.sendall(self.answer[i:i + 7])
+
+    def close(self):
+        self.sock.close()
+
+
+def ask_canned(monkeypatch, answer: bytes, base_path: str = "", family=socket.AF_INET, host="127.0.0.1"):
+    server = CannedGate(answer, family, host)
+    netloc = f"[{host}]:{server.port}" if family == socket.AF_INET6 else f"{host}:{server.port}"
+    for var, value in gate_env(f"http://{netloc}{base_path}").items():
+        monkeypatch.setenv(var, value)
+    try:
+        return memory_client.ask_memory_gate("forget", {"fact": "cats"}), server.requests
+    finally:
+        server.close()
+
+
+def http_answer(status: str, body: bytes, length: int | None = -1, extra: str = "") -> bytes:
+    size = f"Content-Length: {len(body) if length == -1 else length}\r\n" if length is not None else ""
+    return f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{size}{extra}\r\n".encode() + body
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (http_answer("200 OK", b'{"message": "Forgot (likes): cats"}'), "Forgot (likes): cats"),
+    (http_answer("200 OK", '{"message": "Forgot (likes): 猫"}'.encode()), "Forgot (likes): 猫"),
+    (http_answer("403 Forbidden", b'{"error": "not allowed"}'), "Error: not allowed"),
+    (http_answer("502 Bad Gateway", b"<html>bad gateway</html>"), "Error: the memory service answered HTTP 502"),
+    (http_answer("200 OK", b'{"message": "no length given"}', length=None), "no length given"),
+    (http_answer("200 OK", b'{"message": "cut"}', length=400), "Error: the memory service could not be reached"),
+    (http_answer("200 OK", b'5\r\n{"mes\r\n0\r\n\r\n', length=None, extra="Transfer-Encoding: chunked\r\n"),
+     "Error: the memory service could not be reached"),
+    (b"HTTP/1.1 200 OK\r\nContent-Le", "Error: the memory service could not be reached"),
+    (http_answer("200 OK", b"not json"), "Error: the memory service gave no answer"),
+], ids=["ok", "utf-8", "refused", "proxy-error-page", "no-length", "cut-short", "chunked", "no-head", "not-json"])
+def test_the_memory_client_reads_what_the_gate_or_a_proxy_may_answer(monkeypatch, answer, expected):
+    result, requests = ask_canned(monkeypatch, answer)
+    assert result.startswith(expected)
+    (head, body), = requests
+    assert head.startswith("POST /v1/forget HTTP/1.1\r\n") and "Host: 127.0.0.1:" in head
+    assert body == {"agent_id": AGENT, "token": memory_token(SECRET, AGENT), "fact": "cats"}
+
+
+def test_the_memory_client_keeps_a_path_prefix_and_reaches_an_ipv6_gate(monkeypatch):
+    ok = http_answer("200 OK", b'{"message": "done"}')
+    result, requests = ask_canned(monkeypatch, ok, base_path="/memory")
+    assert result == "done" and requests[0][0].startswith("POST /memory/v1/forget HTTP/1.1")
+    if socket.has_ipv6:
+        try:
+            result, requests = ask_canned(monkeypatch, ok, family=socket.AF_INET6, host="::1")
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        assert result == "done" and "Host: [::1]:" in requests[0][0]
+
+
 def test_memory_tools_when_letta_is_down_behind_the_gate(run_tool):
     text, limit = profile()
     run_tool.store.down = True
