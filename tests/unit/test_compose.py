@@ -229,15 +229,16 @@ def test_env_example_is_valid_as_is_and_with_every_line_uncommented(tmp_path):
 
 def test_every_service_is_used_and_starts_in_order(config):
     services = config["services"]
-    assert set(services) == {"redis", "letta", "memory-gate", "provision", "bridge", "console"}
+    assert set(services) == {"redis", "letta", "memory-gate", "provision", "bridge", "console", "episodes"}
     needed = {dep for s in services.values() for dep in (s.get("depends_on") or {})}
-    assert set(services) - needed == {"bridge", "console"}, \
-        "every service but the bridge and the console is something another waits for"
+    assert set(services) - needed == {"bridge", "console", "episodes"}, \
+        "every service but the bridge, the console and the episode sweep is something another waits for"
     assert services["provision"]["depends_on"] == {"letta": {"condition": "service_healthy"},
                                                    "redis": {"condition": "service_healthy"}}
     assert services["bridge"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
     assert services["provision"]["restart"] == "no"
     assert services["console"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
+    assert services["episodes"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
 
 
 def test_the_commands_are_vtuber_letta_subcommands(config):
@@ -246,6 +247,9 @@ def test_the_commands_are_vtuber_letta_subcommands(config):
         args = command[1:] if command[0] == "vtuber-letta" else command[3:]
         assert command[0] == "vtuber-letta" or command[:3] == ["python", "-m", "vtuber_letta.commands.cli"], command
         assert build_parser().parse_args(args).command == name
+    # The episode sweep runs as a loop of its own, never inside the bridge.
+    sweep = build_parser().parse_args(config["services"]["episodes"]["command"][1:])
+    assert (sweep.command, sweep.action, sweep.every) == ("stream", "sweep", 15.0)
 
 
 def test_every_volume_is_used(config):
