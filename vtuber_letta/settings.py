@@ -65,9 +65,10 @@ class Settings(BaseSettings):
     # uvicorn workers of a Letta server (LETTA_UVICORN_WORKERS; stack/letta_workers.py boots and counts
     # them): each a process of its own (~0.5 GB RSS) that can keep one core busy. The one default of
     # the worker count: the stack and docker compose start this many, and the bridge sizes its
-    # concurrency by it. 1 until the 1-vs-2 throughput bench (bench/throughput.py --letta-workers)
-    # shows a second worker pays on the machine.
-    letta_workers: int = Field(1, alias="VTL_LETTA_WORKERS", ge=1, le=16)
+    # concurrency by it. 2: on a 2-core machine a second worker pays 1.42x the plain turns/s at 8
+    # and at 32 viewers (bench/throughput.py --letta-workers 1,2, quiet machine, docs/BENCHMARKS.md
+    # §10); it costs ~0.45 GB more and ~24 s more per boot. One core: set 1.
+    letta_workers: int = Field(2, alias="VTL_LETTA_WORKERS", ge=1, le=16)
 
     # --- the memory gate (tools/memory_gate.py): the only writer of a viewer's human block on a
     # memory tool's behalf. Letta hands the URL to the tools; the secret signs each agent's token.
