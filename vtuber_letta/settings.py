@@ -65,10 +65,12 @@ class Settings(BaseSettings):
     # uvicorn workers of a Letta server (LETTA_UVICORN_WORKERS; stack/letta_workers.py boots and counts
     # them): each a process of its own (~0.5 GB RSS) that can keep one core busy. The one default of
     # the worker count: the stack and docker compose start this many, and the bridge sizes its
-    # concurrency by it. 2: on a 2-core machine a second worker pays 1.42x the plain turns/s at 8
+    # concurrency by it. 1: on a 2-core machine a second worker pays 1.42x the plain turns/s at 8
     # and at 32 viewers (bench/throughput.py --letta-workers 1,2, quiet machine, docs/BENCHMARKS.md
-    # §10); it costs ~0.45 GB more and ~24 s more per boot. One core: set 1.
-    letta_workers: int = Field(2, alias="VTL_LETTA_WORKERS", ge=1, le=16)
+    # §10), but one viewer's turn took 1.19x as long and a memory write 2.5x (one sequential run,
+    # same section), and it costs ~0.45 GB and ~24 s per boot more: 2 pays only for a chat busier
+    # than one worker serves (OPERATIONS.md "More cores").
+    letta_workers: int = Field(1, alias="VTL_LETTA_WORKERS", ge=1, le=16)
 
     # --- the memory gate (tools/memory_gate.py): the only writer of a viewer's human block on a
     # memory tool's behalf. Letta hands the URL to the tools; the secret signs each agent's token.

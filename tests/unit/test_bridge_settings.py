@@ -66,10 +66,10 @@ def test_gateways_follow_the_protocol():
 # --------------------------------------------------------------------------- capacity follows Letta's workers
 
 def test_concurrency_follows_the_letta_workers_it_points_at():
-    default = Settings(_env_file=None)
-    assert default.letta_workers == 2 and default.bridge_concurrency_per_letta_worker == 32
-    assert default.bridge_concurrency == 64
-    assert Settings(_env_file=None, VTL_LETTA_WORKERS=1).bridge_concurrency == 32
+    one = Settings(_env_file=None)
+    assert one.letta_workers == 1
+    assert one.bridge_concurrency == one.bridge_concurrency_per_letta_worker == 32
+    assert Settings(_env_file=None, VTL_LETTA_WORKERS=2).bridge_concurrency == 64
     assert Settings(_env_file=None, VTL_LETTA_WORKERS=2).bridge_concurrency == 64
     assert Settings(_env_file=None, VTL_LETTA_WORKERS=3, VTL_BRIDGE_CONCURRENCY_PER_LETTA_WORKER=8).bridge_concurrency == 24
     # At most what one replica may run (16 workers x 32 would be 512).
