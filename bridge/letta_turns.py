@@ -117,6 +117,13 @@ class LettaTurns:
         client = async_letta_client(settings, for_messages=True, connections=2 * settings.bridge_concurrency)
         return cls(client, timeout=settings.letta_timeout, recall=RecallPrefetch.from_settings(settings))
 
+    async def aclose(self) -> None:
+        """Close the connections (a process that makes several LettaTurns, e.g. a test, one per
+        event loop; the bridge's lives as long as its process)."""
+        await self._client.close()
+        if self._recall is not None:
+            await self._recall.aclose()
+
     @staticmethod
     def request_messages(messages: Sequence[TurnMessage], sender_name: str | None,
                          recalled: str | None = None) -> list[dict[str, Any]]:

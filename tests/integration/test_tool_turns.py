@@ -55,8 +55,11 @@ def send(turns, agent_id, text, streamed=True):
 
     async def go():
         letta = LettaTurns.from_settings(turns)  # an async client belongs to the loop it was made in
-        return await letta.send_turn(agent_id, [TurnMessage(f"task-{uuid.uuid4().hex}", text)], sender_name="Shape",
-                                     on_text=on_text if streamed else None)
+        try:
+            return await letta.send_turn(agent_id, [TurnMessage(f"task-{uuid.uuid4().hex}", text)], sender_name="Shape",
+                                         on_text=on_text if streamed else None)
+        finally:  # its sockets, left to the garbage collector, would warn in whichever test runs then
+            await letta.aclose()
 
     result = asyncio.run(go())
     if streamed:
@@ -100,8 +103,11 @@ def test_the_words_are_complete_before_letta_runs_the_tools_when_the_model_write
 
     async def go():
         letta = LettaTurns.from_settings(turns)
-        return await letta.send_turn(agent, [TurnMessage(f"task-{uuid.uuid4().hex}", "hi again")], sender_name="Shape",
-                                     on_text=on_text, on_words_done=on_words_done)
+        try:
+            return await letta.send_turn(agent, [TurnMessage(f"task-{uuid.uuid4().hex}", "hi again")],
+                                         sender_name="Shape", on_text=on_text, on_words_done=on_words_done)
+        finally:
+            await letta.aclose()
 
     result = asyncio.run(go())
     assert result.reply_text == "Welcome back! I remember you." and result.memory_updated
