@@ -53,6 +53,7 @@ MAX_OVERFLOW = 10  # Letta's own default
 MIN_POOL_SIZE = 5
 WARM_UP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
+SYSTEM_CERTS_DIR = Path("/etc/ssl/certs")
 
 
 class WorkersError(RuntimeError):
@@ -86,10 +87,29 @@ def boot_env(env: dict[str, str]) -> tuple[int, dict[str, str]]:
         raise WorkersError(f"{WORKERS_ENV} must be a whole number of workers, 1 or more (got {raw!r})")
     workers, out = int(raw), dict(env)
     out["LETTA_UVICORN_WORKERS"] = str(workers)
+    out.update(ca_store_env(env))
     if env.get(CONNECTIONS_ENV) and "LETTA_PG_POOL_SIZE" not in env:
         pool, overflow = pool_per_worker(workers, int(env[CONNECTIONS_ENV]))
         out.update(LETTA_PG_POOL_SIZE=str(pool), LETTA_PG_MAX_OVERFLOW=str(overflow))
     return workers, out
+
+
+def ca_store_env(env: dict[str, str], certs_dir: Path = SYSTEM_CERTS_DIR) -> dict[str, str]:
+    """SSL_CERT_DIR=the system's hashed CA directory, unless the environment names a store itself.
+
+    Letta 0.16.8 builds a new AsyncOpenAI client for every model call and every embedding
+    (letta/llm_api/openai_client.py), and httpx gives each one a fresh SSL context: by default
+    from certifi's bundle, parsed whole every time (24 ms of CPU here, whether the endpoint is
+    https or not). From SSL_CERT_DIR, OpenSSL reads a CA only when a handshake needs it (0.1 ms).
+    Only a directory OpenSSL can look up in (its `<hash>.0` links, as Debian's ca-certificates
+    makes them) is taken: an empty one would make every https model endpoint fail to verify."""
+    if env.get("SSL_CERT_FILE") or env.get("SSL_CERT_DIR"):
+        return {}
+    try:
+        hashed = any(name.endswith(".0") for name in os.listdir(certs_dir))
+    except OSError:
+        hashed = False
+    return {"SSL_CERT_DIR": str(certs_dir)} if hashed else {}
 
 
 # --------------------------------------------------------------------------- counting

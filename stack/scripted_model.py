@@ -717,6 +717,9 @@ class ScriptedModelHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: every plain response carries Content-Length
     timeout = 300  # idle keep-alive connections give their thread back eventually
     server_version = "scripted-model/1"
+    # As real model servers do (uvicorn and its kin set TCP_NODELAY): every write goes out at once,
+    # so a stream's events are not held back by Nagle waiting for the client's delayed ACK.
+    disable_nagle_algorithm = True
     model = rule = "-"
     streaming = False
 

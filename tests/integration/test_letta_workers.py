@@ -99,6 +99,9 @@ def test_two_workers_boot_after_one_alone_with_one_password_and_pools_that_fit(s
         env = _environ(pid)
         assert env["LETTA_UVICORN_WORKERS"] == str(WORKERS)
         assert env["LETTA_SERVER_PASSWORD"] == stack_settings.letta_password  # one password for all
+        # Every model call and embedding builds an SSL context: from the system's CA directory,
+        # not certifi's bundle parsed whole (stack/letta_workers.py ca_store_env).
+        assert env.get("SSL_CERT_DIR") == str(letta_workers.SYSTEM_CERTS_DIR), env.get("SSL_CERT_DIR")
         pool, overflow = int(env["LETTA_PG_POOL_SIZE"]), int(env["LETTA_PG_MAX_OVERFLOW"])
     assert WORKERS * (pool + overflow) <= max_connections - letta_workers.RESERVED_CONNECTIONS
     assert (pool, overflow) == (letta_workers.POOL_SIZE, letta_workers.MAX_OVERFLOW)

@@ -68,6 +68,39 @@ def test_the_server_environment_carries_the_worker_count_and_the_pools():
                      "LETTA_PG_POOL_SIZE": "7"})[1]["LETTA_PG_POOL_SIZE"] == "7"
 
 
+def test_letta_reads_cas_from_the_system_directory_only_where_openssl_can_look_them_up(tmp_path):
+    from stack.letta_workers import ca_store_env
+
+    hashed, empty = tmp_path / "hashed", tmp_path / "empty"
+    hashed.mkdir()
+    empty.mkdir()
+    (hashed / "ISRG_Root_X1.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (hashed / "4042bcee.0").symlink_to("ISRG_Root_X1.pem")
+    assert ca_store_env({}, hashed) == {"SSL_CERT_DIR": str(hashed)}
+    # No <hash>.0 links (or no directory): certifi's bundle stays, or https endpoints would fail to verify.
+    assert ca_store_env({}, empty) == {}
+    assert ca_store_env({}, tmp_path / "missing") == {}
+    # The operator's own store wins.
+    assert ca_store_env({"SSL_CERT_FILE": "/etc/corp-ca.pem"}, hashed) == {}
+    assert ca_store_env({"SSL_CERT_DIR": "/etc/corp-certs"}, hashed) == {}
+
+
+def test_the_system_ca_directory_is_taken_on_this_machine_and_parses_no_certificate_up_front():
+    """What ca_store_env rests on, checked where it runs (Debian's ca-certificates)."""
+    import ssl
+
+    import certifi
+
+    from stack.letta_workers import SYSTEM_CERTS_DIR, boot_env
+
+    env = boot_env({"VTL_LETTA_WORKERS": "1"})[1]
+    assert env["SSL_CERT_DIR"] == str(SYSTEM_CERTS_DIR)
+    lazy = ssl.create_default_context(capath=env["SSL_CERT_DIR"])
+    assert lazy.verify_mode is ssl.CERT_REQUIRED and lazy.cert_store_stats()["x509_ca"] == 0
+    # What httpx builds without it, for every client Letta makes: the whole bundle, parsed.
+    assert ssl.create_default_context(cafile=certifi.where()).cert_store_stats()["x509_ca"] > 100
+
+
 @pytest.mark.parametrize("raw", [None, "", "0", "two", "-1"])
 def test_a_missing_or_bad_worker_count_is_refused_by_name(raw):
     env = {} if raw is None else {"VTL_LETTA_WORKERS": raw}

@@ -121,8 +121,10 @@ class Blocks:
     def __init__(self):
         self.blocks: dict[str, HumanBlock] = {}
         self.down = False
+        self.reads = 0
 
     def read(self, agent_id):
+        self.reads += 1
         if self.down:
             raise StoreUnavailable("down")
         return self.blocks.get(agent_id)
@@ -400,9 +402,13 @@ def test_prefetch_answers_the_closest_passages_of_the_caller_and_says_whether_th
     assert answer["searchable"] is True
     assert answer["message"].startswith(PREFETCH_HEADER) and "- (pets) has a pet turtle number 0" in answer["message"]
     assert len(answer["message"].splitlines()) <= 1 + 3 and len(answer["message"]) <= 800  # the per-turn budget
-    assert prefetch(expect_tier=True) == answer  # the block read and the search at once: the same answer
+    reads = blocks.reads
+    assert prefetch(expect_tier=True) == answer  # the search alone: the same answer,
+    assert blocks.reads == reads  # and no block read on the speech path
     assert prefetch(agent="agent-b") == {"message": "", "searchable": False}  # never another viewer's
+    # The bridge expected a tier and the search found nothing: the block tells whether there is one.
     assert prefetch(agent="agent-b", expect_tier=True) == {"message": "", "searchable": False}
+    assert blocks.reads == reads + 2
     assert prefetch(query="  ")["error"].startswith("say what to look for")
     code, refused = call.gate.handle("prefetch", {"agent_id": "agent-b", "token": memory_token(SECRET, "agent-a"),
                                                   "query": "turtle"})
